@@ -1,0 +1,1 @@
+"""cnn-job: batch training of the seed CNNs."""

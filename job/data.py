@@ -1,0 +1,324 @@
+"""Datasets: archives fetched from where the user points, parsed into uint8 tensors that live
+on the training device, and served as shuffled, normalised (optionally augmented) batches made
+with batched tensor ops on that device. No PIL, no DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import pickle
+import posixpath
+import re
+import tarfile
+import urllib.error
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from job.config import DatasetPreset
+from job.errors import JobError
+from job.storage import file_digest, file_lock, http_download, http_get_bytes, is_remote, local_path
+
+# ----------------------------------------------------------------------------------------------
+# fetching the archives
+
+LAYOUT_HINT = "a folder or http(s) mirror laid out like ../shared/datasets (<dataset>/<archive>)"
+
+
+def fetch_archives(p: DatasetPreset, data_uri: str | None, cache_dir: Path) -> dict[str, Path]:
+    """Local paths of the dataset's archives, downloading them into `cache_dir` at most once."""
+    if data_uri is None:
+        return _download_all(p, list(p.mirrors), cache_dir / "public" / p.name, published=True)
+    if data_uri.startswith(("http://", "https://")):
+        base = data_uri.rstrip("/")
+        cache = cache_dir / _slug(base) / p.name
+        return _download_all(p, [f"{base}/{p.name}"], cache, published=False, sums_url=base)
+    if is_remote(data_uri):
+        scheme = data_uri.split("://", 1)[0]
+        raise JobError(f"--data-uri {data_uri}: {scheme}:// is not supported; use {LAYOUT_HINT}")
+    folder = local_path(data_uri) / p.name
+    paths = {a.name: folder / a.name for a in p.archives}
+    missing = [name for name, path in paths.items() if not path.is_file()]
+    if missing:
+        raise JobError(
+            f"--data-uri {data_uri}: no {p.name}/{missing[0]} there; point it at {LAYOUT_HINT}"
+        )
+    return paths
+
+
+def _slug(url: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "_", url.split("://", 1)[1]).strip("_")
+
+
+def _download_all(
+    p: DatasetPreset, bases: list[str], cache: Path, published: bool, sums_url: str | None = None
+) -> dict[str, Path]:
+    # A user's mirror may publish SHA256SUMS beside the dataset folders (../shared/datasets does);
+    # the public mirrors' files are checked against torchvision's published md5s.
+    sha256_sums = _read_sha256_sums(sums_url) if sums_url else {}
+    paths = {}
+    for archive in p.archives:
+        dest = cache / archive.name
+        md5 = archive.md5 if published else None
+        sha256 = sha256_sums.get(f"{p.name}/{archive.name}")
+        with file_lock(dest):
+            if not (dest.is_file() and _cached_copy_ok(dest, md5, sha256)):
+                _download_one(p, archive.name, bases, dest, md5)
+                if sha256 and file_digest(dest) != sha256:
+                    dest.unlink()
+                    raise JobError(
+                        f"{bases[0]}/{archive.name} does not match the mirror's SHA256SUMS; "
+                        "the mirror holds a damaged copy"
+                    )
+        paths[archive.name] = dest
+    return paths
+
+
+def _cached_copy_ok(path: Path, md5: str | None, sha256: str | None) -> bool:
+    if md5 and file_digest(path, "md5") != md5:
+        return False
+    return not (sha256 and file_digest(path) != sha256)
+
+
+def _download_one(p: DatasetPreset, name: str, bases: list[str], dest: Path, md5: str | None):
+    failures = []
+    for base in bases:
+        url = f"{base}/{name}"
+        try:
+            http_download(url, dest, expected_md5=md5)
+            return
+        except (urllib.error.URLError, OSError, ValueError) as error:
+            failures.append(f"{url}: {getattr(error, 'reason', None) or error}")
+    raise JobError(
+        f"could not download {p.name} ({'; '.join(failures)}); without internet, "
+        f"point --data-uri at {LAYOUT_HINT}"
+    )
+
+
+def _read_sha256_sums(base_url: str) -> dict[str, str]:
+    try:
+        text = http_get_bytes(f"{base_url}/SHA256SUMS")
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", None) or error
+        raise JobError(
+            f"--data-uri {base_url} does not answer ({reason}); check the URL, or point it "
+            f"at {LAYOUT_HINT}"
+        ) from None
+    sums = {}
+    for line in (text or b"").decode("utf-8", "replace").splitlines():
+        parts = line.split()
+        if len(parts) == 2 and re.fullmatch(r"[0-9a-f]{64}", parts[0]):
+            sums[parts[1].lstrip("*")] = parts[0]
+    return sums
+
+
+# ----------------------------------------------------------------------------------------------
+# parsing the archives
+
+
+@dataclass
+class ImageSplits:
+    """Both splits as uint8 images N×H×W×C (channels last, as stored on the device) and labels."""
+
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    sha256: dict[str, str]  # archive name -> checksum of the file trained on (provenance)
+
+
+def load_splits(p: DatasetPreset, paths: dict[str, Path]) -> ImageSplits:
+    sha256 = {name: file_digest(path) for name, path in paths.items()}
+    if p.name == "mnist":
+        images = {s: read_idx(paths[f"{s}-images-idx3-ubyte.gz"]) for s in ("train", "t10k")}
+        labels = {s: read_idx(paths[f"{s}-labels-idx1-ubyte.gz"]) for s in ("train", "t10k")}
+        for split in ("train", "t10k"):
+            if images[split].ndim != 3 or labels[split].ndim != 1:
+                raise JobError(f"{paths[f'{split}-images-idx3-ubyte.gz']}: not MNIST images")
+            if len(images[split]) != len(labels[split]):
+                raise JobError(f"{p.name} {split}: {len(images[split])} images but "
+                               f"{len(labels[split])} labels; the archives do not belong together")
+        return ImageSplits(
+            images["train"].unsqueeze(-1), labels["train"].long(),
+            images["t10k"].unsqueeze(-1), labels["t10k"].long(), sha256,
+        )
+    train_images, train_labels, test_images, test_labels = read_cifar10(
+        paths["cifar-10-python.tar.gz"]
+    )
+    return ImageSplits(train_images, train_labels, test_images, test_labels, sha256)
+
+
+def _corrupt(path: Path, detail: object) -> JobError:
+    return JobError(
+        f"{path} is corrupt or truncated ({detail}); delete it and fetch the dataset again"
+    )
+
+
+def read_idx(path: Path) -> torch.Tensor:
+    """An MNIST IDX file (gzip-compressed, unsigned bytes) as a uint8 tensor of its shape."""
+    try:
+        with gzip.open(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError, zlib.error) as error:
+        raise _corrupt(path, error) from None
+    if len(raw) < 4 or raw[0:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
+        raise _corrupt(path, "no IDX header for unsigned bytes")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise _corrupt(path, f"header promises {expected} bytes, file holds {len(raw) - header}")
+    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy())
+
+
+CIFAR_FOLDER = "cifar-10-batches-py"
+CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST = "test_batch"
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """The batches are pickles; a pickle can run any code, so only numpy arrays are allowed."""
+
+    ALLOWED = {
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle_batch(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+    batch = _CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
+    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+    images = np.asarray(batch["data"], dtype=np.uint8)
+    labels = np.asarray(batch["labels"], dtype=np.int64)
+    if images.ndim != 2 or images.shape[1] != 3 * 32 * 32 or len(images) != len(labels):
+        raise ValueError(f"unexpected batch shape {images.shape}")
+    if labels.size and not 0 <= labels.min() <= labels.max() <= 9:
+        raise ValueError("labels outside 0..9")
+    # Rows are R, G, B planes of 32×32; the device keeps images channels last (N×H×W×C).
+    return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def read_cifar10(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The CIFAR-10 python tarball, read member by member in memory: nothing is extracted to
+    disk, and a member whose name would escape the archive's folder is refused."""
+    wanted = {*CIFAR_TRAIN, CIFAR_TEST}
+    batches = {}
+    try:
+        with tarfile.open(path, "r:gz") as tar:
+            for member in tar:
+                name = posixpath.normpath(member.name)
+                if name.startswith(("/", "..")) or member.name.startswith("/"):
+                    raise JobError(
+                        f"{path} holds a member that escapes its folder ({member.name!r}); "
+                        "refusing the archive: fetch a genuine copy"
+                    )
+                base = posixpath.basename(name)
+                if member.isfile() and posixpath.dirname(name) == CIFAR_FOLDER and base in wanted:
+                    batches[base] = _unpickle_batch(tar.extractfile(member).read())
+    except (tarfile.TarError, OSError, EOFError, zlib.error, pickle.UnpicklingError,
+            ValueError, KeyError) as error:
+        raise _corrupt(path, error) from None
+    missing = sorted(wanted - batches.keys())
+    if missing:
+        raise _corrupt(path, f"no {CIFAR_FOLDER}/{missing[0]} inside")
+
+    def stack(names):
+        images = np.concatenate([batches[n][0] for n in names])
+        labels = np.concatenate([batches[n][1] for n in names])
+        return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
+
+    return (*stack(CIFAR_TRAIN), *stack([CIFAR_TEST]))
+
+
+# ----------------------------------------------------------------------------------------------
+# on-device batches
+
+
+def derived_seed(*parts: object) -> int:
+    """A 63-bit seed that is a pure function of its parts (seed, epoch, step, rank, ...)."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class DeviceBatches:
+    """One split held on the device as uint8; yields (normalised float images, labels).
+
+    The epoch's order is a permutation drawn from (seed, epoch) alone, so every rank draws the
+    same one and takes its own disjoint slice: each image is used once per epoch across ranks
+    (the last `len % world_size` of the permutation sit the epoch out, as in
+    DistributedSampler(drop_last=True)). Augmentation draws from (seed, epoch, step, rank), so a
+    resumed run sees exactly the batches an uninterrupted one would.
+    """
+
+    PAD = 4  # pixels of zero padding for the random crop, as torchvision's RandomCrop(32, 4)
+
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, p: DatasetPreset, device: torch.device,
+        batch_size: int, *, shuffle: bool, augment: bool = False, seed: int = 0,
+        rank: int = 0, world_size: int = 1,
+    ) -> None:
+        self.images = images.to(device)  # N×H×W×C uint8
+        self.labels = labels.to(device)
+        self.device = device
+        self.batch_size = batch_size
+        self.shuffle, self.augment, self.seed = shuffle, augment, seed
+        self.rank, self.world_size = rank, world_size
+        # x_normalised = (x_uint8 / 255 - mean) / std, folded into one multiply-add
+        std = torch.tensor(p.std, device=device).view(1, -1, 1, 1)
+        mean = torch.tensor(p.mean, device=device).view(1, -1, 1, 1)
+        self.scale, self.shift = 1 / (255 * std), -mean / std
+        if self.shuffle:
+            self.per_rank = len(self.images) // world_size
+        else:  # evaluation: a strided shard, sizes may differ by one; sums are all-reduced
+            self.per_rank = len(range(rank, len(self.images), world_size))
+
+    def __len__(self) -> int:
+        """Batches per epoch on this rank."""
+        return -(-self.per_rank // self.batch_size)
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.rank, len(self.images), self.world_size, device=self.device)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, "shuffle", epoch))
+        permutation = torch.randperm(len(self.images), generator=generator)
+        start = self.rank * self.per_rank
+        return permutation[start: start + self.per_rank].to(self.device)
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        order = self._order(epoch)
+        for step in range(start_step, len(self)):
+            index = order[step * self.batch_size: (step + 1) * self.batch_size]
+            images = self.images[index]
+            if self.augment:
+                images = self._crop_and_flip(images, derived_seed(self.seed, epoch, step, self.rank))
+            # N×H×W×C viewed as N×C×H×W is a channels_last tensor: no copy, and the float ops
+            # below keep that memory format for the convolutions.
+            images = images.permute(0, 3, 1, 2).float().mul_(self.scale).add_(self.shift)
+            yield images, self.labels[index]
+
+    def _crop_and_flip(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        """Random 4-pixel-padded crop and horizontal flip per image, as one gather."""
+        n, height, width, _ = images.shape
+        pad = self.PAD
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        dy = torch.randint(0, 2 * pad + 1, (n, 1), device=self.device, generator=generator)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1), device=self.device, generator=generator)
+        flip = torch.rand((n, 1), device=self.device, generator=generator) < 0.5
+        rows = dy + torch.arange(height, device=self.device)
+        columns = torch.arange(width, device=self.device)
+        columns = dx + torch.where(flip, columns.flip(0), columns)
+        padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
+        batch = torch.arange(n, device=self.device).view(n, 1, 1)
+        return padded[batch, rows.view(n, height, 1), columns.view(n, 1, width)]

@@ -1,0 +1,48 @@
+"""The seed CNNs: conv-ReLU-maxpool blocks, then two fully connected layers. No I/O here."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from job.config import preset
+
+
+def _conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class SeedCNN(nn.Module):
+    """CIFAR-10: conv 3→32→64→128, FC 2048→128→10. MNIST: conv 1→32→64, FC 3136→128→10."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        conv_widths: tuple[int, ...],
+        image_size: int,
+        hidden: int = 128,
+        num_classes: int = 10,
+    ) -> None:
+        super().__init__()
+        widths = (in_channels, *conv_widths)
+        self.features = nn.Sequential(
+            *(_conv_block(c_in, c_out) for c_in, c_out in zip(widths, widths[1:]))
+        )
+        side = image_size // 2 ** len(conv_widths)  # each block halves the side
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(conv_widths[-1] * side * side, hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
+
+    def forward(self, images):
+        return self.classifier(self.features(images))
+
+
+def build_model(dataset: str) -> SeedCNN:
+    p = preset(dataset)
+    return SeedCNN(p.channels, p.conv_widths, p.image_size, num_classes=len(p.class_names))

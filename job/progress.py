@@ -1,0 +1,70 @@
+"""Terminal output: a rich progress bar with images/s and ETA on rank 0, silence elsewhere."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
+    TimeElapsedColumn, TimeRemainingColumn,
+)
+from rich.text import Text
+
+console = Console(stderr=False, highlight=False)
+
+
+def print_error(message: str) -> None:
+    """One line on stderr, nothing else (no traceback, no box)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+class ImagesPerSecondColumn(ProgressColumn):
+    """Throughput of the task, counted in images (the task advances by batch sizes)."""
+
+    def render(self, task: Task) -> Text:
+        speed = "--" if task.speed is None else f"{task.speed:,.0f}"
+        return Text(f"{speed} img/s", style="progress.data.speed")
+
+
+class EpochProgress:
+    """A bar for one epoch, advanced by images, with a short status text (the running loss).
+
+    Counts images of all ranks (each rank trains its equal share at the same pace), and is
+    shown by rank 0 only. Off a terminal (cluster logs) rich prints the finished bar once, so
+    each epoch leaves one bar line followed by its metrics line.
+    """
+
+    def __init__(self, description: str, total_images: int, enabled: bool, world_size: int = 1):
+        self.world_size = world_size
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            ImagesPerSecondColumn(),
+            TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(),
+            TextColumn("eta"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self._task = self._progress.add_task(
+            description, total=total_images * world_size, status=""
+        )
+
+    def __enter__(self) -> EpochProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._progress.__exit__(*exc)
+
+    def advance(self, images: int, status: str | None = None) -> None:
+        fields = {} if status is None else {"status": status}
+        self._progress.update(self._task, advance=images * self.world_size, **fields)
+
+
+def say(enabled: bool, message: str) -> None:
+    if enabled:
+        console.print(message)

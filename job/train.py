@@ -1,0 +1,209 @@
+"""The training loop, top to bottom; the only module that wires the others together."""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from job import distributed
+from job.checkpoint import CheckpointManager
+from job.config import TrainConfig, preset
+from job.data import DeviceBatches, ImageSplits, fetch_archives, load_splits
+from job.distributed import Dist
+from job.errors import JobError
+from job.models import build_model
+from job.progress import EpochProgress, say
+from job.storage import atomic_write_bytes, check_writable_folder
+
+STATUS_EVERY_STEPS = 50  # reading the running loss syncs a GPU, so the bar refreshes it rarely
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) training as configured; returns the summary (rank 0's is complete)."""
+    d = distributed.setup(cfg.device)
+    try:
+        return _train(cfg, d)
+    finally:
+        distributed.teardown(d)
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers the loop calls
+
+
+def load_data(cfg: TrainConfig, d: Dist) -> ImageSplits:
+    """Local rank 0 fetches first, so one process per machine downloads while the rest wait."""
+    p = preset(cfg.dataset)
+    if d.local_rank == 0:
+        paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir)
+    distributed.barrier(d)
+    if d.local_rank != 0:
+        paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir)
+    splits = load_splits(p, paths)
+    if cfg.limit_train is not None:
+        splits.train_images = splits.train_images[: cfg.limit_train]
+        splits.train_labels = splits.train_labels[: cfg.limit_train]
+    if len(splits.train_images) < d.world_size:
+        raise JobError(f"--limit-train {cfg.limit_train} leaves fewer images than processes")
+    return splits
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """bf16 autocast on CUDA by default (and on CPU when asked); fp32 otherwise."""
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(model, batches: DeviceBatches, d: Dist, autocast) -> tuple[float, float]:
+    """Loss and accuracy over the whole split (sharded across ranks, sums all-reduced)."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, images
+    for images, labels in batches.epoch(0):
+        with autocast():
+            logits = model(images)
+        totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
+        totals[1] += (logits.argmax(dim=1) == labels).sum()
+        totals[2] += labels.numel()
+    loss_sum, correct, count = distributed.all_reduce_sum(d, totals).tolist()
+    model.train()
+    return loss_sum / count, correct / count
+
+
+def rng_states(device: torch.device) -> dict:
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def restore_rng_states(states: dict, device: torch.device) -> None:
+    torch.set_rng_state(states["torch"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def write_summary(path: Path, summary: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def _train(cfg: TrainConfig, d: Dist) -> dict:
+    say_main = functools.partial(say, d.is_main)
+    checkpoints = CheckpointManager(cfg.checkpoint_uri, cfg.keep_checkpoints, log=say_main)
+    if d.is_main:  # fail before any work, never after an epoch
+        checkpoints.check_writable()
+        if cfg.summary_json:
+            check_writable_folder(Path(cfg.summary_json).parent, "summary folder", "--summary-json")
+
+    splits = load_data(cfg, d)
+    p = preset(cfg.dataset)
+    torch.manual_seed(cfg.seed)
+    if d.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    model = build_model(cfg.dataset).to(d.device, memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=d.device.type == "cuda")
+
+    epoch, step, history, checkpoint_location = 0, 0, [], None
+    resumed = checkpoints.load_latest() if cfg.resume == "auto" else None
+    if resumed:
+        state, checkpoint_location = resumed
+        if state["config"]["dataset"] != cfg.dataset:
+            raise JobError(
+                f"{checkpoint_location} is a {state['config']['dataset']} checkpoint; "
+                f"pass another --checkpoint-uri for {cfg.dataset}, or --resume never"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng_states(state["rng"], d.device)
+        epoch, step, history = state["epoch"], state["step"], state["metrics"]
+        say_main(f"resumed from {checkpoint_location} (epoch {epoch}, step {step})")
+    ddp_model = DistributedDataParallel(model) if d.enabled else model
+
+    train_batches = DeviceBatches(
+        splits.train_images, splits.train_labels, p, d.device, cfg.batch_size, shuffle=True,
+        augment=cfg.augment, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
+    )
+    test_batches = DeviceBatches(
+        splits.test_images, splits.test_labels, p, d.device, cfg.eval_batch_size,
+        shuffle=False, rank=d.rank, world_size=d.world_size,
+    )
+    bf16 = uses_bf16(cfg, d.device)
+    autocast = functools.partial(torch.autocast, d.device.type, torch.bfloat16, enabled=bf16)
+    say_main(
+        f"training {cfg.dataset} on {d.world_size} × {d.device.type}: "
+        f"{train_batches.per_rank * d.world_size} images/epoch, batch {cfg.batch_size}/process"
+    )
+
+    train_seconds, trained_images = 0.0, 0
+    for epoch in range(epoch, cfg.epochs):
+        loss_totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # Σ loss·n, Σ n
+        description = f"epoch {epoch + 1}/{cfg.epochs}"
+        started = time.perf_counter()
+        with EpochProgress(description, train_batches.per_rank, d.is_main, d.world_size) as bar:
+            for batch_step, (images, labels) in enumerate(train_batches.epoch(epoch)):
+                with autocast():
+                    loss = F.cross_entropy(ddp_model(images), labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                step += 1
+                # The epoch loss weighs every batch by its size: a short last batch counts less.
+                loss_totals[0] += loss.detach() * labels.numel()
+                loss_totals[1] += labels.numel()
+                status = f"loss {loss.item():.4f}" if batch_step % STATUS_EVERY_STEPS == 0 else None
+                bar.advance(labels.numel(), status)
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+        train_seconds += time.perf_counter() - started
+        trained_images += train_batches.per_rank * d.world_size
+
+        loss_sum, count = distributed.all_reduce_sum(d, loss_totals).tolist()
+        val_loss, val_acc = evaluate(model, test_batches, d, autocast)
+        history.append({
+            "epoch": epoch + 1, "step": step, "train_loss": loss_sum / count,
+            "val_loss": val_loss, "val_acc": val_acc,
+        })
+        if d.is_main:
+            checkpoint_location = checkpoints.save({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "epoch": epoch + 1, "step": step, "config": cfg.to_dict(),
+                "rng": rng_states(d.device), "metrics": history,
+                "data_sha256": splits.sha256, "world_size": d.world_size,
+            }, step)
+        say_main(
+            f"{description}  train_loss {loss_sum / count:.4f}  "
+            f"val_loss {val_loss:.4f}  val_acc {val_acc:.2%}"
+        )
+
+    final = history[-1]
+    summary = {
+        "dataset": cfg.dataset,
+        "epochs": final["epoch"],
+        "world_size": d.world_size,
+        "final_val_acc": final["val_acc"],
+        "final_val_loss": final["val_loss"],
+        "final_train_loss": final["train_loss"],
+        "train_seconds": train_seconds,
+        "train_images_per_second": trained_images / train_seconds if train_seconds else None,
+        "checkpoint": checkpoint_location,
+        "device": str(d.device),
+        "precision": "bf16" if bf16 else "fp32",
+        "steps": step,
+        "history": history,
+        "data_sha256": splits.sha256,
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    if d.is_main and cfg.summary_json:
+        write_summary(Path(cfg.summary_json), summary)
+    return summary
