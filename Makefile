@@ -14,10 +14,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# The main job on embedded defaults: MNIST, 5 epochs, data from the public mirrors
-# into ~/.cache/cnn-job unless CNN_JOB_DATA_URI points at a copy.
+# The main job on embedded defaults: MNIST, 5 epochs. Data: CNN_JOB_DATA_URI if set, else the
+# ../shared/datasets copy beside a checkout when there is one (machines without internet),
+# else the public mirrors, downloaded once into ~/.cache/cnn-job.
+DATASET ?= mnist
+SHARED_DATA := $(if $(wildcard ../shared/datasets/mnist),../shared/datasets)
+export CNN_JOB_DATA_URI ?= $(SHARED_DATA)
+
 train: $(STAMP)
-	$(BIN)/cnn-job train $${DATASET:-mnist}
+	$(BIN)/cnn-job train $(DATASET)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

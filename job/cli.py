@@ -51,6 +51,9 @@ def train(
     batch_size: Annotated[int, _option("batch_size", "Images per step per process.")]
     = _DEFAULTS["batch_size"],
     lr: Annotated[float, _option("lr", "Adam learning rate.")] = _DEFAULTS["lr"],
+    lr_schedule: Annotated[str, _option(
+        "lr_schedule", "linear or cosine decay to 0 over the run, or constant (the seed's).",
+    )] = _DEFAULTS["lr_schedule"],
     seed: Annotated[int, _option("seed", "Seed for init, shuffling and augmentation.")]
     = _DEFAULTS["seed"],
     device: Annotated[str, _option("device", "auto (CUDA when present), cpu or cuda.")]

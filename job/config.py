@@ -78,6 +78,7 @@ PRESETS: dict[str, DatasetPreset] = {
 }
 
 DATASETS = tuple(PRESETS)
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 def preset(dataset: str) -> DatasetPreset:
@@ -106,7 +107,8 @@ class TrainConfig:
     dataset: str
     epochs: int = 5
     batch_size: int = 64  # per process; under DDP the global batch is this times world size
-    lr: float = 1e-3  # Adam's learning rate
+    lr: float = 1e-3  # Adam's (peak) learning rate
+    lr_schedule: str = "linear"  # linear (decay to 0 over the run) | cosine | constant (the seed)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
@@ -133,6 +135,7 @@ class TrainConfig:
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
             (self.resume in ("auto", "never"), "--resume must be auto or never"),
+            (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be {', '.join(LR_SCHEDULES)}"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1"),
         ]

@@ -48,6 +48,9 @@ class EpochProgress:
             TimeRemainingColumn(),
             console=console,
             disable=not enabled,
+            # Off a terminal nothing is redrawn, so no refresh thread competes for the GIL.
+            auto_refresh=console.is_terminal,
+            refresh_per_second=4,
         )
         self._task = self._progress.add_task(
             description, total=total_images * world_size, status=""

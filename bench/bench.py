@@ -1,0 +1,136 @@
+"""`make bench`: our pipeline against a seed-style one, side by side, plus 5-epoch accuracy.
+
+Speed: one epoch of each dataset through
+  - seed-style: uint8 arrays → PIL images → torchvision ToTensor/Normalize → DataLoader
+    (2 workers, batch 64, shuffled), the same net (contiguous fp32) and Adam 1e-3, the way the
+    origin write-up and torchvision's datasets do it;
+  - ours: `cnn-job train DATASET --epochs 1` (on-device uint8 data, batched tensor ops,
+    channels_last), timed by the job itself (`train_seconds` in its summary).
+Accuracy: `cnn-job train DATASET` on defaults (5 epochs), its final validation accuracy.
+Results print as a markdown table and are written to bench/results-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+from job.config import preset
+from job.data import fetch_archives, load_splits
+from job.models import build_model
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "datasets"
+
+
+class SeedStyleDataset(Dataset):
+    """Like torchvision.datasets.MNIST/CIFAR10: uint8 arrays in memory, PIL per item."""
+
+    def __init__(self, images, labels, mean, std):
+        self.images = images.squeeze(-1).numpy() if images.shape[-1] == 1 else images.numpy()
+        self.labels = labels.tolist()
+        self.transform = transforms.Compose([transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return self.transform(Image.fromarray(self.images[index])), self.labels[index]
+
+
+def seed_style_images_per_second(dataset: str, data_uri: str, device: str, limit: int | None):
+    p = preset(dataset)
+    splits = load_splits(p, fetch_archives(p, data_uri, Path(tempfile.gettempdir())))
+    images, labels = splits.train_images[:limit], splits.train_labels[:limit]
+    loader = DataLoader(
+        SeedStyleDataset(images, labels, p.mean, p.std), batch_size=64, shuffle=True,
+        num_workers=2, pin_memory=device == "cuda",
+    )
+    torch.manual_seed(0)
+    model = build_model(dataset).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    seen = 0
+    started = time.perf_counter()
+    for batch_images, batch_labels in loader:
+        batch_images, batch_labels = batch_images.to(device), batch_labels.to(device)
+        loss = F.cross_entropy(model(batch_images), batch_labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        seen += len(batch_labels)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - started)
+
+
+def cnn_job(dataset: str, data_uri: str, device: str, workdir: Path, *extra: str) -> dict:
+    summary = workdir / f"{dataset}-{len(list(workdir.iterdir()))}.json"
+    command = [
+        sys.executable, "-m", "job", "train", dataset, "--data-uri", data_uri,
+        "--device", device, "--resume", "never", "--checkpoint-uri", str(workdir / "ckpt"),
+        "--summary-json", str(summary), *extra,
+    ]
+    subprocess.run(command, check=True)
+    return json.loads(summary.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--datasets", nargs="+", default=["mnist", "cifar10"])
+    parser.add_argument("--data-uri", default=os.environ.get("CNN_JOB_DATA_URI", str(DEFAULT_DATA)))
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--limit-train", type=int, default=None, help="images per speed epoch")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the 5-epoch runs")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for dataset in args.datasets:
+            limit = ["--limit-train", str(args.limit_train)] if args.limit_train else []
+            seed = seed_style_images_per_second(dataset, args.data_uri, args.device, args.limit_train)
+            ours = cnn_job(dataset, args.data_uri, args.device, workdir, "--epochs", "1", *limit)
+            row = {
+                "dataset": dataset, "device": args.device,
+                "seed_style_images_per_second": seed,
+                "ours_images_per_second": ours["train_images_per_second"],
+                "speedup": ours["train_images_per_second"] / seed,
+            }
+            if not args.no_accuracy:
+                full = cnn_job(dataset, args.data_uri, args.device, workdir)
+                row.update(
+                    epochs=full["epochs"], final_val_acc=full["final_val_acc"],
+                    final_train_loss=full["final_train_loss"],
+                    train_seconds=full["train_seconds"],
+                )
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"\n{device_name}, torch {torch.__version__}, {os.cpu_count()} cpu cores\n")
+    print("| dataset | seed-style img/s | cnn-job img/s | speed-up | 5-epoch val acc | train s |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        acc = f"{r['final_val_acc']:.2%}" if "final_val_acc" in r else "-"
+        secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-"
+        print(f"| {r['dataset']} | {r['seed_style_images_per_second']:,.0f} | "
+              f"{r['ours_images_per_second']:,.0f} | {r['speedup']:.2f}× | {acc} | {secs} |")
+    out = REPO / "bench" / f"results-{args.device}.json"
+    out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rows": rows},
+                              indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

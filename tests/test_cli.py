@@ -1,0 +1,153 @@
+"""The command line: options reach the training function; bad input is one line, exit 2."""
+
+import os
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+import job.cli
+from job.cli import app
+from job.config import TrainConfig
+from tests.conftest import run_cli
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def received(monkeypatch):
+    """What reached run_training (the CLI's only hand-off), instead of a real run."""
+    configs = []
+    monkeypatch.setattr(job.cli, "run_training", configs.append)
+    return configs
+
+
+def test_help_explains_every_option():
+    result = runner.invoke(app, ["train", "--help"], terminal_width=200)
+    assert result.exit_code == 0
+    for option in ("--epochs", "--batch-size", "--lr", "--seed", "--device", "--precision", "--lr-schedule",
+                   "--data-uri", "--cache-dir", "--checkpoint-uri", "--resume",
+                   "--keep-checkpoints", "--limit-train", "--augment", "--no-augment",
+                   "--eval-batch-size", "--summary-json"):
+        assert option in result.output, option
+        envvar = "CNN_JOB_" + option[2:].replace("-", "_").upper()
+        if option != "--no-augment":
+            assert envvar in result.output, envvar
+    root = runner.invoke(app, ["--help"])
+    assert root.exit_code == 0 and "train" in root.output
+
+
+def test_options_reach_the_config(received, tmp_path):
+    result = runner.invoke(app, [
+        "train", "cifar10", "--epochs", "2", "--batch-size", "128", "--lr", "0.01", "--seed", "3",
+        "--device", "cpu", "--data-uri", str(tmp_path), "--checkpoint-uri", str(tmp_path / "c"),
+        "--resume", "never", "--limit-train", "500", "--augment", "--summary-json",
+        str(tmp_path / "s.json"),
+    ])
+    assert result.exit_code == 0, result.output
+    (cfg,) = received
+    assert cfg == TrainConfig(
+        dataset="cifar10", epochs=2, batch_size=128, lr=0.01, seed=3, device="cpu",
+        data_uri=str(tmp_path), checkpoint_uri=str(tmp_path / "c"), resume="never",
+        limit_train=500, augment=True, summary_json=tmp_path / "s.json",
+    )
+
+
+def test_defaults_are_the_seeds(received):
+    assert runner.invoke(app, ["train", "cifar10"]).exit_code == 0
+    (cfg,) = received
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.augment) == (5, 64, 1e-3, False)
+    assert cfg.lr_schedule == "linear"
+    assert cfg.checkpoint_uri == "runs/cifar10/checkpoints"
+
+
+def test_every_option_reads_its_environment_variable(received, tmp_path):
+    env = {
+        "CNN_JOB_DATASET": "mnist", "CNN_JOB_EPOCHS": "7", "CNN_JOB_BATCH_SIZE": "32",
+        "CNN_JOB_LR": "0.002", "CNN_JOB_LR_SCHEDULE": "cosine", "CNN_JOB_SEED": "9", "CNN_JOB_DEVICE": "cpu",
+        "CNN_JOB_PRECISION": "bf16", "CNN_JOB_DATA_URI": "/data", "CNN_JOB_CACHE_DIR": "/cache",
+        "CNN_JOB_CHECKPOINT_URI": "/ckpt", "CNN_JOB_RESUME": "never",
+        "CNN_JOB_KEEP_CHECKPOINTS": "5", "CNN_JOB_LIMIT_TRAIN": "100",
+        "CNN_JOB_EVAL_BATCH_SIZE": "250", "CNN_JOB_SUMMARY_JSON": str(tmp_path / "s.json"),
+    }
+    assert runner.invoke(app, ["train"], env=env).exit_code == 0
+    (cfg,) = received
+    assert cfg == TrainConfig(
+        dataset="mnist", epochs=7, batch_size=32, lr=0.002, lr_schedule="cosine", seed=9,
+        device="cpu",
+        precision="bf16", data_uri="/data", cache_dir="/cache", checkpoint_uri="/ckpt",
+        resume="never", keep_checkpoints=5, limit_train=100, eval_batch_size=250,
+        summary_json=tmp_path / "s.json",
+    )
+    runner.invoke(app, ["train", "cifar10"], env={"CNN_JOB_AUGMENT": "true"})
+    assert received[-1].augment is True
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input, through the real console script: exit 2, one line, nothing left behind
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and "Traceback" not in result.stdout + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_unknown_dataset(tmp_path):
+    result = run_cli("train", "imagenet", "--checkpoint-uri", str(tmp_path / "c"))
+    assert_one_line_error(result, "unknown dataset 'imagenet'", "mnist, cifar10")
+    assert not (tmp_path / "c").exists()
+
+
+def test_bad_option_value_is_one_line_too():
+    assert_one_line_error(run_cli("train", "mnist", "--epochs", "many"), "--epochs")
+    assert_one_line_error(run_cli("train", "mnist", "--epochs", "0"), "--epochs must be at least 1")
+    assert_one_line_error(run_cli("train", "mnist", "--device", "tpu"), "--device must be")
+
+
+def test_data_folder_without_archives(tmp_path):
+    (tmp_path / "data" / "mnist").mkdir(parents=True)
+    result = run_cli("train", "mnist", "--data-uri", str(tmp_path / "data"),
+                     "--checkpoint-uri", str(tmp_path / "c"), "--summary-json",
+                     str(tmp_path / "s.json"))
+    assert_one_line_error(result, "no mnist/train-images-idx3-ubyte.gz there", "--data-uri")
+    assert list((tmp_path / "c").iterdir()) == [] and not (tmp_path / "s.json").exists()
+
+
+def test_corrupt_archive(tmp_path, data_dir):
+    data = tmp_path / "data"
+    shutil.copytree(data_dir / "mnist", data / "mnist")
+    images = data / "mnist" / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:100_000])
+    result = run_cli("train", "mnist", "--data-uri", str(data), "--checkpoint-uri",
+                     str(tmp_path / "c"), "--summary-json", str(tmp_path / "s.json"))
+    assert_one_line_error(result, "train-images-idx3-ubyte.gz is corrupt or truncated")
+    assert list((tmp_path / "c").iterdir()) == [] and not (tmp_path / "s.json").exists()
+
+
+def test_no_network_says_how_to_use_a_local_copy(tmp_path):
+    result = run_cli("train", "mnist", "--data-uri", "http://127.0.0.1:9",
+                     "--checkpoint-uri", str(tmp_path / "c"), "--cache-dir", str(tmp_path))
+    assert_one_line_error(result, "does not answer", "point it at a folder")
+
+
+def test_checkpoint_folder_under_a_file(tmp_path, data_dir):
+    (tmp_path / "file").write_text("not a folder")
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir),
+                     "--checkpoint-uri", str(tmp_path / "file" / "ckpt"))
+    assert_one_line_error(result, "checkpoint folder", "is not writable", "--checkpoint-uri")
+
+
+def test_checkpoint_folder_without_write_permission(tmp_path, data_dir):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    folder.chmod(0o555)
+    # root writes anywhere; without CAP_DAC_OVERRIDE it is held to the folder's mode like anyone.
+    as_plain_user = ["setpriv", "--bounding-set=-dac_override"] if os.geteuid() == 0 else []
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--checkpoint-uri",
+                     str(folder), "--cache-dir", str(tmp_path / "cache"), prefix=as_plain_user)
+    assert_one_line_error(result, f"checkpoint folder {folder} is not writable", "Permission denied")
+    assert list(folder.iterdir()) == []

@@ -1,0 +1,273 @@
+import dataclasses
+import gzip
+import io
+import pickle
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from job.config import preset
+from job.data import DeviceBatches, fetch_archives, load_splits, read_cifar10, read_idx
+from job.errors import JobError
+
+CPU = torch.device("cpu")
+
+
+def sha256sums(data_dir: Path) -> dict[str, str]:
+    lines = (data_dir / "SHA256SUMS").read_text().splitlines()
+    return {name: digest for digest, name in (line.split() for line in lines)}
+
+
+# ----------------------------------------------------------------------------------------------
+# the real archives
+
+
+def test_mnist_archives_parse(mnist, data_dir):
+    assert mnist.train_images.shape == (60000, 28, 28, 1)
+    assert mnist.test_images.shape == (10000, 28, 28, 1)
+    assert mnist.train_images.dtype == torch.uint8
+    # The test labels are byte-identical to upstream: their famous first ten.
+    assert mnist.test_labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+    assert torch.bincount(mnist.train_labels).tolist()[:3] == [5923, 6742, 5958]
+    assert 30 < mnist.train_images.float().mean() < 35  # upstream mean pixel is 33.3
+    for name, digest in mnist.sha256.items():
+        assert sha256sums(data_dir)[f"mnist/{name}"] == digest
+
+
+def test_cifar10_archive_parses(cifar10, data_dir):
+    assert cifar10.train_images.shape == (50000, 32, 32, 3)
+    assert cifar10.test_images.shape == (10000, 32, 32, 3)
+    assert torch.bincount(cifar10.train_labels).tolist() == [5000] * 10
+    assert torch.bincount(cifar10.test_labels).tolist() == [1000] * 10
+    channel_means = cifar10.train_images.float().mean(dim=(0, 1, 2)) / 255
+    torch.testing.assert_close(channel_means, torch.tensor(preset("cifar10").mean), atol=0.01, rtol=0)
+    assert cifar10.sha256["cifar-10-python.tar.gz"] == sha256sums(data_dir)["cifar10/cifar-10-python.tar.gz"]
+
+
+# ----------------------------------------------------------------------------------------------
+# damaged and hostile archives
+
+
+def test_truncated_mnist_gzip_is_a_clear_error(tmp_path, data_dir):
+    source = (data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes()
+    damaged = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    damaged.write_bytes(source[: len(source) // 2])
+    with pytest.raises(JobError, match="corrupt or truncated"):
+        read_idx(damaged)
+
+
+def test_idx_whose_header_promises_more_than_it_holds(tmp_path):
+    path = tmp_path / "bad-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(b"\0\0\x08\x01" + (100).to_bytes(4, "big") + bytes(99)))
+    with pytest.raises(JobError, match="promises 100 bytes, file holds 99"):
+        read_idx(path)
+    path.write_bytes(gzip.compress(b"not an idx file at all"))
+    with pytest.raises(JobError, match="no IDX header"):
+        read_idx(path)
+
+
+def test_truncated_cifar_tarball_is_a_clear_error(tmp_path, data_dir):
+    damaged = tmp_path / "cifar-10-python.tar.gz"
+    with open(data_dir / "cifar10" / "cifar-10-python.tar.gz", "rb") as source:
+        damaged.write_bytes(source.read(5_000_000))
+    with pytest.raises(JobError, match="corrupt or truncated"):
+        read_cifar10(damaged)
+
+
+def _tarball(path: Path, members: dict[str, bytes]) -> None:
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_tar_member_escaping_its_folder_is_refused(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    _tarball(archive, {"cifar-10-batches-py/../../evil": b"x"})
+    with pytest.raises(JobError, match="escapes its folder"):
+        read_cifar10(archive)
+    assert not (tmp_path.parent / "evil").exists()
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (shutil.rmtree, ("/nonexistent-cnn-job-test",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    _tarball(archive, {"cifar-10-batches-py/data_batch_1": pickle.dumps({"data": _RunsCode()})})
+    with pytest.raises(JobError, match="refusing to load shutil.rmtree"):
+        read_cifar10(archive)
+
+
+def test_cifar_batch_missing_from_tarball(tmp_path):
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    batch = pickle.dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 1]})
+    _tarball(archive, {f"cifar-10-batches-py/data_batch_{i}": batch for i in range(1, 5)})
+    with pytest.raises(JobError, match="no cifar-10-batches-py/data_batch_5 inside"):
+        read_cifar10(archive)
+
+
+# ----------------------------------------------------------------------------------------------
+# fetching
+
+
+def test_local_folder_without_archives(tmp_path):
+    (tmp_path / "mnist").mkdir()
+    with pytest.raises(JobError, match=r"no mnist/train-images-idx3-ubyte.gz there; point it at"):
+        fetch_archives(preset("mnist"), str(tmp_path), tmp_path / "cache")
+
+
+def test_http_mirror_downloads_once_and_verifies(http_mirror, data_dir, tmp_path):
+    url, requests = http_mirror(data_dir)
+    cache = tmp_path / "cache"
+    paths = fetch_archives(preset("mnist"), url, cache)
+    assert sorted(requests) == sorted(
+        ["/SHA256SUMS"] + [f"/mnist/{a.name}" for a in preset("mnist").archives]
+    )
+    for name, path in paths.items():
+        assert path.is_relative_to(cache)
+        assert path.read_bytes() == (data_dir / "mnist" / name).read_bytes()
+    requests.clear()
+    assert fetch_archives(preset("mnist"), url, cache) == paths
+    assert requests == ["/SHA256SUMS"]  # archives come from the cache the second time
+    splits = load_splits(preset("mnist"), paths)
+    assert splits.train_images.shape == (60000, 28, 28, 1)
+
+
+def test_http_mirror_with_a_damaged_copy_leaves_nothing_in_the_cache(http_mirror, data_dir, tmp_path):
+    mirror = tmp_path / "mirror"
+    shutil.copytree(data_dir / "mnist", mirror / "mnist")
+    shutil.copy(data_dir / "SHA256SUMS", mirror)
+    damaged = mirror / "mnist" / "t10k-labels-idx1-ubyte.gz"
+    damaged.write_bytes(damaged.read_bytes()[:-10])
+    url, _ = http_mirror(mirror)
+    cache = tmp_path / "cache"
+    with pytest.raises(JobError, match="does not match the mirror's SHA256SUMS"):
+        fetch_archives(preset("mnist"), url, cache)
+    leftovers = [p.name for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    assert "t10k-labels-idx1-ubyte.gz" not in leftovers
+    assert not [name for name in leftovers if "partial" in name]
+
+
+def test_unreachable_mirror_is_one_clear_error(tmp_path):
+    with pytest.raises(JobError, match=r"does not answer .*point it at a folder"):
+        fetch_archives(preset("mnist"), "http://127.0.0.1:9", tmp_path)
+
+
+def test_public_mirror_failure_says_how_to_use_a_local_copy(tmp_path, http_mirror, data_dir):
+    # The public-mirror path, pointed at loopback: the shared copies' md5s are not upstream's,
+    # so the download is refused and nothing stays in the cache.
+    url, _ = http_mirror(data_dir)
+    p = dataclasses.replace(preset("mnist"), mirrors=(f"{url}/mnist",))
+    with pytest.raises(JobError, match=r"could not download mnist .*md5 .* is not the published"):
+        fetch_archives(p, None, tmp_path)
+    assert not [f for f in tmp_path.rglob("*.gz")]
+
+
+# ----------------------------------------------------------------------------------------------
+# on-device batches
+
+
+def _batches(splits, **kwargs):
+    options = dict(shuffle=True, seed=3)
+    options.update(kwargs)
+    return DeviceBatches(splits.train_images[:1000], splits.train_labels[:1000], preset("mnist"),
+                         CPU, 64, **options)
+
+
+def _indexed(n: int, **kwargs) -> DeviceBatches:
+    """Batches whose labels are the images' indices, so the order itself can be checked."""
+    images = torch.zeros(n, 28, 28, 1, dtype=torch.uint8)
+    options = dict(shuffle=True, seed=3)
+    options.update(kwargs)
+    return DeviceBatches(images, torch.arange(n), preset("mnist"), CPU, 64, **options)
+
+
+def epoch_indices(batches: DeviceBatches, epoch: int = 0, start_step: int = 0) -> list[int]:
+    return torch.cat([y for _, y in batches.epoch(epoch, start_step)]).tolist()
+
+
+def test_ranks_take_disjoint_shards_covering_the_epoch():
+    shards = [epoch_indices(_indexed(1000, rank=rank, world_size=3), epoch=2) for rank in range(3)]
+    assert [len(shard) for shard in shards] == [333, 333, 333]
+    everything = shards[0] + shards[1] + shards[2]
+    assert len(set(everything)) == 999  # each image at most once per epoch across ranks
+    next_epoch = [epoch_indices(_indexed(1000, rank=r, world_size=3), epoch=3) for r in range(3)]
+    assert set(everything) != set(next_epoch[0] + next_epoch[1] + next_epoch[2])
+
+
+def test_order_depends_on_seed_and_epoch_only():
+    first = epoch_indices(_indexed(1000))
+    assert sorted(first) == list(range(1000))
+    assert first != list(range(1000))
+    assert epoch_indices(_indexed(1000)) == first
+    assert epoch_indices(_indexed(1000), epoch=1) != first
+    assert epoch_indices(_indexed(1000, seed=4)) != first
+    assert epoch_indices(_indexed(1000), start_step=5) == first[5 * 64:]
+
+
+def test_batches_are_normalised_and_channels_last(mnist):
+    images = torch.cat([x for x, _ in _batches(mnist, shuffle=False).epoch(0)])
+    assert images.shape == (1000, 1, 28, 28)
+    assert images.is_contiguous(memory_format=torch.channels_last)
+    expected = (mnist.train_images[:1000].permute(0, 3, 1, 2).float() / 255 - 0.1307) / 0.3081
+    torch.testing.assert_close(images, expected)
+
+
+def test_last_batch_is_short_not_dropped(mnist):
+    sizes = [len(y) for _, y in _batches(mnist).epoch(0)]
+    assert sizes == [64] * 15 + [40]
+
+
+def test_augmentation_crops_within_padding_and_flips(cifar10):
+    p = preset("cifar10")
+    white = torch.full((256, 32, 32, 3), 255, dtype=torch.uint8)
+    ramp = torch.arange(32, dtype=torch.uint8).view(1, 1, 32, 1).expand(256, 32, 32, 3) * 8
+    for images in (white, ramp.contiguous()):
+        batches = DeviceBatches(images, torch.zeros(256, dtype=torch.long), p, CPU, 256,
+                                shuffle=True, augment=True, seed=0)
+        (augmented, _), = list(batches.epoch(0))
+        raw = torch.round((augmented * torch.tensor(p.std).view(1, 3, 1, 1)
+                           + torch.tensor(p.mean).view(1, 3, 1, 1)) * 255).clamp(0, 255)
+        if images is white:
+            zero_rows = (raw[:, 0, :, 16] == 0).sum(dim=1)  # padding shows as black strips
+            assert zero_rows.max() <= 4 and (zero_rows > 0).float().mean() > 0.5
+        else:
+            # Along a row the ramp rises (kept) or falls (flipped); both must occur.
+            middle = raw[:, 0, 16, 8:24]
+            rising = (middle.diff() >= 0).all(dim=1)
+            falling = (middle.diff() <= 0).all(dim=1)
+            assert (rising | falling).all()
+            assert 0.3 < rising.float().mean() < 0.7
+    again = DeviceBatches(white, torch.zeros(256, dtype=torch.long), p, CPU, 256,
+                          shuffle=True, augment=True, seed=0)
+    first, = [x for x, _ in again.epoch(0)]
+    second, = [x for x, _ in again.epoch(0)]
+    assert torch.equal(first, second)  # a pure function of (seed, epoch, step, rank)
+
+
+def test_evaluation_shards_cover_the_split_once(mnist):
+    p = preset("mnist")
+    total = 0
+    for rank in range(3):
+        shard = DeviceBatches(mnist.test_images, mnist.test_labels, p, CPU, 1000, shuffle=False,
+                              rank=rank, world_size=3)
+        total += sum(len(y) for _, y in shard.epoch(0))
+    assert total == 10000
+
+
+def test_derived_seed_is_stable():
+    from job.data import derived_seed
+
+    assert derived_seed(0, "shuffle", 1) == derived_seed(0, "shuffle", 1)
+    assert derived_seed(0, "shuffle", 1) != derived_seed(0, "shuffle", 2)
+    assert 0 <= derived_seed(1, 2, 3) < 2**63
+    # A blake2b digest, not hash(): the same in every process (no per-process hash salt).
+    assert derived_seed(0, 0, 0, 0) == 5854343820274218872
