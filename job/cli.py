@@ -13,8 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from job.config import DATASETS, TrainConfig
+from job.config import DATASETS, TrainConfig, default_cache_dir, preset
 from job.errors import JobError
+from job.preemption import PREEMPTED_EXIT_CODE
 from job.progress import print_error
 
 app = typer.Typer(
@@ -61,14 +62,22 @@ def train(
     precision: Annotated[str, _option("precision", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16.")]
     = _DEFAULTS["precision"],
     data_uri: Annotated[Optional[str], _option(
-        "data_uri", "Folder or http(s) mirror laid out as <dataset>/<archive>; default: public mirrors.",
+        "data_uri", "Folder, s3:// or http(s) URI laid out as <dataset>/<archive>; "
+        "default: the public mirrors.",
     )] = None,
     cache_dir: Annotated[Optional[Path], _option(
         "cache_dir", "Where downloaded archives are kept. [default: ~/.cache/cnn-job]",
     )] = None,
     checkpoint_uri: Annotated[Optional[str], _option(
-        "checkpoint_uri", "Folder for checkpoints. [default: runs/<dataset>/checkpoints]",
+        "checkpoint_uri", "Folder or s3://BUCKET/PREFIX for checkpoints. "
+        "[default: runs/<dataset>/checkpoints]",
     )] = None,
+    s3_endpoint_url: Annotated[Optional[str], _option(
+        "s3_endpoint_url", "S3-compatible endpoint (MinIO, R2); else AWS_ENDPOINT_URL(_S3) or AWS.",
+    )] = None,
+    checkpoint_every_steps: Annotated[int, _option(
+        "checkpoint_every_steps", "Also checkpoint every N steps inside epochs (0: epoch ends).",
+    )] = _DEFAULTS["checkpoint_every_steps"],
     resume: Annotated[str, _option("resume", "auto: continue from the newest checkpoint; never.")]
     = _DEFAULTS["resume"],
     keep_checkpoints: Annotated[int, _option("keep_checkpoints", "Newest checkpoints to keep.")]
@@ -86,9 +95,15 @@ def train(
         "summary_json", "Write the final metrics and timings here as JSON.",
     )] = None,
 ) -> None:
-    """Train a seed CNN, checkpointing every epoch and resuming from the newest checkpoint."""
+    """Train a seed CNN, checkpointing every epoch and resuming from the newest checkpoint.
+
+    On SIGTERM or SIGINT it finishes the step, checkpoints and exits with status 75
+    (preempted: run the same command again to resume). Bad input exits with status 2.
+    """
     settings = {k: v for k, v in locals().items() if v is not None}
-    _run(lambda: run_training(TrainConfig(**settings)))
+    summary = _run(lambda: run_training(TrainConfig(**settings)))
+    if summary and summary.get("preempted_by"):  # the loop said so on rank 0
+        raise typer.Exit(PREEMPTED_EXIT_CODE)
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -98,10 +113,82 @@ def run_training(cfg: TrainConfig) -> dict:
     return train_loop(cfg)
 
 
-def _run(action) -> None:
-    """Turn a JobError into one line on stderr and exit status 2."""
+# ----------------------------------------------------------------------------------------------
+# cnn-job data ..., cnn-job checkpoints ...
+
+data_app = typer.Typer(help="Seed a bucket with dataset archives, or fetch them into the cache.",
+                       no_args_is_help=True)
+app.add_typer(data_app, name="data")
+checkpoints_app = typer.Typer(help="Inspect checkpoints in a folder or S3 prefix.",
+                              no_args_is_help=True)
+app.add_typer(checkpoints_app, name="checkpoints")
+
+DatasetArgument = Annotated[str, typer.Argument(help=f"{' or '.join(DATASETS)}.",
+                                                show_default=False)]
+EndpointOption = Annotated[Optional[str], _option(
+    "s3_endpoint_url", "S3-compatible endpoint (MinIO, R2); else AWS_ENDPOINT_URL(_S3) or AWS.",
+)]
+
+
+@data_app.command("push")
+def data_push(
+    dataset: DatasetArgument,
+    uri: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX to upload to.", show_default=False)],
+    source: Annotated[Path, typer.Option("--from", help="Local folder laid out as "
+                                         "<dataset>/<archive>, e.g. ../shared/datasets.")],
+    s3_endpoint_url: EndpointOption = None,
+) -> None:
+    """Upload a dataset's archives (checked first) to PREFIX/<dataset>/ in a bucket."""
+    from job.data import push_archives
+
+    sums = _run(lambda: push_archives(preset(dataset), source, uri, s3_endpoint_url))
+    for name, digest in sums.items():
+        print(f"{uri.rstrip('/')}/{dataset}/{name}  sha256 {digest}")
+
+
+@data_app.command("pull")
+def data_pull(
+    dataset: DatasetArgument,
+    uri: Annotated[str, typer.Argument(help="s3://, http(s):// or folder to fetch from.",
+                                       show_default=False)],
+    cache_dir: Annotated[Optional[Path], _option("cache_dir", "Where archives are kept. "
+                                                 "[default: ~/.cache/cnn-job]")] = None,
+    s3_endpoint_url: EndpointOption = None,
+) -> None:
+    """Fetch a dataset's archives into the cache and check that they parse."""
+    from job.data import fetch_archives, load_splits
+
+    def pull():
+        p = preset(dataset)
+        paths = fetch_archives(p, uri, cache_dir or default_cache_dir(), s3_endpoint_url)
+        splits = load_splits(p, paths)
+        return paths, splits
+
+    paths, splits = _run(pull)
+    for name, path in paths.items():
+        print(f"{path}  sha256 {splits.sha256[name]}")
+    print(f"{dataset}: {len(splits.train_labels)} training and {len(splits.test_labels)} "
+          "test images, verified")
+
+
+@checkpoints_app.command("list")
+def checkpoints_list(
+    uri: Annotated[str, typer.Argument(help="Checkpoint folder or s3://BUCKET/PREFIX.",
+                                       show_default=False)],
+    s3_endpoint_url: EndpointOption = None,
+) -> None:
+    """Checkpoints newest first: step, epoch, validation accuracy, size, time; * = latest."""
+    from job.checkpoint import CheckpointManager
+    from job.progress import print_checkpoint_table
+
+    rows = _run(lambda: CheckpointManager(uri, endpoint_url=s3_endpoint_url).describe())
+    print_checkpoint_table(uri, rows)
+
+
+def _run(action):
+    """Run `action`; a JobError becomes one line on stderr and exit status 2."""
     try:
-        action()
+        return action()
     except JobError as error:
         print_error(str(error))
         raise typer.Exit(JobError.exit_code) from None

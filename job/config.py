@@ -114,7 +114,9 @@ class TrainConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     data_uri: str | None = None  # None: the public mirrors
     cache_dir: Path = field(default_factory=default_cache_dir)
-    checkpoint_uri: str | None = None  # None: runs/<dataset>/checkpoints
+    checkpoint_uri: str | None = None  # None: runs/<dataset>/checkpoints; a folder or s3://
+    s3_endpoint_url: str | None = None  # None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS
+    checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
     resume: str = "auto"  # auto | never
     keep_checkpoints: int = 3  # newest checkpoints kept; older ones go once a newer one is safe
     limit_train: int | None = None  # train on the first N images only
@@ -137,6 +139,7 @@ class TrainConfig:
             (self.resume in ("auto", "never"), "--resume must be auto or never"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be {', '.join(LR_SCHEDULES)}"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (self.checkpoint_every_steps >= 0, "--checkpoint-every-steps must be 0 or more"),
             (self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1"),
         ]
         for ok, message in checks:

@@ -23,16 +23,26 @@ import torch
 
 from job.config import DatasetPreset
 from job.errors import JobError
-from job.storage import file_digest, file_lock, http_download, http_get_bytes, is_remote, local_path
+from job.storage import (
+    MULTIPART_THRESHOLD_BYTES, check_bucket, file_digest, file_lock, http_download,
+    http_get_bytes, is_remote, local_path, parse_s3_uri, s3_client, s3_download, s3_errors,
+)
 
 # ----------------------------------------------------------------------------------------------
 # fetching the archives
 
-LAYOUT_HINT = "a folder or http(s) mirror laid out like ../shared/datasets (<dataset>/<archive>)"
+LAYOUT_HINT = (
+    "a folder, s3:// prefix or http(s) mirror laid out like ../shared/datasets "
+    "(<dataset>/<archive>)"
+)
 
 
-def fetch_archives(p: DatasetPreset, data_uri: str | None, cache_dir: Path) -> dict[str, Path]:
+def fetch_archives(
+    p: DatasetPreset, data_uri: str | None, cache_dir: Path, endpoint_url: str | None = None
+) -> dict[str, Path]:
     """Local paths of the dataset's archives, downloading them into `cache_dir` at most once."""
+    if data_uri is not None and data_uri.startswith("s3://"):
+        return _download_all_s3(p, data_uri, cache_dir, endpoint_url)
     if data_uri is None:
         return _download_all(p, list(p.mirrors), cache_dir / "public" / p.name, published=True)
     if data_uri.startswith(("http://", "https://")):
@@ -50,6 +60,43 @@ def fetch_archives(p: DatasetPreset, data_uri: str | None, cache_dir: Path) -> d
             f"--data-uri {data_uri}: no {p.name}/{missing[0]} there; point it at {LAYOUT_HINT}"
         )
     return paths
+
+
+def _download_all_s3(
+    p: DatasetPreset, data_uri: str, cache_dir: Path, endpoint_url: str | None
+) -> dict[str, Path]:
+    bucket, prefix = parse_s3_uri(data_uri)
+    client = s3_client(endpoint_url)
+    check_bucket(client, bucket, data_uri, endpoint_url)
+    cache = cache_dir / "s3" / bucket / prefix / p.name
+    paths = {}
+    for archive in p.archives:
+        key = "/".join(part for part in (prefix, p.name, archive.name) if part)
+        dest = cache / archive.name
+        with file_lock(dest):  # one process per machine downloads; the others then reuse it
+            s3_download(client, bucket, key, dest, f"s3://{bucket}/{key}", endpoint_url)
+        paths[archive.name] = dest
+    return paths
+
+
+def push_archives(
+    p: DatasetPreset, source_dir: Path, uri: str, endpoint_url: str | None = None
+) -> dict[str, str]:
+    """Upload a local copy's archives to `uri` (s3://BUCKET/PREFIX), after checking that they
+    parse, so that nothing broken lands in the bucket. Returns archive name → sha256."""
+    paths = fetch_archives(p, str(source_dir), cache_dir=source_dir)
+    splits = load_splits(p, paths)
+    bucket, prefix = parse_s3_uri(uri)
+    client = s3_client(endpoint_url)
+    check_bucket(client, bucket, uri, endpoint_url)
+    from boto3.s3.transfer import TransferConfig
+
+    for name, path in paths.items():
+        key = "/".join(part for part in (prefix, p.name, name) if part)
+        with s3_errors(f"s3://{bucket}/{key}", endpoint_url):
+            client.upload_file(str(path), bucket, key,
+                               Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD_BYTES))
+    return splits.sha256
 
 
 def _slug(url: str) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import sys
+from datetime import datetime, timezone
 
 from rich.console import Console
 from rich.progress import (
     BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn,
     TimeElapsedColumn, TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 console = Console(stderr=False, highlight=False)
@@ -35,7 +37,8 @@ class EpochProgress:
     each epoch leaves one bar line followed by its metrics line.
     """
 
-    def __init__(self, description: str, total_images: int, enabled: bool, world_size: int = 1):
+    def __init__(self, description: str, total_images: int, enabled: bool, world_size: int = 1,
+                 done_images: int = 0):
         self.world_size = world_size
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
@@ -53,7 +56,8 @@ class EpochProgress:
             refresh_per_second=4,
         )
         self._task = self._progress.add_task(
-            description, total=total_images * world_size, status=""
+            description, total=total_images * world_size, completed=done_images * world_size,
+            status="",
         )
 
     def __enter__(self) -> EpochProgress:
@@ -71,3 +75,26 @@ class EpochProgress:
 def say(enabled: bool, message: str) -> None:
     if enabled:
         console.print(message)
+
+
+def print_checkpoint_table(uri: str, rows: list[dict]) -> None:
+    if not rows:
+        console.print(f"no checkpoints in {uri}")
+        return
+    table = Table(title=uri, title_justify="left")
+    for column in ("", "checkpoint", "step", "epoch", "val acc", "size", "written (UTC)"):
+        table.add_column(column, justify="left" if column in ("", "checkpoint") else "right",
+                         no_wrap=True)
+    for row in rows:
+        written = datetime.fromtimestamp(row["modified"], timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        size = f"{row['size'] / 2**20:.1f} MiB"
+        if "error" in row:
+            table.add_row("*" if row["latest"] else "", row["name"], "-", "-",
+                          f"unreadable: {row['error']}", size, written)
+            continue
+        epoch = str(row["epoch"]) + (f" +{row['epoch_step']} steps" if row["epoch_step"] else "")
+        accuracy = "-" if row["val_acc"] is None else f"{row['val_acc']:.2%}"
+        table.add_row("*" if row["latest"] else "", row["name"], str(row["step"]), epoch,
+                      accuracy, size, written)
+    console.print(table)
+    console.print("* = the checkpoint `latest` names (what --resume auto continues from)")

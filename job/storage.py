@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import io
 import os
 import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -131,3 +133,242 @@ def http_download(url: str, dest: Path, expected_md5: str | None = None) -> None
                 raise ValueError(f"connection closed after {received} of {expected_bytes} bytes")
             if expected_md5 is not None and md5.hexdigest() != expected_md5:
                 raise ValueError(f"md5 {md5.hexdigest()} is not the published {expected_md5}")
+
+
+# ----------------------------------------------------------------------------------------------
+# S3-compatible object storage (AWS S3, MinIO, R2, ...)
+
+S3_MAX_ATTEMPTS = 3  # bounded retries: an endpoint that does not answer fails in seconds
+S3_CONNECT_TIMEOUT_S = 5
+S3_READ_TIMEOUT_S = 60
+MULTIPART_THRESHOLD_BYTES = 64 << 20
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    """`s3://bucket/some/prefix` → ("bucket", "some/prefix")."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    if not uri.startswith("s3://") or not bucket:
+        raise JobError(f"{uri} is not an S3 URI; write it as s3://BUCKET/PREFIX")
+    return bucket, prefix.strip("/")
+
+
+def s3_endpoint(endpoint_url: str | None = None) -> str | None:
+    """--s3-endpoint-url, else AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (AWS's own order)."""
+    return (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def s3_client(endpoint_url: str | None = None):
+    """A boto3 S3 client on the standard credential chain (env, files, IAM role / IRSA).
+
+    A custom endpoint (MinIO, R2, ...) gets path-style addressing, and checksums are only sent
+    where the API requires them, which MinIO and R2 accept.
+    """
+    import boto3
+    from botocore.config import Config
+
+    endpoint = s3_endpoint(endpoint_url)
+    config = Config(
+        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
+        connect_timeout=S3_CONNECT_TIMEOUT_S,
+        read_timeout=S3_READ_TIMEOUT_S,
+        s3={"addressing_style": "path" if endpoint else "auto"},
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+
+
+CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
+                    "InvalidToken", "ExpiredToken", "InvalidSecurity", "Forbidden"}
+
+
+@contextlib.contextmanager
+def s3_errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
+    """Turn what boto3 raises into one JobError line. Credentials never appear in it."""
+    from botocore.exceptions import (
+        ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
+        NoCredentialsError, PartialCredentialsError, ReadTimeoutError,
+    )
+
+    try:
+        yield
+    except (NoCredentialsError, PartialCredentialsError):
+        raise JobError(
+            f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE, or give the pod an IAM role)"
+        ) from None
+    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError):
+        endpoint = s3_endpoint(endpoint_url) or "AWS S3"
+        raise JobError(
+            f"S3 endpoint {endpoint} does not answer ({S3_MAX_ATTEMPTS} attempts) for {uri}; "
+            "check --s3-endpoint-url / AWS_ENDPOINT_URL and the network"
+        ) from None
+    except ClientError as error:
+        code = str(error.response.get("Error", {}).get("Code", "unknown"))
+        if code == "NoSuchBucket":
+            raise JobError(f"bucket of {uri} does not exist; create it or fix the URI") from None
+        if code in ("NoSuchKey", "404", "NotFound"):
+            raise JobError(f"{uri} does not exist in S3; check the URI (or push it first)") from None
+        if code in CREDENTIAL_CODES:
+            raise JobError(
+                f"S3 refused the request for {uri} ({code}): check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY or the role's permissions"
+            ) from None
+        message = error.response.get("Error", {}).get("Message", "")
+        raise JobError(f"S3 error {code} for {uri}: {message}".rstrip(": ")) from None
+
+
+def check_bucket(client, bucket: str, uri: str, endpoint_url: str | None = None) -> None:
+    """A missing bucket answers HEAD with a bare 404; name it as a missing bucket."""
+    from botocore.exceptions import ClientError
+
+    with s3_errors(uri, endpoint_url):
+        try:
+            client.head_bucket(Bucket=bucket)
+        except ClientError as error:
+            if str(error.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket"):
+                raise JobError(f"bucket {bucket} of {uri} does not exist; create it or fix the URI")
+            raise
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    name: str  # relative to the store's folder or prefix
+    size: int
+    modified: float  # seconds since the epoch
+
+
+class LocalStore:
+    """A folder. Writes are atomic renames."""
+
+    def __init__(self, uri: str) -> None:
+        self.folder = local_path(uri)
+        self.uri = str(self.folder)
+
+    def location(self, name: str) -> str:
+        return str(self.folder / name)
+
+    def check_writable(self, option: str) -> None:
+        check_writable_folder(self.folder, "checkpoint folder", option)
+
+    def list(self) -> list[ObjectInfo]:
+        if not self.folder.is_dir():
+            return []
+        return [ObjectInfo(p.name, (st := p.stat()).st_size, st.st_mtime)
+                for p in self.folder.iterdir() if p.is_file()]
+
+    def write(self, name: str, data: bytes) -> None:
+        atomic_write_bytes(self.folder / name, data)
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def delete(self, name: str) -> None:
+        (self.folder / name).unlink(missing_ok=True)
+
+
+class S3Store:
+    """A prefix in a bucket. An object becomes visible only once completely uploaded
+    (single PUT or a completed multipart upload), which is what makes writes atomic here."""
+
+    def __init__(self, uri: str, endpoint_url: str | None = None) -> None:
+        self.uri = uri.rstrip("/")
+        self.bucket, self.prefix = parse_s3_uri(uri)
+        self.endpoint_url = endpoint_url
+        self.client = s3_client(endpoint_url)
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def location(self, name: str) -> str:
+        return f"{self.uri}/{name}"
+
+    def _errors(self, name: str | None = None):
+        return s3_errors(self.location(name) if name else self.uri, self.endpoint_url)
+
+    def check_writable(self, option: str) -> None:
+        probe = f".write-probe-{os.getpid()}"
+        check_bucket(self.client, self.bucket, self.uri, self.endpoint_url)
+        with self._errors():
+            self.client.put_object(Bucket=self.bucket, Key=self._key(probe), Body=b"")
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(probe))
+
+    def list(self) -> list[ObjectInfo]:
+        found = []
+        start = self._key("")
+        with self._errors():
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=start
+            ):
+                for item in page.get("Contents", []):
+                    name = item["Key"][len(start):]
+                    if name and "/" not in name:
+                        found.append(ObjectInfo(name, item["Size"],
+                                                item["LastModified"].timestamp()))
+        return found
+
+    def write(self, name: str, data: bytes) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD_BYTES)
+        with self._errors(name):
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(name),
+                                       Config=transfer)
+
+    def read(self, name: str) -> bytes | None:
+        from botocore.exceptions import ClientError
+
+        with self._errors(name):
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+    def delete(self, name: str) -> None:
+        with self._errors(name):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+
+
+def open_store(uri: str, endpoint_url: str | None = None) -> LocalStore | S3Store:
+    if uri.startswith("s3://"):
+        return S3Store(uri, endpoint_url)
+    if is_remote(uri):
+        scheme = uri.split("://", 1)[0]
+        raise JobError(f"{uri}: {scheme}:// is not supported here; use a folder or s3://")
+    return LocalStore(uri)
+
+
+def s3_download(client, bucket: str, key: str, dest: Path, uri: str,
+                endpoint_url: str | None = None) -> None:
+    """Fetch one object into `dest` (atomically), reusing a cached copy whose size and ETag
+    still match; a single-part object's ETag is its md5 and is checked."""
+    marker = dest.with_name(dest.name + ".etag")
+    with s3_errors(uri, endpoint_url):
+        head = client.head_object(Bucket=bucket, Key=key)
+        etag, size = head["ETag"].strip('"'), head["ContentLength"]
+        if dest.is_file() and dest.stat().st_size == size and _read_text(marker) == etag:
+            return
+        md5 = hashlib.md5(usedforsecurity=False)
+        with atomic_output(dest) as out:
+            body = client.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])["Body"]
+            while chunk := body.read(CHUNK_BYTES):
+                out.write(chunk)
+                md5.update(chunk)
+            if out.tell() != size:
+                raise JobError(f"{uri}: got {out.tell()} of {size} bytes; try again")
+            if "-" not in etag and md5.hexdigest() != etag:
+                raise JobError(f"{uri}: downloaded bytes do not match the object's ETag (md5)")
+    atomic_write_bytes(marker, etag.encode())
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None

@@ -7,6 +7,7 @@ import json
 import math
 import platform
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from job.data import DeviceBatches, ImageSplits, fetch_archives, load_splits
 from job.distributed import Dist
 from job.errors import JobError
 from job.models import build_model
+from job.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from job.progress import EpochProgress, say
 from job.storage import atomic_write_bytes, check_writable_folder
 
@@ -43,10 +45,10 @@ def load_data(cfg: TrainConfig, d: Dist) -> ImageSplits:
     """Local rank 0 fetches first, so one process per machine downloads while the rest wait."""
     p = preset(cfg.dataset)
     if d.local_rank == 0:
-        paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir)
+        paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir, cfg.s3_endpoint_url)
     distributed.barrier(d)
     if d.local_rank != 0:
-        paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir)
+        paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir, cfg.s3_endpoint_url)
     splits = load_splits(p, paths)
     if cfg.limit_train is not None:
         splits.train_images = splits.train_images[: cfg.limit_train]
@@ -104,13 +106,41 @@ def write_summary(path: Path, summary: dict) -> None:
     atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
 
 
+@dataclass
+class RunState:
+    """Where training stands; with the model and optimizer, all a step-exact resume needs."""
+
+    epoch: int = 0  # completed epochs
+    epoch_step: int = 0  # steps done inside the current epoch (0 at an epoch boundary)
+    step: int = 0  # optimizer steps in all
+    epoch_loss: list = field(default_factory=lambda: [0.0, 0.0])  # Σ loss·n, Σ n (all ranks)
+    history: list = field(default_factory=list)  # one dict of metrics per completed epoch
+
+    @classmethod
+    def from_checkpoint(cls, state: dict) -> RunState:
+        return cls(state["epoch"], state.get("epoch_step", 0), state["step"],
+                   list(state.get("epoch_loss", [0.0, 0.0])), state["metrics"])
+
+
+def checkpoint_state(model, optimizer, cfg: TrainConfig, run: RunState, d: Dist,
+                     splits: ImageSplits) -> dict:
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "epoch": run.epoch, "epoch_step": run.epoch_step, "step": run.step,
+        "epoch_loss": list(run.epoch_loss), "metrics": run.history,
+        "config": cfg.to_dict(), "rng": rng_states(d.device),
+        "data_sha256": splits.sha256, "world_size": d.world_size,
+    }
+
+
 # ----------------------------------------------------------------------------------------------
 # the loop
 
 
 def _train(cfg: TrainConfig, d: Dist) -> dict:
     say_main = functools.partial(say, d.is_main)
-    checkpoints = CheckpointManager(cfg.checkpoint_uri, cfg.keep_checkpoints, log=say_main)
+    checkpoints = CheckpointManager(cfg.checkpoint_uri, cfg.keep_checkpoints,
+                                    cfg.s3_endpoint_url, log=say_main)
     if d.is_main:  # fail before any work, never after an epoch
         checkpoints.check_writable()
         if cfg.summary_json:
@@ -126,7 +156,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     # fused: one kernel for all parameters, on CUDA and CPU alike (+5-15% images/s on CPU here)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
 
-    epoch, step, history, checkpoint_location = 0, 0, [], None
+    run, checkpoint_location = RunState(), None
     resumed = checkpoints.load_latest() if cfg.resume == "auto" else None
     if resumed:
         state, checkpoint_location = resumed
@@ -138,8 +168,9 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng_states(state["rng"], d.device)
-        epoch, step, history = state["epoch"], state["step"], state["metrics"]
-        say_main(f"resumed from {checkpoint_location} (epoch {epoch}, step {step})")
+        run = RunState.from_checkpoint(state)
+        say_main(f"resumed from {checkpoint_location} "
+                 f"(epoch {run.epoch + 1}, step {run.epoch_step} of it; {run.step} in all)")
     ddp_model = DistributedDataParallel(model) if d.enabled else model
 
     train_batches = DeviceBatches(
@@ -152,73 +183,90 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     )
     bf16 = uses_bf16(cfg, d.device)
     autocast = functools.partial(torch.autocast, d.device.type, torch.bfloat16, enabled=bf16)
+    total_steps = cfg.epochs * len(train_batches)
     say_main(
         f"training {cfg.dataset} on {d.world_size} × {d.device.type}: "
         f"{train_batches.per_rank * d.world_size} images/epoch, batch {cfg.batch_size}/process"
     )
 
-    train_seconds, trained_images = 0.0, 0
-    total_steps = cfg.epochs * len(train_batches)
-    for epoch in range(epoch, cfg.epochs):
-        loss_totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # Σ loss·n, Σ n
-        description = f"epoch {epoch + 1}/{cfg.epochs}"
-        started = time.perf_counter()
-        with EpochProgress(description, train_batches.per_rank, d.is_main, d.world_size) as bar:
-            for batch_step, (images, labels) in enumerate(train_batches.epoch(epoch)):
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_at(cfg, step, total_steps)
-                with autocast():
-                    loss = F.cross_entropy(ddp_model(images), labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                step += 1
-                # The epoch loss weighs every batch by its size: a short last batch counts less.
-                loss_totals[0] += loss.detach() * labels.numel()
-                loss_totals[1] += labels.numel()
-                status = f"loss {loss.item():.4f}" if batch_step % STATUS_EVERY_STEPS == 0 else None
-                bar.advance(labels.numel(), status)
+    def save() -> str | None:
+        return checkpoints.save(checkpoint_state(model, optimizer, cfg, run, d, splits),
+                                run.step) if d.is_main else None
+
+    train_seconds, trained_images, stop = 0.0, 0, StopRequest()
+    with stop:
+        while run.epoch < cfg.epochs and not stop.signal_name:
+            # This rank's running Σ loss·n and Σ n; rank 0 carries what a resume brought in.
+            loss_totals = torch.tensor(run.epoch_loss if d.is_main else [0.0, 0.0],
+                                       dtype=torch.float64, device=d.device)
+            description = f"epoch {run.epoch + 1}/{cfg.epochs}"
+            done_images = min(run.epoch_step * cfg.batch_size, train_batches.per_rank)
+            started = time.perf_counter()
+            with EpochProgress(description, train_batches.per_rank, d.is_main, d.world_size,
+                               done_images) as bar:
+                for images, labels in train_batches.epoch(run.epoch, run.epoch_step):
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr_at(cfg, run.step, total_steps)
+                    with autocast():
+                        loss = F.cross_entropy(ddp_model(images), labels)
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
+                    # The epoch loss weighs every batch by its size: a short last batch counts less.
+                    loss_totals[0] += loss.detach() * labels.numel()
+                    loss_totals[1] += labels.numel()
+                    trained_images += labels.numel() * d.world_size
+                    show = run.epoch_step % STATUS_EVERY_STEPS == 1
+                    bar.advance(labels.numel(), f"loss {loss.item():.4f}" if show else None)
+                    if stop.agreed(d, run.step):
+                        break
+                    if (cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0
+                            and run.epoch_step < len(train_batches)):
+                        run.epoch_loss = distributed.all_reduce_sum(d, loss_totals.clone()).tolist()
+                        checkpoint_location = save()
             if d.device.type == "cuda":
                 torch.cuda.synchronize(d.device)
-        train_seconds += time.perf_counter() - started
-        trained_images += train_batches.per_rank * d.world_size
+            train_seconds += time.perf_counter() - started
+            run.epoch_loss = distributed.all_reduce_sum(d, loss_totals).tolist()
 
-        loss_sum, count = distributed.all_reduce_sum(d, loss_totals).tolist()
-        val_loss, val_acc = evaluate(model, test_batches, d, autocast)
-        history.append({
-            "epoch": epoch + 1, "step": step, "train_loss": loss_sum / count,
-            "val_loss": val_loss, "val_acc": val_acc,
-        })
-        if d.is_main:
-            checkpoint_location = checkpoints.save({
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "epoch": epoch + 1, "step": step, "config": cfg.to_dict(),
-                "rng": rng_states(d.device), "metrics": history,
-                "data_sha256": splits.sha256, "world_size": d.world_size,
-            }, step)
-        say_main(
-            f"{description}  train_loss {loss_sum / count:.4f}  "
-            f"val_loss {val_loss:.4f}  val_acc {val_acc:.2%}"
-        )
+            if run.epoch_step < len(train_batches):  # stopped inside the epoch
+                checkpoint_location = save()
+                break
+            val_loss, val_acc = evaluate(model, test_batches, d, autocast)
+            loss_sum, count = run.epoch_loss
+            run.epoch, run.epoch_step, run.epoch_loss = run.epoch + 1, 0, [0.0, 0.0]
+            run.history.append({
+                "epoch": run.epoch, "step": run.step, "train_loss": loss_sum / count,
+                "val_loss": val_loss, "val_acc": val_acc,
+            })
+            checkpoint_location = save()
+            say_main(f"{description}  train_loss {loss_sum / count:.4f}  "
+                     f"val_loss {val_loss:.4f}  val_acc {val_acc:.2%}")
 
-    final = history[-1]
+    if stop.signal_name and run.epoch < cfg.epochs:
+        say_main(f"preempted by {stop.signal_name} at step {run.step}: checkpoint "
+                 f"{checkpoint_location} written; run the same command to resume "
+                 f"(exit status {PREEMPTED_EXIT_CODE})")
+    final = run.history[-1] if run.history else {}
     summary = {
         "dataset": cfg.dataset,
-        "epochs": final["epoch"],
+        "epochs": run.epoch,
         "world_size": d.world_size,
-        "final_val_acc": final["val_acc"],
-        "final_val_loss": final["val_loss"],
-        "final_train_loss": final["train_loss"],
+        "final_val_acc": final.get("val_acc"),
+        "final_val_loss": final.get("val_loss"),
+        "final_train_loss": final.get("train_loss"),
         "train_seconds": train_seconds,
         "train_images_per_second": trained_images / train_seconds if train_seconds else None,
         "checkpoint": checkpoint_location,
+        "preempted_by": stop.signal_name if run.epoch < cfg.epochs else None,
+        "steps": run.step,
         "device": str(d.device),
         "precision": "bf16" if bf16 else "fp32",
-        "steps": step,
-        "history": history,
+        "history": run.history,
         "data_sha256": splits.sha256,
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
-    if d.is_main and cfg.summary_json:
+    if d.is_main and cfg.summary_json and not summary["preempted_by"]:
         write_summary(Path(cfg.summary_json), summary)
     return summary

@@ -1,0 +1,229 @@
+"""S3-compatible storage against a real server process on loopback, through boto3."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from job.checkpoint import CheckpointManager
+from job.config import TrainConfig, preset
+from job.data import fetch_archives, load_splits
+from job.errors import JobError
+from job.storage import parse_s3_uri
+from job.train import train
+from tests.conftest import CNN_JOB, SECRET, run_cli, start_s3_server
+
+
+def push_mnist(s3, data_dir, prefix="datasets"):
+    result = run_cli("data", "push", "mnist", f"s3://{s3.bucket}/{prefix}", "--from", str(data_dir))
+    assert result.returncode == 0, result.stderr
+    return f"s3://{s3.bucket}/{prefix}"
+
+
+def test_parse_s3_uri():
+    assert parse_s3_uri("s3://bucket/a/b/") == ("bucket", "a/b")
+    assert parse_s3_uri("s3://bucket") == ("bucket", "")
+    with pytest.raises(JobError, match="write it as s3://BUCKET/PREFIX"):
+        parse_s3_uri("s3:///nobucket")
+
+
+def test_push_then_pull_reuses_the_cache_until_the_object_changes(s3, data_dir, tmp_path):
+    uri = push_mnist(s3, data_dir)
+    keys = sorted(o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket)["Contents"])
+    assert keys == sorted(f"datasets/mnist/{a.name}" for a in preset("mnist").archives)
+    paths = fetch_archives(preset("mnist"), uri, tmp_path)
+    for name, path in paths.items():
+        assert path.read_bytes() == (data_dir / "mnist" / name).read_bytes()
+    labels = paths["t10k-labels-idx1-ubyte.gz"]
+    first_inode = labels.stat().st_ino
+    assert fetch_archives(preset("mnist"), uri, tmp_path) == paths
+    assert labels.stat().st_ino == first_inode  # size and ETag matched: not downloaded again
+    # Someone replaces the object: the cached copy no longer matches and is fetched anew.
+    replacement = (data_dir / "mnist" / "train-labels-idx1-ubyte.gz").read_bytes()
+    s3.client.put_object(Bucket=s3.bucket, Key="datasets/mnist/t10k-labels-idx1-ubyte.gz",
+                         Body=replacement)
+    fetch_archives(preset("mnist"), uri, tmp_path)
+    assert labels.read_bytes() == replacement
+    assert not [p for p in tmp_path.rglob("*partial*")]
+
+
+def test_data_pull_command_verifies(s3, data_dir, tmp_path):
+    uri = push_mnist(s3, data_dir)
+    result = run_cli("data", "pull", "mnist", uri, "--cache-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "60000 training and 10000 test images, verified" in result.stdout
+    assert "db8f937d487057fb14a9f0fbe97f0bc8d311ab41b750d41e1ff37c43b9e55e19" in result.stdout
+
+
+def test_concurrent_pulls_by_two_processes(s3, data_dir, tmp_path):
+    uri = push_mnist(s3, data_dir)
+    command = [str(CNN_JOB), "data", "pull", "mnist", uri, "--cache-dir", str(tmp_path)]
+    pulls = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    for pull in pulls:
+        out, err = pull.communicate(timeout=120)
+        assert pull.returncode == 0, err
+        assert "verified" in out
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in files if "partial" in p.name]
+    for archive in preset("mnist").archives:
+        (cached,) = [p for p in files if p.name == archive.name]
+        assert cached.read_bytes() == (data_dir / "mnist" / archive.name).read_bytes()
+
+
+def test_checkpoints_in_s3_pointer_retention_and_listing(s3, data_dir, tmp_path):
+    uri = f"s3://{s3.bucket}/runs/a"
+    summary = train(TrainConfig(dataset="mnist", data_uri=str(data_dir), checkpoint_uri=uri,
+                                epochs=4, limit_train=640, keep_checkpoints=2, device="cpu",
+                                cache_dir=tmp_path, summary_json=tmp_path / "s.json"))
+    keys = sorted(o["Key"] for o in s3.client.list_objects_v2(Bucket=s3.bucket)["Contents"])
+    assert keys == ["runs/a/latest", "runs/a/step-000000030.pt", "runs/a/step-000000040.pt"]
+    pointer = s3.client.get_object(Bucket=s3.bucket, Key="runs/a/latest")["Body"].read()
+    assert pointer == b"step-000000040.pt\n"
+    assert summary["checkpoint"] == f"{uri}/step-000000040.pt"
+    result = run_cli("checkpoints", "list", uri, env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stdout.splitlines() if "step-0000000" in line]
+    assert "step-000000040.pt" in lines[0] and "*" in lines[0] and "4" in lines[0]
+    assert "step-000000030.pt" in lines[1] and "*" not in lines[1]
+    assert f"{summary['final_val_acc']:.2%}" in lines[0]
+
+
+def test_resume_falls_back_past_a_corrupt_newest_s3_checkpoint(s3, data_dir, tmp_path, capsys):
+    uri = f"s3://{s3.bucket}/runs/b"
+    settings = dict(dataset="mnist", data_uri=str(data_dir), checkpoint_uri=uri, limit_train=640,
+                    device="cpu", cache_dir=tmp_path)
+    train(TrainConfig(epochs=1, **settings))
+    good = s3.client.get_object(Bucket=s3.bucket, Key="runs/b/step-000000010.pt")["Body"].read()
+    s3.client.put_object(Bucket=s3.bucket, Key="runs/b/step-000000015.pt", Body=good[:5000])
+    s3.client.put_object(Bucket=s3.bucket, Key="runs/b/latest", Body=b"step-000000015.pt\n")
+    capsys.readouterr()
+    summary = train(TrainConfig(epochs=2, **settings))
+    out = capsys.readouterr().out.replace("\n", "")
+    assert f"checkpoint {uri}/step-000000015.pt is unreadable" in out
+    assert "falling back to step-000000010.pt" in out
+    assert [h["step"] for h in summary["history"]] == [10, 20]
+
+
+def test_no_loadable_checkpoint_is_a_clear_error(tmp_path, data_dir):
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "step-000000010.pt").write_bytes(b"truncated")
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--checkpoint-uri",
+                     str(folder), "--limit-train", "100", "--device", "cpu")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        f"error: no loadable checkpoint in {folder}")
+    assert (folder / "step-000000010.pt").read_bytes() == b"truncated"  # nothing overwritten
+
+
+def test_training_from_s3_data_records_provenance_and_keeps_secrets_out(s3, data_dir, tmp_path):
+    uri = push_mnist(s3, data_dir)
+    result = run_cli("train", "mnist", "--data-uri", uri, "--checkpoint-uri",
+                     f"s3://{s3.bucket}/runs/c", "--limit-train", "640", "--epochs", "1",
+                     "--device", "cpu", "--cache-dir", str(tmp_path / "cache"),
+                     "--summary-json", str(tmp_path / "s.json"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["data_sha256"]["train-images-idx3-ubyte.gz"].startswith("db8f937d")
+    checkpoint = s3.client.get_object(Bucket=s3.bucket, Key="runs/c/step-000000010.pt")["Body"].read()
+    state = torch.load(__import__("io").BytesIO(checkpoint), weights_only=True)
+    assert state["data_sha256"] == summary["data_sha256"]
+    for text in (result.stdout, result.stderr, (tmp_path / "s.json").read_text()):
+        assert SECRET not in text and "cnn-job-test-key" not in text
+    assert SECRET.encode() not in checkpoint and b"cnn-job-test-key" not in checkpoint
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input: exit 2, one line
+
+
+def one_line_error(result) -> str:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert SECRET not in result.stderr + result.stdout
+    return lines[0]
+
+
+def test_unknown_bucket(s3, tmp_path):
+    line = one_line_error(run_cli("train", "mnist", "--data-uri", "s3://no-such-bucket/data",
+                                  "--checkpoint-uri", str(tmp_path / "c"), "--cache-dir", str(tmp_path)))
+    assert "bucket no-such-bucket of s3://no-such-bucket/data does not exist" in line
+    line = one_line_error(run_cli("train", "mnist", "--checkpoint-uri", "s3://no-such-bucket/c"))
+    assert "bucket no-such-bucket" in line and "does not exist" in line
+
+
+def test_missing_object(s3, tmp_path):
+    line = one_line_error(run_cli("train", "mnist", "--data-uri", f"s3://{s3.bucket}/empty",
+                                  "--checkpoint-uri", str(tmp_path / "c"), "--cache-dir", str(tmp_path)))
+    assert f"s3://{s3.bucket}/empty/mnist/train-images-idx3-ubyte.gz does not exist" in line
+
+
+def test_corrupt_archive_in_s3(s3, data_dir, tmp_path):
+    uri = push_mnist(s3, data_dir)
+    original = (data_dir / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes()
+    s3.client.put_object(Bucket=s3.bucket, Key="datasets/mnist/t10k-images-idx3-ubyte.gz",
+                         Body=original[:50_000])
+    line = one_line_error(run_cli("train", "mnist", "--data-uri", uri, "--checkpoint-uri",
+                                  str(tmp_path / "c"), "--cache-dir", str(tmp_path)))
+    assert "t10k-images-idx3-ubyte.gz is corrupt or truncated" in line
+
+
+def test_push_refuses_a_corrupt_local_copy(s3, data_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(data_dir / "mnist", tmp_path / "mnist")
+    damaged = tmp_path / "mnist" / "train-labels-idx1-ubyte.gz"
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    line = one_line_error(run_cli("data", "push", "mnist", f"s3://{s3.bucket}/d", "--from", str(tmp_path)))
+    assert "corrupt or truncated" in line
+    assert "Contents" not in s3.client.list_objects_v2(Bucket=s3.bucket)  # nothing uploaded
+
+
+def test_missing_credentials(s3, tmp_path):
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": "", "AWS_PROFILE": "",
+           "AWS_SHARED_CREDENTIALS_FILE": str(tmp_path / "none"),
+           "AWS_CONFIG_FILE": str(tmp_path / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    env = {k: v for k, v in env.items()}
+    clean = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID",
+                                                               "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE")}
+    result = subprocess.run(
+        [str(CNN_JOB), "train", "mnist", "--checkpoint-uri", f"s3://{s3.bucket}/c"],
+        capture_output=True, text=True, timeout=120,
+        env={**clean, **{k: v for k, v in env.items() if v}},
+    )
+    assert "no S3 credentials" in one_line_error(result)
+
+
+def test_wrong_credentials(tmp_path):
+    # A second server that checks signatures: no key it knows is ours.
+    process, endpoint = start_s3_server({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        env = {"AWS_ACCESS_KEY_ID": "AKIAWRONGKEY000000", "AWS_SECRET_ACCESS_KEY": SECRET,
+               "AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1"}
+        line = one_line_error(run_cli("data", "pull", "mnist", "s3://bucket/datasets",
+                                      "--cache-dir", str(tmp_path), env=env))
+        assert "S3 refused the request" in line and "AWS_ACCESS_KEY_ID" in line
+        assert "AKIAWRONGKEY000000" not in line
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_endpoint_that_does_not_answer(tmp_path):
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": SECRET,
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_DEFAULT_REGION": "us-east-1"}
+    started = time.monotonic()
+    line = one_line_error(run_cli("train", "mnist", "--checkpoint-uri", "s3://bucket/c", env=env))
+    assert "S3 endpoint http://127.0.0.1:9 does not answer (3 attempts)" in line
+    assert time.monotonic() - started < 60
+    # --s3-endpoint-url wins over the environment
+    line = one_line_error(run_cli("train", "mnist", "--checkpoint-uri", "s3://bucket/c",
+                                  "--s3-endpoint-url", "http://127.0.0.1:7", env=env))
+    assert "http://127.0.0.1:7" in line
+    assert sys.executable  # the CLI ran as its own process
