@@ -94,6 +94,17 @@ def train(
     summary_json: Annotated[Optional[Path], _option(
         "summary_json", "Write the final metrics and timings here as JSON.",
     )] = None,
+    log_every_steps: Annotated[int, _option(
+        "log_every_steps", "Log train loss, lr and images/s every N steps.",
+    )] = _DEFAULTS["log_every_steps"],
+    wandb_project: Annotated[Optional[str], _option(
+        "wandb_project", "W&B project. [default: WANDB_PROJECT, else cnn-job]",
+    )] = None,
+    wandb_mode: Annotated[Optional[str], _option(
+        "wandb_mode", "online, offline or disabled. [default: WANDB_MODE, else online with "
+        "an API key, offline without]",
+    )] = None,
+    run_name: Annotated[Optional[str], _option("run_name", "W&B run name.")] = None,
 ) -> None:
     """Train a seed CNN, checkpointing every epoch and resuming from the newest checkpoint.
 

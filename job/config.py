@@ -122,6 +122,10 @@ class TrainConfig:
     limit_train: int | None = None  # train on the first N images only
     augment: bool = False  # random crop (4 px padding) + horizontal flip; CIFAR-10 only
     eval_batch_size: int = 1000  # evaluation only; does not change the results
+    log_every_steps: int = 10  # train loss, lr and images/s to W&B (and the bar) every N steps
+    wandb_project: str | None = None  # None: WANDB_PROJECT, else "cnn-job"
+    wandb_mode: str | None = None  # online | offline | disabled; None: WANDB_MODE, else by key
+    run_name: str | None = None  # W&B run name; None: W&B picks one
     summary_json: Path | None = None
 
     def __post_init__(self) -> None:
@@ -140,6 +144,9 @@ class TrainConfig:
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be {', '.join(LR_SCHEDULES)}"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (self.checkpoint_every_steps >= 0, "--checkpoint-every-steps must be 0 or more"),
+            (self.log_every_steps >= 1, "--log-every-steps must be at least 1"),
+            (self.wandb_mode in (None, "online", "offline", "disabled"),
+             "--wandb-mode must be online, offline or disabled"),
             (self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1"),
         ]
         for ok, message in checks:

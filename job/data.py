@@ -335,7 +335,8 @@ class DeviceBatches:
         """Batches per epoch on this rank."""
         return -(-self.per_rank // self.batch_size)
 
-    def _order(self, epoch: int) -> torch.Tensor:
+    def order(self, epoch: int) -> torch.Tensor:
+        """Dataset indices of this rank's share of `epoch`, in the order they are served."""
         if not self.shuffle:
             return torch.arange(self.rank, len(self.images), self.world_size, device=self.device)
         generator = torch.Generator().manual_seed(derived_seed(self.seed, "shuffle", epoch))
@@ -344,7 +345,7 @@ class DeviceBatches:
         return permutation[start: start + self.per_rank].to(self.device)
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self._order(epoch)
+        order = self.order(epoch)
         for step in range(start_step, len(self)):
             index = order[step * self.batch_size: (step + 1) * self.batch_size]
             images = self.images[index]

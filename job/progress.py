@@ -13,7 +13,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-console = Console(stderr=False, highlight=False)
+console = Console(highlight=False, soft_wrap=True)  # log lines stay whole off a terminal
 
 
 def print_error(message: str) -> None:

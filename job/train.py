@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from job import distributed
+from job import distributed, tracking
 from job.checkpoint import CheckpointManager
 from job.config import TrainConfig, preset
 from job.data import DeviceBatches, ImageSplits, fetch_archives, load_splits
@@ -24,8 +24,8 @@ from job.models import build_model
 from job.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from job.progress import EpochProgress, say
 from job.storage import atomic_write_bytes, check_writable_folder
+from job.tracking import MISCLASSIFIED_PANEL, Evaluation, git_commit
 
-STATUS_EVERY_STEPS = 50  # reading the running loss syncs a GPU, so the bar refreshes it rarely
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -74,19 +74,43 @@ def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
 
 
 @torch.no_grad()
-def evaluate(model, batches: DeviceBatches, d: Dist, autocast) -> tuple[float, float]:
-    """Loss and accuracy over the whole split (sharded across ranks, sums all-reduced)."""
+def evaluate(model, batches: DeviceBatches, d: Dist, autocast, num_classes: int) -> Evaluation:
+    """Loss, accuracy and confusion matrix over the whole split (sharded across ranks, sums
+    all-reduced), and a few misclassified images from rank 0's share for the dashboard."""
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=d.device)  # loss sum, correct, images
-    for images, labels in batches.epoch(0):
+    totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # Σ loss, images
+    confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=d.device)
+    order, misclassified = batches.order(0), []
+    for index, (images, labels) in enumerate(batches.epoch(0)):
         with autocast():
             logits = model(images)
         totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
-        totals[1] += (logits.argmax(dim=1) == labels).sum()
-        totals[2] += labels.numel()
-    loss_sum, correct, count = distributed.all_reduce_sum(d, totals).tolist()
+        totals[1] += labels.numel()
+        predicted = logits.argmax(dim=1)
+        confusion += torch.bincount(labels * num_classes + predicted, minlength=confusion.numel())
+        if d.is_main and len(misclassified) < MISCLASSIFIED_PANEL:
+            wrong = (predicted != labels).nonzero().flatten()[: MISCLASSIFIED_PANEL - len(misclassified)]
+            positions = order[index * batches.batch_size + wrong].tolist()
+            misclassified += [(batches.images[p].cpu(), int(labels[w]), int(predicted[w]))
+                              for p, w in zip(positions, wrong.tolist())]
+    loss_sum, count = distributed.all_reduce_sum(d, totals).tolist()
+    confusion = distributed.all_reduce_sum(d, confusion).view(num_classes, num_classes).cpu()
     model.train()
-    return loss_sum / count, correct / count
+    return Evaluation(loss_sum / count, confusion.diagonal().sum().item() / count, confusion,
+                      misclassified)
+
+
+class Throughput:
+    """Images per second between successive reads."""
+
+    def __init__(self) -> None:
+        self.started, self.images = time.perf_counter(), 0
+
+    def read(self) -> float:
+        now = time.perf_counter()
+        rate = self.images / max(now - self.started, 1e-9)
+        self.started, self.images = now, 0
+        return rate
 
 
 def rng_states(device: torch.device) -> dict:
@@ -123,13 +147,13 @@ class RunState:
 
 
 def checkpoint_state(model, optimizer, cfg: TrainConfig, run: RunState, d: Dist,
-                     splits: ImageSplits) -> dict:
+                     splits: ImageSplits, wandb_run_id: str | None) -> dict:
     return {
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "epoch": run.epoch, "epoch_step": run.epoch_step, "step": run.step,
         "epoch_loss": list(run.epoch_loss), "metrics": run.history,
         "config": cfg.to_dict(), "rng": rng_states(d.device),
-        "data_sha256": splits.sha256, "world_size": d.world_size,
+        "data_sha256": splits.sha256, "world_size": d.world_size, "wandb_run_id": wandb_run_id,
     }
 
 
@@ -156,7 +180,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     # fused: one kernel for all parameters, on CUDA and CPU alike (+5-15% images/s on CPU here)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
 
-    run, checkpoint_location = RunState(), None
+    run, checkpoint_location, wandb_run_id = RunState(), None, None
     resumed = checkpoints.load_latest() if cfg.resume == "auto" else None
     if resumed:
         state, checkpoint_location = resumed
@@ -168,7 +192,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng_states(state["rng"], d.device)
-        run = RunState.from_checkpoint(state)
+        run, wandb_run_id = RunState.from_checkpoint(state), state.get("wandb_run_id")
         say_main(f"resumed from {checkpoint_location} "
                  f"(epoch {run.epoch + 1}, step {run.epoch_step} of it; {run.step} in all)")
     ddp_model = DistributedDataParallel(model) if d.enabled else model
@@ -184,89 +208,129 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     bf16 = uses_bf16(cfg, d.device)
     autocast = functools.partial(torch.autocast, d.device.type, torch.bfloat16, enabled=bf16)
     total_steps = cfg.epochs * len(train_batches)
+    environment = {
+        "world_size": d.world_size, "device": str(d.device), "precision": "bf16" if bf16 else "fp32",
+        "data_sha256": splits.sha256, "git_commit": git_commit(),
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+    }
+    tracker = tracking.start(
+        enabled=d.is_main, mode=cfg.wandb_mode, project=cfg.wandb_project, run_name=cfg.run_name,
+        run_id=wandb_run_id, config={**cfg.to_dict(), **environment},
+        class_names=p.class_names, say=say_main,
+    )
     say_main(
         f"training {cfg.dataset} on {d.world_size} × {d.device.type}: "
         f"{train_batches.per_rank * d.world_size} images/epoch, batch {cfg.batch_size}/process"
     )
 
-    def save() -> str | None:
-        return checkpoints.save(checkpoint_state(model, optimizer, cfg, run, d, splits),
-                                run.step) if d.is_main else None
+    def save(val_acc: float | None = None) -> str | None:
+        if not d.is_main:
+            return None
+        state = checkpoint_state(model, optimizer, cfg, run, d, splits, tracker.run_id)
+        location = checkpoints.save(state, run.step)
+        best = val_acc is not None and val_acc >= max(h["val_acc"] for h in run.history)
+        tracker.log_checkpoint(location, ["latest", "best"] if best else ["latest"],
+                               {"step": run.step, "epoch": run.epoch, "val_acc": val_acc})
+        return location
 
-    train_seconds, trained_images, stop = 0.0, 0, StopRequest()
-    with stop:
-        while run.epoch < cfg.epochs and not stop.signal_name:
-            # This rank's running Σ loss·n and Σ n; rank 0 carries what a resume brought in.
-            loss_totals = torch.tensor(run.epoch_loss if d.is_main else [0.0, 0.0],
-                                       dtype=torch.float64, device=d.device)
-            description = f"epoch {run.epoch + 1}/{cfg.epochs}"
-            done_images = min(run.epoch_step * cfg.batch_size, train_batches.per_rank)
-            started = time.perf_counter()
-            with EpochProgress(description, train_batches.per_rank, d.is_main, d.world_size,
-                               done_images) as bar:
-                for images, labels in train_batches.epoch(run.epoch, run.epoch_step):
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr_at(cfg, run.step, total_steps)
-                    with autocast():
-                        loss = F.cross_entropy(ddp_model(images), labels)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
-                    # The epoch loss weighs every batch by its size: a short last batch counts less.
-                    loss_totals[0] += loss.detach() * labels.numel()
-                    loss_totals[1] += labels.numel()
-                    trained_images += labels.numel() * d.world_size
-                    show = run.epoch_step % STATUS_EVERY_STEPS == 1
-                    bar.advance(labels.numel(), f"loss {loss.item():.4f}" if show else None)
-                    if stop.agreed(d, run.step):
-                        break
-                    if (cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0
-                            and run.epoch_step < len(train_batches)):
-                        run.epoch_loss = distributed.all_reduce_sum(d, loss_totals.clone()).tolist()
-                        checkpoint_location = save()
-            if d.device.type == "cuda":
-                torch.cuda.synchronize(d.device)
-            train_seconds += time.perf_counter() - started
-            run.epoch_loss = distributed.all_reduce_sum(d, loss_totals).tolist()
+    train_seconds, trained_images, stop, summary = 0.0, 0, StopRequest(), None
+    try:
+        with stop:
+            while run.epoch < cfg.epochs and not stop.signal_name:
+                # This rank's running Σ loss·n and Σ n; rank 0 carries what a resume brought in.
+                loss_totals = torch.tensor(run.epoch_loss if d.is_main else [0.0, 0.0],
+                                           dtype=torch.float64, device=d.device)
+                description = f"epoch {run.epoch + 1}/{cfg.epochs}"
+                done_images = min(run.epoch_step * cfg.batch_size, train_batches.per_rank)
+                started, throughput = time.perf_counter(), Throughput()
+                with EpochProgress(description, train_batches.per_rank, d.is_main, d.world_size,
+                                   done_images) as bar:
+                    for images, labels in train_batches.epoch(run.epoch, run.epoch_step):
+                        lr = lr_at(cfg, run.step, total_steps)
+                        for group in optimizer.param_groups:
+                            group["lr"] = lr
+                        with autocast():
+                            loss = F.cross_entropy(ddp_model(images), labels)
+                        optimizer.zero_grad(set_to_none=True)
+                        loss.backward()
+                        optimizer.step()
+                        run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
+                        # The epoch loss weighs every batch by its size: a short last batch
+                        # counts less.
+                        loss_totals[0] += loss.detach() * labels.numel()
+                        loss_totals[1] += labels.numel()
+                        trained_images += labels.numel() * d.world_size
+                        throughput.images += labels.numel() * d.world_size
+                        status = None
+                        if run.step % cfg.log_every_steps == 0:  # .item() syncs a GPU: not always
+                            loss_value = loss.item()
+                            status = f"loss {loss_value:.4f}"
+                            tracker.log({"train/loss": loss_value, "train/lr": lr,
+                                         "train/images_per_second": throughput.read(),
+                                         "epoch": run.epoch + run.epoch_step / len(train_batches)},
+                                        run.step)
+                        bar.advance(labels.numel(), status)
+                        if stop.agreed(d, run.step):
+                            break
+                        if (cfg.checkpoint_every_steps
+                                and run.step % cfg.checkpoint_every_steps == 0
+                                and run.epoch_step < len(train_batches)):
+                            run.epoch_loss = distributed.all_reduce_sum(
+                                d, loss_totals.clone()).tolist()
+                            checkpoint_location = save()
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize(d.device)
+                train_seconds += time.perf_counter() - started
+                run.epoch_loss = distributed.all_reduce_sum(d, loss_totals).tolist()
 
-            if run.epoch_step < len(train_batches):  # stopped inside the epoch
-                checkpoint_location = save()
-                break
-            val_loss, val_acc = evaluate(model, test_batches, d, autocast)
-            loss_sum, count = run.epoch_loss
-            run.epoch, run.epoch_step, run.epoch_loss = run.epoch + 1, 0, [0.0, 0.0]
-            run.history.append({
-                "epoch": run.epoch, "step": run.step, "train_loss": loss_sum / count,
-                "val_loss": val_loss, "val_acc": val_acc,
-            })
-            checkpoint_location = save()
-            say_main(f"{description}  train_loss {loss_sum / count:.4f}  "
-                     f"val_loss {val_loss:.4f}  val_acc {val_acc:.2%}")
+                if run.epoch_step < len(train_batches):  # stopped inside the epoch
+                    checkpoint_location = save()
+                    break
+                evaluation = evaluate(model, test_batches, d, autocast, len(p.class_names))
+                loss_sum, count = run.epoch_loss
+                run.epoch, run.epoch_step, run.epoch_loss = run.epoch + 1, 0, [0.0, 0.0]
+                run.history.append({
+                    "epoch": run.epoch, "step": run.step, "train_loss": loss_sum / count,
+                    "val_loss": evaluation.loss, "val_acc": evaluation.accuracy,
+                })
+                tracker.log({"train/epoch_loss": loss_sum / count, "val/loss": evaluation.loss,
+                             "val/acc": evaluation.accuracy, "epoch": run.epoch,
+                             **gpu_memory(d.device)}, run.step)
+                tracker.log_evaluation(evaluation, run.step)
+                checkpoint_location = save(evaluation.accuracy)
+                say_main(f"{description}  train_loss {loss_sum / count:.4f}  "
+                         f"val_loss {evaluation.loss:.4f}  val_acc {evaluation.accuracy:.2%}")
 
-    if stop.signal_name and run.epoch < cfg.epochs:
-        say_main(f"preempted by {stop.signal_name} at step {run.step}: checkpoint "
-                 f"{checkpoint_location} written; run the same command to resume "
-                 f"(exit status {PREEMPTED_EXIT_CODE})")
-    final = run.history[-1] if run.history else {}
-    summary = {
-        "dataset": cfg.dataset,
-        "epochs": run.epoch,
-        "world_size": d.world_size,
-        "final_val_acc": final.get("val_acc"),
-        "final_val_loss": final.get("val_loss"),
-        "final_train_loss": final.get("train_loss"),
-        "train_seconds": train_seconds,
-        "train_images_per_second": trained_images / train_seconds if train_seconds else None,
-        "checkpoint": checkpoint_location,
-        "preempted_by": stop.signal_name if run.epoch < cfg.epochs else None,
-        "steps": run.step,
-        "device": str(d.device),
-        "precision": "bf16" if bf16 else "fp32",
-        "history": run.history,
-        "data_sha256": splits.sha256,
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
-    }
-    if d.is_main and cfg.summary_json and not summary["preempted_by"]:
-        write_summary(Path(cfg.summary_json), summary)
-    return summary
+        if stop.signal_name and run.epoch < cfg.epochs:
+            say_main(f"preempted by {stop.signal_name} at step {run.step}: checkpoint "
+                     f"{checkpoint_location} written; run the same command to resume "
+                     f"(exit status {PREEMPTED_EXIT_CODE})")
+        final = run.history[-1] if run.history else {}
+        summary = {
+            "dataset": cfg.dataset,
+            "epochs": run.epoch,
+            "world_size": d.world_size,
+            "final_val_acc": final.get("val_acc"),
+            "final_val_loss": final.get("val_loss"),
+            "final_train_loss": final.get("train_loss"),
+            "train_seconds": train_seconds,
+            "train_images_per_second": trained_images / train_seconds if train_seconds else None,
+            "checkpoint": checkpoint_location,
+            "preempted_by": stop.signal_name if run.epoch < cfg.epochs else None,
+            "steps": run.step,
+            "history": run.history,
+            "wandb_run_id": tracker.run_id,
+            **environment,
+        }
+        if d.is_main and cfg.summary_json and not summary["preempted_by"]:
+            write_summary(Path(cfg.summary_json), summary)
+        return summary
+    finally:
+        tracker.close(summary)
+
+
+def gpu_memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    return {"gpu/max_memory_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30,
+            "gpu/max_memory_reserved_gib": torch.cuda.max_memory_reserved(device) / 2**30}

@@ -20,6 +20,10 @@ import pytest
 from job.config import preset
 from job.data import fetch_archives, load_splits
 
+# Tests that do not look at W&B keep it off; tests/test_tracking.py turns it on where it looks.
+os.environ["WANDB_MODE"] = "disabled"
+os.environ.pop("WANDB_API_KEY", None)
+
 REPO = Path(__file__).resolve().parent.parent
 DATA_DIR = Path(os.environ.get("CNN_JOB_TEST_DATA", REPO.parent / "shared" / "datasets"))
 CNN_JOB = Path(sys.executable).parent / "cnn-job"

@@ -1,12 +1,15 @@
 """Two processes under torchrun on CPU: Gloo, disjoint shards, rank 0 alone writes."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests.wandb_records import offline_runs
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
 
@@ -17,6 +20,7 @@ def test_two_process_ddp_run(tmp_path, data_dir):
          "--data-uri", str(data_dir), "--limit-train", "2001", "--epochs", "2", "--device", "cpu",
          "--checkpoint-uri", str(tmp_path / "ckpt"), "--summary-json", str(tmp_path / "s.json")],
         capture_output=True, text=True, timeout=600,
+        env={**os.environ, "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path)},
     )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "s.json").read_text())
@@ -32,3 +36,6 @@ def test_two_process_ddp_run(tmp_path, data_dir):
     # The saved weights are the plain model's (no DDP "module." prefix).
     state = torch.load(tmp_path / "ckpt" / "step-000000032.pt", weights_only=True)
     assert state["world_size"] == 2 and "features.0.0.weight" in state["model"]
+    # One W&B run, from rank 0; the other rank logs nothing.
+    (run,) = offline_runs(tmp_path)
+    assert run.run_id == summary["wandb_run_id"] and run.config["world_size"] == 2

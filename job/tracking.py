@@ -1,0 +1,189 @@
+"""Metrics behind a tiny logger interface: W&B on rank 0, a no-op on every other rank.
+
+The interface is four calls: log(metrics, step), log_evaluation(evaluation, step),
+log_checkpoint(location, aliases, metadata), close(summary). A W&B failure (no network, a bad
+key, a server outage) prints one warning and turns the tracker into the no-op: training never
+stops for its dashboard.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_PROJECT = "cnn-job"
+MISCLASSIFIED_PANEL = 16  # test images shown per epoch with their true and predicted labels
+
+
+@dataclass
+class Evaluation:
+    """The test split after an epoch: what the loop prints and the dashboard shows."""
+
+    loss: float
+    accuracy: float
+    confusion: torch.Tensor  # classes × classes counts, rows = true label (all ranks)
+    misclassified: list[tuple[torch.Tensor, int, int]]  # (H×W×C uint8 image, true, predicted)
+
+    def per_class_accuracy(self) -> list[float]:
+        totals = self.confusion.sum(dim=1).clamp(min=1)
+        return (self.confusion.diagonal() / totals).tolist()
+
+
+class NullTracker:
+    run_id: str | None = None
+
+    def log(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_evaluation(self, evaluation: Evaluation, step: int) -> None:
+        pass
+
+    def log_checkpoint(self, location: str, aliases: list[str], metadata: dict) -> None:
+        pass
+
+    def close(self, summary: dict | None) -> None:
+        pass
+
+
+def resolve_mode(mode: str | None) -> tuple[str, bool]:
+    """--wandb-mode, else WANDB_MODE, else online with an API key and offline without one.
+    Returns (mode, whether it fell back to offline for want of a key)."""
+    mode = mode or os.environ.get("WANDB_MODE")
+    if mode:
+        return ("disabled" if mode == "dryrun" else mode), False
+    return ("online", False) if _has_api_key() else ("offline", True)
+
+
+def _has_api_key() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        return netrc.netrc().authenticators("api.wandb.ai") is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def strip_userinfo(value):
+    """`https://user:secret@host/x` → `https://host/x`: a URI's credentials stay out of W&B."""
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1", value) if isinstance(value, str) else value
+
+
+def git_commit() -> str | None:
+    if os.environ.get("GIT_COMMIT"):  # set by the container build
+        return os.environ["GIT_COMMIT"]
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=5, cwd=Path(__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+class WandbTracker:
+    def __init__(self, run, class_names: tuple[str, ...], warn: Callable[[str], None]) -> None:
+        self.run = run
+        self.run_id = run.id
+        self.class_names = class_names
+        self.warn = warn
+        self.failed = False
+
+    def _guard(self, action: Callable[[], None]) -> None:
+        if self.failed:
+            return
+        try:
+            action()
+        except Exception as error:  # W&B must never stop training
+            self.failed = True
+            self.warn(f"W&B logging failed ({type(error).__name__}: {error}); training goes on "
+                      "without it")
+
+    def log(self, metrics: dict, step: int) -> None:
+        self._guard(lambda: self.run.log(metrics, step=step))
+
+    def log_evaluation(self, evaluation: Evaluation, step: int) -> None:
+        def log():
+            import wandb
+
+            names = list(self.class_names)
+            rows = [[names[t], names[p], int(evaluation.confusion[t, p])]
+                    for t in range(len(names)) for p in range(len(names))]
+            panel = [wandb.Image(image.numpy().squeeze(),
+                                 caption=f"true {names[true]}, predicted {names[predicted]}")
+                     for image, true, predicted in evaluation.misclassified]
+            per_class = {f"val/acc/{name}": accuracy
+                         for name, accuracy in zip(names, evaluation.per_class_accuracy())}
+            self.run.log({
+                **per_class,
+                "val/confusion_matrix": wandb.plot_table(
+                    "wandb/confusion_matrix/v1",
+                    wandb.Table(columns=["Actual", "Predicted", "nPredictions"], data=rows),
+                    {"Actual": "Actual", "Predicted": "Predicted", "nPredictions": "nPredictions"},
+                    {"title": "confusion matrix (test split)"},
+                ),
+                "val/misclassified": panel,
+            }, step=step)
+
+        self._guard(log)
+
+    def log_checkpoint(self, location: str, aliases: list[str], metadata: dict) -> None:
+        def log():
+            import wandb
+
+            artifact = wandb.Artifact(f"model-{self.run_id}", type="model", metadata=metadata)
+            uri = location if "://" in location else Path(location).resolve().as_uri()
+            # A reference, not a copy: the checkpoint stays where the job wrote it.
+            artifact.add_reference(uri, name=Path(location).name, checksum=False)
+            self.run.log_artifact(artifact, aliases=aliases)
+
+        self._guard(log)
+
+    def close(self, summary: dict | None) -> None:
+        def finish():
+            if summary is not None:
+                self.run.summary.update(summary)
+            self.run.finish(exit_code=0 if summary is not None else 1)
+
+        self._guard(finish)
+
+
+def start(
+    *, enabled: bool, mode: str | None, project: str | None, run_name: str | None,
+    run_id: str | None, config: dict, class_names: tuple[str, ...], say: Callable[[str], None],
+) -> NullTracker | WandbTracker:
+    """A W&B run on rank 0 (resuming `run_id` when given), else the no-op."""
+    if not enabled:
+        return NullTracker()
+    for name in [n for n, value in os.environ.items() if n.startswith("WANDB_") and not value]:
+        del os.environ[name]  # an empty value (a ConfigMap's placeholder) means unset
+    mode, for_want_of_key = resolve_mode(mode)
+    if mode == "disabled":
+        return NullTracker()
+    os.environ.setdefault("WANDB_SILENT", "true")  # our own lines say what matters
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+            name=run_name, id=run_id, resume="allow" if run_id else None, mode=mode,
+            config={key: strip_userinfo(value) for key, value in config.items()},
+            settings=wandb.Settings(
+                init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 90)),
+                console="off", silent=True,
+            ),
+        )
+    except Exception as error:
+        say(f"warning: W&B did not start ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:160] if str(error) else ''}); "
+            "training goes on without it")
+        return NullTracker()
+    if for_want_of_key:
+        say(f"W&B is offline (no WANDB_API_KEY): sync it later with "
+            f"`wandb sync {Path(run.dir).parent}`")
+    return WandbTracker(run, class_names, say)

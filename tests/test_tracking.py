@@ -1,0 +1,136 @@
+"""W&B, offline (no network here): run a short training, then read back what W&B recorded."""
+
+import json
+
+import pytest
+import torch
+
+from job.tracking import NullTracker, resolve_mode, start, strip_userinfo
+from tests.conftest import SECRET, run_cli
+from tests.wandb_records import offline_runs
+
+WANDB_SECRET = "wandbkey-" + "7" * 31  # a 40-character stand-in API key that must not leak
+
+
+@pytest.fixture
+def wandb_env(tmp_path):
+    return {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "WANDB_API_KEY": WANDB_SECRET,
+            "WANDB_PROJECT": "cnn-job-tests", "AWS_SECRET_ACCESS_KEY": SECRET}
+
+
+def train_offline(tmp_path, data_dir, wandb_env, epochs, *extra):
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--limit-train", "1280",
+                     "--epochs", str(epochs), "--device", "cpu", "--checkpoint-uri",
+                     str(tmp_path / "ckpt"), "--summary-json", str(tmp_path / "s.json"),
+                     "--run-name", "tracking-test", *extra, env=wandb_env)
+    assert result.returncode == 0, result.stderr
+    return result, json.loads((tmp_path / "s.json").read_text())
+
+
+def test_what_a_run_records_and_a_resume_continues_it(tmp_path, data_dir, wandb_env):
+    train_offline(tmp_path, data_dir, wandb_env, 1)
+    result, summary = train_offline(tmp_path, data_dir, wandb_env, 2)
+    first, second = offline_runs(tmp_path)
+
+    # One run, not two: the resumed job continues the id stored in the checkpoint.
+    assert first.run_id == second.run_id == summary["wandb_run_id"]
+    checkpoint = torch.load(summary["checkpoint"], weights_only=True)
+    assert checkpoint["wandb_run_id"] == first.run_id
+
+    # Config: every setting, provenance, world size, device, versions.
+    assert first.config["dataset"] == "mnist" and first.config["epochs"] == 1
+    assert first.config["batch_size"] == 64 and first.config["world_size"] == 1
+    assert first.config["device"] == "cpu" and first.config["precision"] == "fp32"
+    assert first.config["data_sha256"]["t10k-labels-idx1-ubyte.gz"].startswith("e41c74e4")
+    assert first.config["versions"]["torch"] == torch.__version__
+
+    # Per step: train loss, lr, images/s every --log-every-steps (10), on one step axis.
+    steps = [row for run in (first, second) for row in run.history if "train/loss" in row]
+    assert [row["_step"] for row in steps] == [10, 20, 30, 40]
+    assert all(row["train/lr"] > 0 and row["train/images_per_second"] > 0 for row in steps)
+    assert steps[0]["train/lr"] > steps[-1]["train/lr"]  # linear decay
+    assert min(row["_step"] for row in second.history) > max(row["_step"] for row in first.history)
+
+    # Per epoch: weighted train loss, val loss/accuracy, per-class accuracy, confusion matrix,
+    # misclassified images with their labels.
+    epochs = [row for run in (first, second) for row in run.history if "val/acc" in row]
+    assert [row["_step"] for row in epochs] == [20, 40]
+    assert [row["val/acc"] for row in epochs] == [h["val_acc"] for h in summary["history"]]
+    assert [row["train/epoch_loss"] for row in epochs] == [h["train_loss"] for h in summary["history"]]
+    assert all(0 <= epochs[-1][f"val/acc/{digit}"] <= 1 for digit in range(10))
+    last = epochs[-1]
+    assert last["val/confusion_matrix_table/_type"] == "table-file"
+    table = json.loads((second.folder / "files" / last["val/confusion_matrix_table/path"]).read_text())
+    counts = {(actual, predicted): n for actual, predicted, n in table["data"]}
+    assert sum(counts.values()) == 10000
+    assert sum(counts[(d, d)] for d in map(str, range(10))) / 10000 == last["val/acc"]
+    assert last["val/misclassified/_type"] == "images/separated"
+    assert last["val/misclassified/count"] == 16
+    assert all(caption.startswith("true ") and ", predicted " in caption
+               for caption in last["val/misclassified/captions"])
+
+    # Summary equal to --summary-json; checkpoints as model artifacts with aliases.
+    for key in ("final_val_acc", "final_val_loss", "final_train_loss", "epochs", "checkpoint",
+                "train_images_per_second"):
+        assert second.summary[key] == summary[key], key
+    models = [a for run in (first, second) for a in run.artifacts if a.type == "model"]
+    assert len(models) == 2 and all(a.name == f"model-{first.run_id}" for a in models)
+    assert set(models[0].aliases) == {"latest", "best"}
+    assert set(models[1].aliases) == ({"latest", "best"}
+                                      if epochs[1]["val/acc"] >= epochs[0]["val/acc"] else {"latest"})
+    references = [entry.ref for entry in models[-1].manifest.contents]
+    assert references == [f"file://{summary['checkpoint']}"]
+
+    # No credential from the environment anywhere in what W&B wrote.
+    for path in tmp_path.joinpath("wandb").rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert SECRET.encode() not in data and WANDB_SECRET.encode() not in data, path
+    assert WANDB_SECRET not in result.stdout + result.stderr
+
+
+def test_without_key_or_mode_it_runs_offline_and_says_how_to_sync(tmp_path, data_dir):
+    env = {"WANDB_MODE": "", "WANDB_API_KEY": "", "WANDB_DIR": str(tmp_path),
+           "HOME": str(tmp_path)}  # no ~/.netrc either
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--limit-train", "640",
+                     "--epochs", "1", "--device", "cpu", "--checkpoint-uri", str(tmp_path / "c"),
+                     env=env)
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if "W&B" in line]
+    assert line.startswith("W&B is offline (no WANDB_API_KEY): sync it later with `wandb sync ")
+    (run,) = offline_runs(tmp_path)
+    assert str(run.folder) in line
+
+
+def test_wandb_outage_never_stops_training(tmp_path, data_dir):
+    env = {"WANDB_MODE": "online", "WANDB_API_KEY": WANDB_SECRET, "WANDB_DIR": str(tmp_path),
+           "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "5"}
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--limit-train", "640",
+                     "--epochs", "1", "--device", "cpu", "--checkpoint-uri", str(tmp_path / "c"),
+                     "--summary-json", str(tmp_path / "s.json"), env=env)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stdout.splitlines() if line.startswith("warning: W&B")]
+    assert len(warnings) == 1 and "training goes on without it" in warnings[0]
+    assert json.loads((tmp_path / "s.json").read_text())["final_val_acc"] > 0.5
+
+
+def test_mode_resolution_and_the_no_op(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_mode(None) == ("offline", True)
+    monkeypatch.setenv("WANDB_API_KEY", "k")
+    assert resolve_mode(None) == ("online", False)
+    assert resolve_mode("disabled") == ("disabled", False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert resolve_mode(None) == ("offline", False)
+    kwargs = dict(mode="offline", project=None, run_name=None, run_id=None, config={},
+                  class_names=(), say=print)
+    assert isinstance(start(enabled=False, **kwargs), NullTracker)  # ranks other than 0
+    assert isinstance(start(enabled=True, **{**kwargs, "mode": "disabled"}), NullTracker)
+
+
+def test_uris_lose_their_credentials():
+    assert strip_userinfo("https://user:pw@mirror.example/data") == "https://mirror.example/data"
+    assert strip_userinfo("s3://bucket/prefix") == "s3://bucket/prefix"
+    assert strip_userinfo(5) == 5
