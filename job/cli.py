@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -61,18 +61,18 @@ def train(
     = _DEFAULTS["device"],
     precision: Annotated[str, _option("precision", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16.")]
     = _DEFAULTS["precision"],
-    data_uri: Annotated[Optional[str], _option(
+    data_uri: Annotated[str | None, _option(
         "data_uri", "Folder, s3:// or http(s) URI laid out as <dataset>/<archive>; "
         "default: the public mirrors.",
     )] = None,
-    cache_dir: Annotated[Optional[Path], _option(
+    cache_dir: Annotated[Path | None, _option(
         "cache_dir", "Where downloaded archives are kept. [default: ~/.cache/cnn-job]",
     )] = None,
-    checkpoint_uri: Annotated[Optional[str], _option(
+    checkpoint_uri: Annotated[str | None, _option(
         "checkpoint_uri", "Folder or s3://BUCKET/PREFIX for checkpoints. "
         "[default: runs/<dataset>/checkpoints]",
     )] = None,
-    s3_endpoint_url: Annotated[Optional[str], _option(
+    s3_endpoint_url: Annotated[str | None, _option(
         "s3_endpoint_url", "S3-compatible endpoint (MinIO, R2); else AWS_ENDPOINT_URL(_S3) or AWS.",
     )] = None,
     checkpoint_every_steps: Annotated[int, _option(
@@ -82,7 +82,7 @@ def train(
     = _DEFAULTS["resume"],
     keep_checkpoints: Annotated[int, _option("keep_checkpoints", "Newest checkpoints to keep.")]
     = _DEFAULTS["keep_checkpoints"],
-    limit_train: Annotated[Optional[int], _option(
+    limit_train: Annotated[int | None, _option(
         "limit_train", "Train on the first N training images only (smoke tests).",
     )] = None,
     augment: Annotated[bool, _option(
@@ -91,20 +91,20 @@ def train(
     eval_batch_size: Annotated[int, _option(
         "eval_batch_size", "Images per evaluation step (does not change results).",
     )] = _DEFAULTS["eval_batch_size"],
-    summary_json: Annotated[Optional[Path], _option(
+    summary_json: Annotated[Path | None, _option(
         "summary_json", "Write the final metrics and timings here as JSON.",
     )] = None,
     log_every_steps: Annotated[int, _option(
         "log_every_steps", "Log train loss, lr and images/s every N steps.",
     )] = _DEFAULTS["log_every_steps"],
-    wandb_project: Annotated[Optional[str], _option(
+    wandb_project: Annotated[str | None, _option(
         "wandb_project", "W&B project. [default: WANDB_PROJECT, else cnn-job]",
     )] = None,
-    wandb_mode: Annotated[Optional[str], _option(
+    wandb_mode: Annotated[str | None, _option(
         "wandb_mode", "online, offline or disabled. [default: WANDB_MODE, else online with "
         "an API key, offline without]",
     )] = None,
-    run_name: Annotated[Optional[str], _option("run_name", "W&B run name.")] = None,
+    run_name: Annotated[str | None, _option("run_name", "W&B run name.")] = None,
 ) -> None:
     """Train a seed CNN, checkpointing every epoch and resuming from the newest checkpoint.
 
@@ -136,7 +136,7 @@ app.add_typer(checkpoints_app, name="checkpoints")
 
 DatasetArgument = Annotated[str, typer.Argument(help=f"{' or '.join(DATASETS)}.",
                                                 show_default=False)]
-EndpointOption = Annotated[Optional[str], _option(
+EndpointOption = Annotated[str | None, _option(
     "s3_endpoint_url", "S3-compatible endpoint (MinIO, R2); else AWS_ENDPOINT_URL(_S3) or AWS.",
 )]
 
@@ -162,7 +162,7 @@ def data_pull(
     dataset: DatasetArgument,
     uri: Annotated[str, typer.Argument(help="s3://, http(s):// or folder to fetch from.",
                                        show_default=False)],
-    cache_dir: Annotated[Optional[Path], _option("cache_dir", "Where archives are kept. "
+    cache_dir: Annotated[Path | None, _option("cache_dir", "Where archives are kept. "
                                                  "[default: ~/.cache/cnn-job]")] = None,
     s3_endpoint_url: EndpointOption = None,
 ) -> None:

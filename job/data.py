@@ -17,6 +17,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
@@ -24,8 +25,18 @@ import torch
 from job.config import DatasetPreset
 from job.errors import JobError
 from job.storage import (
-    MULTIPART_THRESHOLD_BYTES, check_bucket, file_digest, file_lock, http_download,
-    http_get_bytes, is_remote, local_path, parse_s3_uri, s3_client, s3_download, s3_errors,
+    MULTIPART_THRESHOLD_BYTES,
+    check_bucket,
+    file_digest,
+    file_lock,
+    http_download,
+    http_get_bytes,
+    is_remote,
+    local_path,
+    parse_s3_uri,
+    s3_client,
+    s3_download,
+    s3_errors,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -233,7 +244,7 @@ CIFAR_TEST = "test_batch"
 class _CifarUnpickler(pickle.Unpickler):
     """The batches are pickles; a pickle can run any code, so only numpy arrays are allowed."""
 
-    ALLOWED = {
+    ALLOWED: ClassVar = {
         ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     }

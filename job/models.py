@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from torch import nn
 
 from job.config import preset
@@ -33,7 +35,7 @@ class SeedCNN(nn.Module):
         super().__init__()
         widths = (in_channels, *conv_widths)
         self.features = nn.Sequential(
-            *(_conv_block(c_in, c_out) for c_in, c_out in zip(widths, widths[1:]))
+            *(_conv_block(c_in, c_out) for c_in, c_out in itertools.pairwise(widths))
         )
         side = image_size // 2 ** len(conv_widths)  # each block halves the side
         self.classifier = nn.Sequential(

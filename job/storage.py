@@ -187,8 +187,13 @@ CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied
 def s3_errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
     """Turn what boto3 raises into one JobError line. Credentials never appear in it."""
     from botocore.exceptions import (
-        ClientError, ConnectionClosedError, ConnectTimeoutError, EndpointConnectionError,
-        NoCredentialsError, PartialCredentialsError, ReadTimeoutError,
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        NoCredentialsError,
+        PartialCredentialsError,
+        ReadTimeoutError,
     )
 
     try:
@@ -228,7 +233,9 @@ def check_bucket(client, bucket: str, uri: str, endpoint_url: str | None = None)
             client.head_bucket(Bucket=bucket)
         except ClientError as error:
             if str(error.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket"):
-                raise JobError(f"bucket {bucket} of {uri} does not exist; create it or fix the URI")
+                raise JobError(
+                    f"bucket {bucket} of {uri} does not exist; create it or fix the URI"
+                ) from None
             raise
 
 

@@ -27,7 +27,6 @@ from job.storage import atomic_write_bytes, check_writable_folder
 from job.tracking import MISCLASSIFIED_PANEL, Evaluation, git_commit
 
 
-
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the summary (rank 0's is complete)."""
     d = distributed.setup(cfg.device)

@@ -102,7 +102,7 @@ class _RunsCode:
 def test_pickle_that_would_run_code_is_refused(tmp_path):
     archive = tmp_path / "cifar-10-python.tar.gz"
     _tarball(archive, {"cifar-10-batches-py/data_batch_1": pickle.dumps({"data": _RunsCode()})})
-    with pytest.raises(JobError, match="refusing to load shutil.rmtree"):
+    with pytest.raises(JobError, match=r"refusing to load shutil\.rmtree"):
         read_cifar10(archive)
 
 

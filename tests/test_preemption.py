@@ -93,7 +93,7 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_and_resumes_exactly(da
                               timeout=600)
     assert straight.returncode == 0, straight.stderr[-2000:]
     split = tmp_path / "split"
-    code, out, err = interrupt_after_first_checkpoint(
+    code, out, _ = interrupt_after_first_checkpoint(
         torchrun(split, "--checkpoint-every-steps", "10"), (split / "latest").exists)
     interrupted = read_checkpoint(None, split)
     assert 0 < interrupted["epoch_step"] < 25 and interrupted["epoch"] == 0, code

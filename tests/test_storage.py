@@ -9,9 +9,8 @@ import time
 import pytest
 import torch
 
-from job.checkpoint import CheckpointManager
 from job.config import TrainConfig, preset
-from job.data import fetch_archives, load_splits
+from job.data import fetch_archives
 from job.errors import JobError
 from job.storage import parse_s3_uri
 from job.train import train

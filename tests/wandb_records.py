@@ -17,7 +17,7 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 def records(path: Path):
     data = path.read_bytes()
-    ident, magic, version = struct.unpack("<4sHB", data[:HEADER_BYTES])
+    ident, magic, _version = struct.unpack("<4sHB", data[:HEADER_BYTES])
     assert ident == b":W&B" and magic == 0xBEE1, "not a W&B transaction log"
     position, pending = HEADER_BYTES, b""
     while position + HEADER_BYTES <= len(data):
