@@ -156,6 +156,27 @@ def checkpoint_state(model, optimizer, cfg: TrainConfig, run: RunState, d: Dist,
     }
 
 
+def resume(checkpoints: CheckpointManager, cfg: TrainConfig, model, optimizer, d: Dist):
+    """Load the newest checkpoint into model and optimizer; returns (run state, its location,
+    its W&B run id), or a fresh state when there is none."""
+    resumed = checkpoints.load_latest()
+    if not resumed:
+        return RunState(), None, None
+    state, location = resumed
+    if state["config"]["dataset"] != cfg.dataset:
+        raise JobError(
+            f"{location} is a {state['config']['dataset']} checkpoint; "
+            f"pass another --checkpoint-uri for {cfg.dataset}, or --resume never"
+        )
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng_states(state["rng"], d.device)
+    run = RunState.from_checkpoint(state)
+    say(d.is_main, f"resumed from {location} "
+                   f"(epoch {run.epoch + 1}, step {run.epoch_step} of it; {run.step} in all)")
+    return run, location, state.get("wandb_run_id")
+
+
 # ----------------------------------------------------------------------------------------------
 # the loop
 
@@ -180,20 +201,8 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
 
     run, checkpoint_location, wandb_run_id = RunState(), None, None
-    resumed = checkpoints.load_latest() if cfg.resume == "auto" else None
-    if resumed:
-        state, checkpoint_location = resumed
-        if state["config"]["dataset"] != cfg.dataset:
-            raise JobError(
-                f"{checkpoint_location} is a {state['config']['dataset']} checkpoint; "
-                f"pass another --checkpoint-uri for {cfg.dataset}, or --resume never"
-            )
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng_states(state["rng"], d.device)
-        run, wandb_run_id = RunState.from_checkpoint(state), state.get("wandb_run_id")
-        say_main(f"resumed from {checkpoint_location} "
-                 f"(epoch {run.epoch + 1}, step {run.epoch_step} of it; {run.step} in all)")
+    if cfg.resume == "auto":
+        run, checkpoint_location, wandb_run_id = resume(checkpoints, cfg, model, optimizer, d)
     ddp_model = DistributedDataParallel(model) if d.enabled else model
 
     train_batches = DeviceBatches(
