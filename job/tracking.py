@@ -39,6 +39,13 @@ class Evaluation:
 class NullTracker:
     run_id: str | None = None
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:
+            self.close(None)  # the run failed; a finished run was closed with its summary
+
     def log(self, metrics: dict, step: int) -> None:
         pass
 
@@ -86,7 +93,7 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-class WandbTracker:
+class WandbTracker(NullTracker):
     def __init__(self, run, class_names: tuple[str, ...], warn: Callable[[str], None]) -> None:
         self.run = run
         self.run_id = run.id
@@ -145,6 +152,8 @@ class WandbTracker:
         self._guard(log)
 
     def close(self, summary: dict | None) -> None:
+        """Finish the run: with the final summary, or as failed (None)."""
+
         def finish():
             if summary is not None:
                 self.run.summary.update(summary)

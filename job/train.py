@@ -241,76 +241,64 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                                {"step": run.step, "epoch": run.epoch, "val_acc": val_acc})
         return location
 
-    train_seconds, trained_images, stop, summary = 0.0, 0, StopRequest(), None
-    try:
-        with stop:
-            while run.epoch < cfg.epochs and not stop.signal_name:
-                # This rank's running Σ loss·n and Σ n; rank 0 carries what a resume brought in.
-                loss_totals = torch.tensor(run.epoch_loss if d.is_main else [0.0, 0.0],
-                                           dtype=torch.float64, device=d.device)
-                description = f"epoch {run.epoch + 1}/{cfg.epochs}"
-                done_images = min(run.epoch_step * cfg.batch_size, train_batches.per_rank)
-                started, throughput = time.perf_counter(), Throughput()
-                with EpochProgress(description, train_batches.per_rank, d.is_main, d.world_size,
-                                   done_images) as bar:
-                    for images, labels in train_batches.epoch(run.epoch, run.epoch_step):
-                        lr = lr_at(cfg, run.step, total_steps)
-                        for group in optimizer.param_groups:
-                            group["lr"] = lr
-                        with autocast():
-                            loss = F.cross_entropy(ddp_model(images), labels)
-                        optimizer.zero_grad(set_to_none=True)
-                        loss.backward()
-                        optimizer.step()
-                        run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
-                        # The epoch loss weighs every batch by its size: a short last batch
-                        # counts less.
-                        loss_totals[0] += loss.detach() * labels.numel()
-                        loss_totals[1] += labels.numel()
-                        trained_images += labels.numel() * d.world_size
-                        throughput.images += labels.numel() * d.world_size
-                        status = None
-                        if run.step % cfg.log_every_steps == 0:  # .item() syncs a GPU: not always
-                            loss_value = loss.item()
-                            status = f"loss {loss_value:.4f}"
-                            tracker.log({"train/loss": loss_value, "train/lr": lr,
-                                         "train/images_per_second": throughput.read(),
-                                         "epoch": run.epoch + run.epoch_step / len(train_batches)},
-                                        run.step)
-                        bar.advance(labels.numel(), status)
-                        if stop.agreed(d, run.step):
-                            break
-                        if (cfg.checkpoint_every_steps
-                                and run.step % cfg.checkpoint_every_steps == 0
-                                and run.epoch_step < len(train_batches)):
-                            run.epoch_loss = distributed.all_reduce_sum(
-                                d, loss_totals.clone()).tolist()
-                            checkpoint_location = save()
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize(d.device)
-                train_seconds += time.perf_counter() - started
-                run.epoch_loss = distributed.all_reduce_sum(d, loss_totals).tolist()
+    train_seconds, trained_images = 0.0, 0
+    with tracker, StopRequest() as stop:
+        while run.epoch < cfg.epochs and not stop.signal_name:
+            # This rank's running Σ loss·n and Σ n; rank 0 carries what a resume brought in.
+            loss_totals = torch.tensor(run.epoch_loss if d.is_main else [0.0, 0.0],
+                                       dtype=torch.float64, device=d.device)
+            description = f"epoch {run.epoch + 1}/{cfg.epochs}"
+            done_images = min(run.epoch_step * cfg.batch_size, train_batches.per_rank)
+            started, throughput = time.perf_counter(), Throughput()
+            with EpochProgress(description, train_batches.per_rank, d.is_main, d.world_size,
+                               done_images) as bar:
+                for images, labels in train_batches.epoch(run.epoch, run.epoch_step):
+                    lr = lr_at(cfg, run.step, total_steps)
+                    loss = train_step(ddp_model, optimizer, images, labels, lr, autocast)
+                    run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
+                    # The epoch loss weighs every batch by its size: a short last one counts less.
+                    loss_totals[0] += loss * labels.numel()
+                    loss_totals[1] += labels.numel()
+                    trained_images += labels.numel() * d.world_size
+                    throughput.images += labels.numel() * d.world_size
+                    status = None
+                    if run.step % cfg.log_every_steps == 0:  # .item() syncs a GPU: not every step
+                        status = f"loss {loss.item():.4f}"
+                        tracker.log({"train/loss": loss.item(), "train/lr": lr,
+                                     "train/images_per_second": throughput.read(),
+                                     "epoch": run.epoch + run.epoch_step / len(train_batches)},
+                                    run.step)
+                    bar.advance(labels.numel(), status)
+                    if stop.agreed(d, run.step):
+                        break
+                    if (cfg.checkpoint_every_steps and run.step % cfg.checkpoint_every_steps == 0
+                            and run.epoch_step < len(train_batches)):
+                        run.epoch_loss = distributed.all_reduce_sum(d, loss_totals.clone()).tolist()
+                        checkpoint_location = save()
+            if d.device.type == "cuda":
+                torch.cuda.synchronize(d.device)
+            train_seconds += time.perf_counter() - started
+            run.epoch_loss = distributed.all_reduce_sum(d, loss_totals).tolist()
 
-                if run.epoch_step < len(train_batches):  # stopped inside the epoch
-                    checkpoint_location = save()
-                    break
-                evaluation = evaluate(model, test_batches, d, autocast, len(p.class_names))
-                loss_sum, count = run.epoch_loss
-                run.epoch, run.epoch_step, run.epoch_loss = run.epoch + 1, 0, [0.0, 0.0]
-                run.history.append({
-                    "epoch": run.epoch, "step": run.step, "train_loss": loss_sum / count,
-                    "val_loss": evaluation.loss, "val_acc": evaluation.accuracy,
-                })
-                tracker.log({"train/epoch_loss": loss_sum / count, "val/loss": evaluation.loss,
-                             "val/acc": evaluation.accuracy, "epoch": run.epoch,
-                             **gpu_memory(d.device)}, run.step)
-                tracker.log_evaluation(evaluation, run.step)
-                checkpoint_location = save(evaluation.accuracy)
-                say_main(f"{description}  train_loss {loss_sum / count:.4f}  "
-                         f"val_loss {evaluation.loss:.4f}  val_acc {evaluation.accuracy:.2%}")
+            if run.epoch_step < len(train_batches):  # stopped inside the epoch
+                checkpoint_location = save()
+                break
+            evaluation = evaluate(model, test_batches, d, autocast, len(p.class_names))
+            loss_sum, count = run.epoch_loss
+            run.epoch, run.epoch_step, run.epoch_loss = run.epoch + 1, 0, [0.0, 0.0]
+            run.history.append({"epoch": run.epoch, "step": run.step, "train_loss": loss_sum / count,
+                                "val_loss": evaluation.loss, "val_acc": evaluation.accuracy})
+            tracker.log({"train/epoch_loss": loss_sum / count, "val/loss": evaluation.loss,
+                         "val/acc": evaluation.accuracy, "epoch": run.epoch,
+                         **gpu_memory(d.device)}, run.step)
+            tracker.log_evaluation(evaluation, run.step)
+            checkpoint_location = save(evaluation.accuracy)
+            say_main(f"{description}  train_loss {loss_sum / count:.4f}  "
+                     f"val_loss {evaluation.loss:.4f}  val_acc {evaluation.accuracy:.2%}")
 
-        if stop.signal_name and run.epoch < cfg.epochs:
-            say_main(f"preempted by {stop.signal_name} at step {run.step}: checkpoint "
+        preempted_by = stop.signal_name if run.epoch < cfg.epochs else None
+        if preempted_by:
+            say_main(f"preempted by {preempted_by} at step {run.step}: checkpoint "
                      f"{checkpoint_location} written; run the same command to resume "
                      f"(exit status {PREEMPTED_EXIT_CODE})")
         final = run.history[-1] if run.history else {}
@@ -324,17 +312,28 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
             "train_seconds": train_seconds,
             "train_images_per_second": trained_images / train_seconds if train_seconds else None,
             "checkpoint": checkpoint_location,
-            "preempted_by": stop.signal_name if run.epoch < cfg.epochs else None,
+            "preempted_by": preempted_by,
             "steps": run.step,
             "history": run.history,
             "wandb_run_id": tracker.run_id,
             **environment,
         }
-        if d.is_main and cfg.summary_json and not summary["preempted_by"]:
+        if d.is_main and cfg.summary_json and not preempted_by:
             write_summary(Path(cfg.summary_json), summary)
-        return summary
-    finally:
         tracker.close(summary)
+    return summary
+
+
+def train_step(model, optimizer, images, labels, lr: float, autocast) -> torch.Tensor:
+    """One optimizer step at learning rate `lr`; returns the batch's mean loss (detached)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with autocast():
+        loss = F.cross_entropy(model(images), labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
 
 
 def gpu_memory(device: torch.device) -> dict:
