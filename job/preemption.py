@@ -45,4 +45,9 @@ class StopRequest:
         if step % CHECK_EVERY_STEPS:
             return False
         flag = torch.tensor([float(self.signal_name is not None)], device=d.device)
-        return distributed.all_reduce_sum(d, flag).item() > 0
+        if distributed.all_reduce_sum(d, flag).item() == 0:
+            return False
+        # Another rank may have been the one signalled (multi-node: one pod is preempted): this
+        # rank stops, and exits 75, all the same.
+        self.signal_name = self.signal_name or "a signal to another rank"
+        return True
