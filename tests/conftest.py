@@ -4,6 +4,7 @@ and a runner for the real `cnn-job` console script."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import os
 import re
@@ -34,6 +35,11 @@ def data_dir() -> Path:
     if not (DATA_DIR / "mnist").is_dir():
         pytest.fail(f"no datasets at {DATA_DIR}: the tests need ../shared/datasets")
     return DATA_DIR
+
+
+def archive_sha256(data_dir: Path, dataset: str, name: str) -> str:
+    """The checksum of the copy the tests run on (the shared copy's differ from upstream's)."""
+    return hashlib.sha256((data_dir / dataset / name).read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="session")

@@ -162,13 +162,17 @@ def test_unreachable_mirror_is_one_clear_error(tmp_path):
 
 
 def test_public_mirror_failure_says_how_to_use_a_local_copy(tmp_path, http_mirror, data_dir):
-    # The public-mirror path, pointed at loopback: the shared copies' md5s are not upstream's,
-    # so the download is refused and nothing stays in the cache.
-    url, _ = http_mirror(data_dir)
+    # The public-mirror path, pointed at loopback and serving a copy with one byte more than
+    # the published file: its md5 is refused and nothing stays in the cache.
+    mirror = tmp_path / "mirror"
+    shutil.copytree(data_dir / "mnist", mirror / "mnist")
+    first = mirror / "mnist" / preset("mnist").archives[0].name
+    first.write_bytes(first.read_bytes() + b"\0")
+    url, _ = http_mirror(mirror)
     p = dataclasses.replace(preset("mnist"), mirrors=(f"{url}/mnist",))
     with pytest.raises(JobError, match=r"could not download mnist .*md5 .* is not the published"):
-        fetch_archives(p, None, tmp_path)
-    assert not [f for f in tmp_path.rglob("*.gz")]
+        fetch_archives(p, None, tmp_path / "cache")
+    assert not [f for f in (tmp_path / "cache").rglob("*.gz")]
 
 
 # ----------------------------------------------------------------------------------------------

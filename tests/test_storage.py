@@ -14,7 +14,7 @@ from job.data import fetch_archives
 from job.errors import JobError
 from job.storage import parse_s3_uri
 from job.train import train
-from tests.conftest import CNN_JOB, SECRET, run_cli, start_s3_server
+from tests.conftest import CNN_JOB, SECRET, archive_sha256, run_cli, start_s3_server
 
 
 def push_mnist(s3, data_dir, prefix="datasets"):
@@ -55,7 +55,7 @@ def test_data_pull_command_verifies(s3, data_dir, tmp_path):
     result = run_cli("data", "pull", "mnist", uri, "--cache-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     assert "60000 training and 10000 test images, verified" in result.stdout
-    assert "db8f937d487057fb14a9f0fbe97f0bc8d311ab41b750d41e1ff37c43b9e55e19" in result.stdout
+    assert archive_sha256(data_dir, "mnist", "train-images-idx3-ubyte.gz") in result.stdout
 
 
 def test_concurrent_pulls_by_two_processes(s3, data_dir, tmp_path):
@@ -128,7 +128,8 @@ def test_training_from_s3_data_records_provenance_and_keeps_secrets_out(s3, data
                      "--summary-json", str(tmp_path / "s.json"))
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "s.json").read_text())
-    assert summary["data_sha256"]["train-images-idx3-ubyte.gz"].startswith("db8f937d")
+    assert summary["data_sha256"]["train-images-idx3-ubyte.gz"] == archive_sha256(
+        data_dir, "mnist", "train-images-idx3-ubyte.gz")
     checkpoint = s3.client.get_object(Bucket=s3.bucket, Key="runs/c/step-000000010.pt")["Body"].read()
     state = torch.load(__import__("io").BytesIO(checkpoint), weights_only=True)
     assert state["data_sha256"] == summary["data_sha256"]

@@ -17,6 +17,7 @@ from job.data import DeviceBatches
 from job.errors import JobError
 from job.models import build_model
 from job.train import train
+from tests.conftest import archive_sha256
 
 
 def config(tmp_path, data_dir, **overrides) -> TrainConfig:
@@ -92,7 +93,8 @@ def test_checkpoint_is_a_plain_dict_loadable_with_weights_only(tmp_path, data_di
     assert state["config"]["dataset"] == "mnist"
     model = build_model("mnist")
     model.load_state_dict(state["model"])
-    assert state["data_sha256"]["t10k-labels-idx1-ubyte.gz"].startswith("e41c74e4")
+    assert state["data_sha256"]["t10k-labels-idx1-ubyte.gz"] == archive_sha256(
+        data_dir, "mnist", "t10k-labels-idx1-ubyte.gz")
 
 
 def test_resume_trains_only_the_missing_epochs_and_matches_an_uninterrupted_run(tmp_path, data_dir):
