@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench clean docker-build docker-run
 
 install: $(STAMP)
 
@@ -29,6 +29,19 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+
+IMAGE ?= cnn-job
+
+# The CUDA image (see Dockerfile); GIT_COMMIT lands in W&B runs and summaries.
+docker-build:
+	docker build --build-arg GIT_COMMIT=$$(git rev-parse HEAD 2>/dev/null) -t $(IMAGE) .
+
+# Train in the image on every GPU. Settings and credentials from .env (NAME=value lines; an
+# empty file will do); archives cached and checkpoints kept in named volumes, so a second run
+# resumes. Another command: make docker-run ARGS="train mnist --epochs 1".
+docker-run:
+	docker run --rm --gpus all --shm-size=8g --env-file .env \
+		-v cnn-job-cache:/cache -v cnn-job-runs:/work/runs $(IMAGE) $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
