@@ -80,7 +80,7 @@ def cnn_job(dataset: str, data_uri: str, device: str, workdir: Path, *extra: str
     command = [
         sys.executable, "-m", "job", "train", dataset, "--data-uri", data_uri,
         "--device", device, "--resume", "never", "--checkpoint-uri", str(workdir / "ckpt"),
-        "--summary-json", str(summary), *extra,
+        "--summary-json", str(summary), "--wandb-mode", "disabled", *extra,
     ]
     subprocess.run(command, check=True)
     return json.loads(summary.read_text())

@@ -36,6 +36,11 @@ def _option(name: str, help: str, flag: bool = False) -> typer.Option:
     return typer.Option(declaration, help=help, envvar="CNN_JOB_" + name.upper())
 
 
+EndpointOption = Annotated[str | None, _option(
+    "s3_endpoint_url", "S3-compatible endpoint (MinIO, R2); else AWS_ENDPOINT_URL(_S3) or AWS.",
+)]
+
+
 @app.callback()
 def _root() -> None:
     """Train the seed CNNs on MNIST or CIFAR-10: one process, or DDP under torchrun."""
@@ -72,9 +77,7 @@ def train(
         "checkpoint_uri", "Folder or s3://BUCKET/PREFIX for checkpoints. "
         "[default: runs/<dataset>/checkpoints]",
     )] = None,
-    s3_endpoint_url: Annotated[str | None, _option(
-        "s3_endpoint_url", "S3-compatible endpoint (MinIO, R2); else AWS_ENDPOINT_URL(_S3) or AWS.",
-    )] = None,
+    s3_endpoint_url: EndpointOption = None,
     checkpoint_every_steps: Annotated[int, _option(
         "checkpoint_every_steps", "Also checkpoint every N steps inside epochs (0: epoch ends).",
     )] = _DEFAULTS["checkpoint_every_steps"],
@@ -136,9 +139,6 @@ app.add_typer(checkpoints_app, name="checkpoints")
 
 DatasetArgument = Annotated[str, typer.Argument(help=f"{' or '.join(DATASETS)}.",
                                                 show_default=False)]
-EndpointOption = Annotated[str | None, _option(
-    "s3_endpoint_url", "S3-compatible endpoint (MinIO, R2); else AWS_ENDPOINT_URL(_S3) or AWS.",
-)]
 
 
 @data_app.command("push")
