@@ -31,7 +31,11 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the summary (rank 0's is complete)."""
     d = distributed.setup(cfg.device)
     try:
-        return _train(cfg, d)
+        summary = _train(cfg, d)
+        # Leave together: rank 0 may still be writing its last checkpoint, and a rank that tears
+        # its process group down while a peer is mid-exchange can be aborted by Gloo.
+        distributed.barrier(d)
+        return summary
     finally:
         distributed.teardown(d)
 
