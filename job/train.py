@@ -267,8 +267,9 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                     throughput.images += labels.numel() * d.world_size
                     status = None
                     if run.step % cfg.log_every_steps == 0:  # .item() syncs a GPU: not every step
-                        status = f"loss {loss.item():.4f}"
-                        tracker.log({"train/loss": loss.item(), "train/lr": lr,
+                        loss_value = loss.item()
+                        status = f"loss {loss_value:.4f}"
+                        tracker.log({"train/loss": loss_value, "train/lr": lr,
                                      "train/images_per_second": throughput.read(),
                                      "epoch": run.epoch + run.epoch_step / len(train_batches)},
                                     run.step)
