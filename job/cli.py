@@ -207,16 +207,25 @@ def _run(action):
 
 def main() -> None:
     """Console-script entry: usage errors, like JobErrors, are one line and exit status 2."""
+    status = _main()
+    if "job.distributed" in sys.modules:  # training ran (torch is loaded): maybe as one rank
+        from job.distributed import exit_process
+
+        exit_process(status)
+    sys.exit(status)
+
+
+def _main() -> int:
     try:
         status = app(prog_name="cnn-job", standalone_mode=False)
     except typer.TyperException as error:  # bad option value, missing argument, ...
         if not error.format_message():  # `cnn-job` alone: the help was the answer
-            sys.exit(0)
+            return 0
         context = getattr(error, "ctx", None)
         hint = f" (see '{context.command_path} --help')" if context else ""
         print_error(error.format_message() + hint)
-        sys.exit(getattr(error, "exit_code", JobError.exit_code))
+        return getattr(error, "exit_code", JobError.exit_code)
     except typer.Abort:
         print_error("interrupted")
-        sys.exit(130)
-    sys.exit(status if isinstance(status, int) else 0)
+        return 130
+    return status if isinstance(status, int) else 0
