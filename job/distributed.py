@@ -89,9 +89,9 @@ def exit_process(status: int) -> NoReturn:
     and on a loaded 2-core machine about one 2-rank run in 50 lost a finished rank in it
     ("terminate called without an active exception", SIGABRT, no Python frame left; compare
     pytorch/pytorch#179291 and #190489). That turned success into a failed pod, and left
-    torchrun on the other pods waiting 5 minutes at its exit barrier. Everything of ours is closed by now (process group destroyed, W&B
-    finished, checkpoints written), so exit the way a forked worker does: flush the two streams
-    and os._exit.
+    torchrun on the other pods waiting 5 minutes at its exit barrier. Everything of ours is
+    closed by now (process group destroyed, W&B finished, checkpoints written), so exit the way
+    a forked worker does: flush the two streams and os._exit.
     """
     if not _joined_a_group:
         sys.exit(status)
