@@ -25,8 +25,7 @@ import torch
 from job.config import DatasetPreset
 from job.errors import JobError
 from job.storage import (
-    MULTIPART_THRESHOLD_BYTES,
-    check_bucket,
+    S3Store,
     file_digest,
     file_lock,
     http_download,
@@ -34,9 +33,6 @@ from job.storage import (
     is_remote,
     local_path,
     parse_s3_uri,
-    s3_client,
-    s3_download,
-    s3_errors,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -73,19 +69,24 @@ def fetch_archives(
     return paths
 
 
+def _dataset_store(p: DatasetPreset, uri: str, endpoint_url: str | None) -> S3Store:
+    """PREFIX/<dataset>/ of s3://BUCKET/PREFIX, the bucket checked to exist (named by `uri`)."""
+    parse_s3_uri(uri)  # a malformed URI is named as the user wrote it
+    store = S3Store(f"{uri.rstrip('/')}/{p.name}", endpoint_url)
+    store.check_bucket(uri)
+    return store
+
+
 def _download_all_s3(
     p: DatasetPreset, data_uri: str, cache_dir: Path, endpoint_url: str | None
 ) -> dict[str, Path]:
-    bucket, prefix = parse_s3_uri(data_uri)
-    client = s3_client(endpoint_url)
-    check_bucket(client, bucket, data_uri, endpoint_url)
-    cache = cache_dir / "s3" / bucket / prefix / p.name
+    store = _dataset_store(p, data_uri, endpoint_url)
+    cache = cache_dir / "s3" / store.bucket / store.prefix
     paths = {}
     for archive in p.archives:
-        key = "/".join(part for part in (prefix, p.name, archive.name) if part)
         dest = cache / archive.name
         with file_lock(dest):  # one process per machine downloads; the others then reuse it
-            s3_download(client, bucket, key, dest, f"s3://{bucket}/{key}", endpoint_url)
+            store.download(archive.name, dest)
         paths[archive.name] = dest
     return paths
 
@@ -97,16 +98,9 @@ def push_archives(
     parse, so that nothing broken lands in the bucket. Returns archive name → sha256."""
     paths = fetch_archives(p, str(source_dir), cache_dir=source_dir)
     splits = load_splits(p, paths)
-    bucket, prefix = parse_s3_uri(uri)
-    client = s3_client(endpoint_url)
-    check_bucket(client, bucket, uri, endpoint_url)
-    from boto3.s3.transfer import TransferConfig
-
+    store = _dataset_store(p, uri, endpoint_url)
     for name, path in paths.items():
-        key = "/".join(part for part in (prefix, p.name, name) if part)
-        with s3_errors(f"s3://{bucket}/{key}", endpoint_url):
-            client.upload_file(str(path), bucket, key,
-                               Config=TransferConfig(multipart_threshold=MULTIPART_THRESHOLD_BYTES))
+        store.upload_file(name, path)
     return splits.sha256
 
 

@@ -120,19 +120,23 @@ def http_download(url: str, dest: Path, expected_md5: str | None = None) -> None
 
     Raises urllib/OS errors for the caller to turn into one line; ValueError on a bad checksum.
     """
-    md5 = hashlib.md5(usedforsecurity=False)
     with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
         expected_bytes = response.headers.get("Content-Length")
         with atomic_output(dest) as out:
-            received = 0
-            while chunk := response.read(CHUNK_BYTES):
-                out.write(chunk)
-                md5.update(chunk)
-                received += len(chunk)
-            if expected_bytes is not None and received != int(expected_bytes):
-                raise ValueError(f"connection closed after {received} of {expected_bytes} bytes")
-            if expected_md5 is not None and md5.hexdigest() != expected_md5:
-                raise ValueError(f"md5 {md5.hexdigest()} is not the published {expected_md5}")
+            md5 = copy_hashing_md5(response, out)
+            if expected_bytes is not None and out.tell() != int(expected_bytes):
+                raise ValueError(f"connection closed after {out.tell()} of {expected_bytes} bytes")
+            if expected_md5 is not None and md5 != expected_md5:
+                raise ValueError(f"md5 {md5} is not the published {expected_md5}")
+
+
+def copy_hashing_md5(source: BinaryIO, out: BinaryIO) -> str:
+    """Stream `source` into `out` a chunk at a time; returns the md5 of the bytes copied."""
+    md5 = hashlib.md5(usedforsecurity=False)
+    while chunk := source.read(CHUNK_BYTES):
+        out.write(chunk)
+        md5.update(chunk)
+    return md5.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -299,7 +303,7 @@ class S3Store:
 
     def check_writable(self, option: str) -> None:
         probe = f".write-probe-{os.getpid()}"
-        check_bucket(self.client, self.bucket, self.uri, self.endpoint_url)
+        self.check_bucket()
         with self._errors():
             self.client.put_object(Bucket=self.bucket, Key=self._key(probe), Body=b"")
             self.client.delete_object(Bucket=self.bucket, Key=self._key(probe))
@@ -318,13 +322,22 @@ class S3Store:
                                                 item["LastModified"].timestamp()))
         return found
 
-    def write(self, name: str, data: bytes) -> None:
-        from boto3.s3.transfer import TransferConfig
+    def check_bucket(self, uri: str | None = None) -> None:
+        check_bucket(self.client, self.bucket, uri or self.uri, self.endpoint_url)
 
-        transfer = TransferConfig(multipart_threshold=MULTIPART_THRESHOLD_BYTES)
+    def write(self, name: str, data: bytes) -> None:
         with self._errors(name):
             self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(name),
-                                       Config=transfer)
+                                       Config=_transfer_config())
+
+    def upload_file(self, name: str, path: Path) -> None:
+        with self._errors(name):
+            self.client.upload_file(str(path), self.bucket, self._key(name),
+                                    Config=_transfer_config())
+
+    def download(self, name: str, dest: Path) -> None:
+        s3_download(self.client, self.bucket, self._key(name), dest, self.location(name),
+                    self.endpoint_url)
 
     def read(self, name: str) -> bytes | None:
         from botocore.exceptions import ClientError
@@ -340,6 +353,12 @@ class S3Store:
     def delete(self, name: str) -> None:
         with self._errors(name):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD_BYTES)
 
 
 def open_store(uri: str, endpoint_url: str | None = None) -> LocalStore | S3Store:
@@ -361,15 +380,12 @@ def s3_download(client, bucket: str, key: str, dest: Path, uri: str,
         etag, size = head["ETag"].strip('"'), head["ContentLength"]
         if dest.is_file() and dest.stat().st_size == size and _read_text(marker) == etag:
             return
-        md5 = hashlib.md5(usedforsecurity=False)
         with atomic_output(dest) as out:
             body = client.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])["Body"]
-            while chunk := body.read(CHUNK_BYTES):
-                out.write(chunk)
-                md5.update(chunk)
+            md5 = copy_hashing_md5(body, out)
             if out.tell() != size:
                 raise JobError(f"{uri}: got {out.tell()} of {size} bytes; try again")
-            if "-" not in etag and md5.hexdigest() != etag:
+            if "-" not in etag and md5 != etag:
                 raise JobError(f"{uri}: downloaded bytes do not match the object's ETag (md5)")
     atomic_write_bytes(marker, etag.encode())
 
