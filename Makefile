@@ -25,6 +25,7 @@ train: $(STAMP)
 	$(BIN)/cnn-job train $(DATASET)
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
