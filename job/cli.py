@@ -15,7 +15,6 @@ import typer
 
 from job.config import DATASETS, TrainConfig, default_cache_dir, preset
 from job.errors import JobError
-from job.preemption import PREEMPTED_EXIT_CODE
 from job.progress import print_error
 
 app = typer.Typer(
@@ -26,19 +25,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+_DEFAULTS = {name: f.default for name, f in _FIELDS.items()}
 
 
-def _option(name: str, help: str, flag: bool = False) -> typer.Option:
-    """A --NAME option (--NAME/--no-NAME for a flag) that also reads CNN_JOB_NAME from the env."""
+def _option(name: str, flag: bool = False) -> typer.Option:
+    """TrainConfig's field `name` as a --NAME option (--NAME/--no-NAME for a flag) with the help
+    and shown default from its metadata, that also reads CNN_JOB_NAME from the env."""
     dashed = name.replace("_", "-")
     declaration = f"--{dashed}/--no-{dashed}" if flag else f"--{dashed}"
-    return typer.Option(declaration, help=help, envvar="CNN_JOB_" + name.upper())
+    metadata = _FIELDS[name].metadata
+    return typer.Option(declaration, help=metadata["help"], envvar="CNN_JOB_" + name.upper(),
+                        show_default=metadata["default_text"] or True)
 
 
-EndpointOption = Annotated[str | None, _option(
-    "s3_endpoint_url", "S3-compatible endpoint (MinIO, R2); else AWS_ENDPOINT_URL(_S3) or AWS.",
-)]
+EndpointOption = Annotated[str | None, _option("s3_endpoint_url")]
 
 
 @app.callback()
@@ -49,65 +50,31 @@ def _root() -> None:
 @app.command()
 def train(
     dataset: Annotated[str, typer.Argument(
-        help=f"Which dataset and seed net: {' or '.join(DATASETS)}.",
-        envvar="CNN_JOB_DATASET", show_default=False,
+        help=_FIELDS["dataset"].metadata["help"], envvar="CNN_JOB_DATASET", show_default=False,
     )],
-    epochs: Annotated[int, _option("epochs", "Epochs to train in all (a resume counts done ones).")]
-    = _DEFAULTS["epochs"],
-    batch_size: Annotated[int, _option("batch_size", "Images per step per process.")]
-    = _DEFAULTS["batch_size"],
-    lr: Annotated[float, _option("lr", "Adam learning rate.")] = _DEFAULTS["lr"],
-    lr_schedule: Annotated[str, _option(
-        "lr_schedule", "linear or cosine decay to 0 over the run, or constant (the seed's).",
-    )] = _DEFAULTS["lr_schedule"],
-    seed: Annotated[int, _option("seed", "Seed for init, shuffling and augmentation.")]
-    = _DEFAULTS["seed"],
-    device: Annotated[str, _option("device", "auto (CUDA when present), cpu or cuda.")]
-    = _DEFAULTS["device"],
-    precision: Annotated[str, _option("precision", "auto (bf16 on CUDA, fp32 on CPU), fp32, bf16.")]
-    = _DEFAULTS["precision"],
-    data_uri: Annotated[str | None, _option(
-        "data_uri", "Folder, s3:// or http(s) URI laid out as <dataset>/<archive>; "
-        "default: the public mirrors.",
-    )] = None,
-    cache_dir: Annotated[Path | None, _option(
-        "cache_dir", "Where downloaded archives are kept. [default: ~/.cache/cnn-job]",
-    )] = None,
-    checkpoint_uri: Annotated[str | None, _option(
-        "checkpoint_uri", "Folder or s3://BUCKET/PREFIX for checkpoints. "
-        "[default: runs/<dataset>/checkpoints]",
-    )] = None,
+    epochs: Annotated[int, _option("epochs")] = _DEFAULTS["epochs"],
+    batch_size: Annotated[int, _option("batch_size")] = _DEFAULTS["batch_size"],
+    lr: Annotated[float, _option("lr")] = _DEFAULTS["lr"],
+    lr_schedule: Annotated[str, _option("lr_schedule")] = _DEFAULTS["lr_schedule"],
+    seed: Annotated[int, _option("seed")] = _DEFAULTS["seed"],
+    device: Annotated[str, _option("device")] = _DEFAULTS["device"],
+    precision: Annotated[str, _option("precision")] = _DEFAULTS["precision"],
+    data_uri: Annotated[str | None, _option("data_uri")] = None,
+    cache_dir: Annotated[Path | None, _option("cache_dir")] = None,  # None: TrainConfig's factory
+    checkpoint_uri: Annotated[str | None, _option("checkpoint_uri")] = None,
     s3_endpoint_url: EndpointOption = None,
-    checkpoint_every_steps: Annotated[int, _option(
-        "checkpoint_every_steps", "Also checkpoint every N steps inside epochs (0: epoch ends).",
-    )] = _DEFAULTS["checkpoint_every_steps"],
-    resume: Annotated[str, _option("resume", "auto: continue from the newest checkpoint; never.")]
-    = _DEFAULTS["resume"],
-    keep_checkpoints: Annotated[int, _option("keep_checkpoints", "Newest checkpoints to keep.")]
-    = _DEFAULTS["keep_checkpoints"],
-    limit_train: Annotated[int | None, _option(
-        "limit_train", "Train on the first N training images only (smoke tests).",
-    )] = None,
-    augment: Annotated[bool, _option(
-        "augment", "Random 4-px-padded crop and horizontal flip (CIFAR-10).", flag=True,
-    )] = _DEFAULTS["augment"],
-    eval_batch_size: Annotated[int, _option(
-        "eval_batch_size", "Images per evaluation step (does not change results).",
-    )] = _DEFAULTS["eval_batch_size"],
-    summary_json: Annotated[Path | None, _option(
-        "summary_json", "Write the final metrics and timings here as JSON.",
-    )] = None,
-    log_every_steps: Annotated[int, _option(
-        "log_every_steps", "Log train loss, lr and images/s every N steps.",
-    )] = _DEFAULTS["log_every_steps"],
-    wandb_project: Annotated[str | None, _option(
-        "wandb_project", "W&B project. [default: WANDB_PROJECT, else cnn-job]",
-    )] = None,
-    wandb_mode: Annotated[str | None, _option(
-        "wandb_mode", "online, offline or disabled. [default: WANDB_MODE, else online with "
-        "an API key, offline without]",
-    )] = None,
-    run_name: Annotated[str | None, _option("run_name", "W&B run name.")] = None,
+    checkpoint_every_steps: Annotated[int, _option("checkpoint_every_steps")]
+    = _DEFAULTS["checkpoint_every_steps"],
+    resume: Annotated[str, _option("resume")] = _DEFAULTS["resume"],
+    keep_checkpoints: Annotated[int, _option("keep_checkpoints")] = _DEFAULTS["keep_checkpoints"],
+    limit_train: Annotated[int | None, _option("limit_train")] = None,
+    augment: Annotated[bool, _option("augment", flag=True)] = _DEFAULTS["augment"],
+    eval_batch_size: Annotated[int, _option("eval_batch_size")] = _DEFAULTS["eval_batch_size"],
+    summary_json: Annotated[Path | None, _option("summary_json")] = None,
+    log_every_steps: Annotated[int, _option("log_every_steps")] = _DEFAULTS["log_every_steps"],
+    wandb_project: Annotated[str | None, _option("wandb_project")] = None,
+    wandb_mode: Annotated[str | None, _option("wandb_mode")] = None,
+    run_name: Annotated[str | None, _option("run_name")] = None,
 ) -> None:
     """Train a seed CNN, checkpointing every epoch and resuming from the newest checkpoint.
 
@@ -117,6 +84,8 @@ def train(
     settings = {k: v for k, v in locals().items() if v is not None}
     summary = _run(lambda: run_training(TrainConfig(**settings)))
     if summary and summary.get("preempted_by"):  # the loop said so on rank 0
+        from job.preemption import PREEMPTED_EXIT_CODE  # here: job.preemption loads torch
+
         raise typer.Exit(PREEMPTED_EXIT_CODE)
 
 
@@ -162,8 +131,7 @@ def data_pull(
     dataset: DatasetArgument,
     uri: Annotated[str, typer.Argument(help="s3://, http(s):// or folder to fetch from.",
                                        show_default=False)],
-    cache_dir: Annotated[Path | None, _option("cache_dir", "Where archives are kept. "
-                                                 "[default: ~/.cache/cnn-job]")] = None,
+    cache_dir: Annotated[Path | None, _option("cache_dir")] = None,
     s3_endpoint_url: EndpointOption = None,
 ) -> None:
     """Fetch a dataset's archives into the cache and check that they parse."""

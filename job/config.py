@@ -1,14 +1,16 @@
 """One typed settings object for a training run, and the per-dataset presets.
 
-Defaults live here and only here: the CLI reads them from `TrainConfig`'s fields.
+Defaults and help live here and only here: the CLI builds each option from a `TrainConfig` field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from job.errors import JobError
 
@@ -99,39 +101,75 @@ def default_cache_dir() -> Path:
     return Path(base) / "cnn-job"
 
 
+def default_checkpoint_uri(dataset: str) -> str:
+    return str(Path("runs") / dataset / "checkpoints")
+
+
+def _with_tilde(path: Path) -> str:
+    """`path` as a user would type it: the home folder as ~."""
+    try:
+        return str(Path("~") / path.relative_to(Path.home()))
+    except ValueError:
+        return str(path)
+
+
+# ruff: noqa: RUF009 -- setting() returns a dataclasses.field(), which ruff cannot see through.
+def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_text: str | None = None,
+            default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
+    """A TrainConfig field that carries its CLI help: one line, and `default_text` where the
+    default shown is not the field's literal default (None or computed)."""
+    return field(default=default, default_factory=default_factory,
+                 metadata={"help": help, "default_text": default_text})
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a training run. Each field is one CLI option (`--epochs`, ...)
-    and one environment variable (`CNN_JOB_EPOCHS`, ...)."""
+    and one environment variable (`CNN_JOB_EPOCHS`, ...); its metadata holds the option's help."""
 
-    dataset: str
-    epochs: int = 5
-    batch_size: int = 64  # per process; under DDP the global batch is this times world size
-    lr: float = 1e-3  # Adam's (peak) learning rate
-    lr_schedule: str = "linear"  # linear (decay to 0 over the run) | cosine | constant (the seed)
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
-    data_uri: str | None = None  # None: the public mirrors
-    cache_dir: Path = field(default_factory=default_cache_dir)
-    checkpoint_uri: str | None = None  # None: runs/<dataset>/checkpoints; a folder or s3://
-    s3_endpoint_url: str | None = None  # None: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL / AWS
-    checkpoint_every_steps: int = 0  # 0: at the end of every epoch only
-    resume: str = "auto"  # auto | never
-    keep_checkpoints: int = 3  # newest checkpoints kept; older ones go once a newer one is safe
-    limit_train: int | None = None  # train on the first N images only
-    augment: bool = False  # random crop (4 px padding) + horizontal flip; CIFAR-10 only
-    eval_batch_size: int = 1000  # evaluation only; does not change the results
-    log_every_steps: int = 10  # train loss, lr and images/s to W&B (and the bar) every N steps
-    wandb_project: str | None = None  # None: WANDB_PROJECT, else "cnn-job"
-    wandb_mode: str | None = None  # online | offline | disabled; None: WANDB_MODE, else by key
-    run_name: str | None = None  # W&B run name; None: W&B picks one
-    summary_json: Path | None = None
+    dataset: str = setting(help=f"Which dataset and seed net: {' or '.join(DATASETS)}.")
+    epochs: int = setting(5, "Epochs to train in all (a resume counts done ones).")
+    batch_size: int = setting(
+        64, "Images per step per process; under DDP the global batch is this times the world size.")
+    lr: float = setting(1e-3, "Adam's learning rate (the peak, when --lr-schedule decays it).")
+    lr_schedule: str = setting(
+        "linear", "linear or cosine decay to 0 over the run, or constant (the seed's).")
+    seed: int = setting(0, "Seed for init, shuffling and augmentation.")
+    device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
+    precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
+    data_uri: str | None = setting(
+        None, "Folder, s3:// or http(s) URI laid out as <dataset>/<archive>.",
+        default_text="the public mirrors")
+    cache_dir: Path = setting(help="Where downloaded archives are kept.", default_factory=default_cache_dir,
+                              default_text=_with_tilde(default_cache_dir()))
+    checkpoint_uri: str | None = setting(
+        None, "Folder or s3://BUCKET/PREFIX for checkpoints.",
+        default_text=default_checkpoint_uri("<dataset>"))
+    s3_endpoint_url: str | None = setting(
+        None, "S3-compatible endpoint (MinIO, R2, ...) for s3:// URIs.",
+        default_text="AWS_ENDPOINT_URL(_S3), else AWS")
+    checkpoint_every_steps: int = setting(
+        0, "Also checkpoint every N steps inside epochs (0: at the end of every epoch only).")
+    resume: str = setting("auto", "auto: continue from the newest checkpoint; never: start afresh.")
+    keep_checkpoints: int = setting(
+        3, "Newest checkpoints to keep; older ones go once a newer one is safe.")
+    limit_train: int | None = setting(
+        None, "Train on the first N training images only (smoke tests).", default_text="all")
+    augment: bool = setting(False, "Random crop (4 px padding) and horizontal flip; CIFAR-10 only.")
+    eval_batch_size: int = setting(1000, "Images per evaluation step (does not change the results).")
+    log_every_steps: int = setting(
+        10, "Log train loss, lr and images/s to W&B (and the progress bar) every N steps.")
+    wandb_project: str | None = setting(None, "W&B project.", default_text="WANDB_PROJECT, else cnn-job")
+    wandb_mode: str | None = setting(
+        None, "online, offline or disabled.",
+        default_text="WANDB_MODE, else online with an API key, offline without")
+    run_name: str | None = setting(None, "W&B run name.", default_text="W&B picks one")
+    summary_json: Path | None = setting(None, "Write the final metrics and timings here as JSON.")
 
     def __post_init__(self) -> None:
         preset(self.dataset)
         if self.checkpoint_uri is None:
-            self.checkpoint_uri = str(Path("runs") / self.dataset / "checkpoints")
+            self.checkpoint_uri = default_checkpoint_uri(self.dataset)
         self.cache_dir = Path(self.cache_dir).expanduser()
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),

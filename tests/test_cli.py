@@ -1,14 +1,18 @@
 """The command line: options reach the training function; bad input is one line, exit 2."""
 
+import dataclasses
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 import job.cli
 from job.cli import app
-from job.config import TrainConfig
+from job.config import TrainConfig, default_checkpoint_uri
 from tests.conftest import run_cli
 
 runner = CliRunner()
@@ -35,6 +39,42 @@ def test_help_explains_every_option():
             assert envvar in result.output, envvar
     root = runner.invoke(app, ["--help"])
     assert root.exit_code == 0 and "train" in root.output
+
+
+def test_help_is_written_once_in_the_config():
+    """Each option's help is its TrainConfig field's metadata, shown as is and not retyped in cli.py."""
+    result = runner.invoke(app, ["train", "--help"], env={"TERMINAL_WIDTH": "400", "COLUMNS": "400"})
+    assert result.exit_code == 0
+    cli_source = Path(job.cli.__file__).read_text()
+    for field in dataclasses.fields(TrainConfig):
+        if field.name == "dataset":
+            continue
+        help_text = field.metadata.get("help")
+        assert help_text and "\n" not in help_text, field.name
+        assert help_text in result.output, field.name
+        assert "CNN_JOB_" + field.name.upper() in result.output, field.name
+        assert help_text not in cli_source, f"{field.name}'s help is written in cli.py too"
+
+
+@pytest.mark.parametrize("xdg_cache", [False, True])
+def test_help_shows_the_defaults_the_code_computes(tmp_path, xdg_cache):
+    env = {"COLUMNS": "400", "HOME": str(tmp_path / "home"), "XDG_CACHE_HOME": ""}
+    if xdg_cache:
+        env["XDG_CACHE_HOME"] = str(tmp_path / "xdg")
+    result = run_cli("train", "--help", env=env)
+    assert result.returncode == 0, result.stderr
+    cache_dir = str(tmp_path / "xdg" / "cnn-job") if xdg_cache else "~/.cache/cnn-job"
+    assert f"[default: ({cache_dir})]" in result.stdout
+    assert f"[default: ({default_checkpoint_uri('<dataset>')})]" in result.stdout
+    assert "[default: (runs/<dataset>/checkpoints)]" in result.stdout
+
+
+def test_help_does_not_load_torch():
+    check = ("import sys; from typer.testing import CliRunner; from job.cli import app; "
+             "assert CliRunner().invoke(app, ['train', '--help']).exit_code == 0; "
+             "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_options_reach_the_config(received, tmp_path):
