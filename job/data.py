@@ -30,9 +30,9 @@ from job.storage import (
     file_lock,
     http_download,
     http_get_bytes,
-    is_remote,
     local_path,
     parse_s3_uri,
+    uri_kind,
 )
 
 # ----------------------------------------------------------------------------------------------
@@ -48,17 +48,15 @@ def fetch_archives(
     p: DatasetPreset, data_uri: str | None, cache_dir: Path, endpoint_url: str | None = None
 ) -> dict[str, Path]:
     """Local paths of the dataset's archives, downloading them into `cache_dir` at most once."""
-    if data_uri is not None and data_uri.startswith("s3://"):
-        return _download_all_s3(p, data_uri, cache_dir, endpoint_url)
     if data_uri is None:
         return _download_all(p, list(p.mirrors), cache_dir / "public" / p.name, published=True)
-    if data_uri.startswith(("http://", "https://")):
+    kind = uri_kind(data_uri, "--data-uri")
+    if kind == "s3":
+        return _download_all_s3(p, data_uri, cache_dir, endpoint_url)
+    if kind == "http":
         base = data_uri.rstrip("/")
         cache = cache_dir / _slug(base) / p.name
         return _download_all(p, [f"{base}/{p.name}"], cache, published=False, sums_url=base)
-    if is_remote(data_uri):
-        scheme = data_uri.split("://", 1)[0]
-        raise JobError(f"--data-uri {data_uri}: {scheme}:// is not supported; use {LAYOUT_HINT}")
     folder = local_path(data_uri) / p.name
     paths = {a.name: folder / a.name for a in p.archives}
     missing = [name for name, path in paths.items() if not path.is_file()]

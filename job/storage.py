@@ -1,4 +1,5 @@
-"""Where bytes live: local folders and HTTP(S) mirrors behind a few small functions.
+"""Where bytes live: local folders, HTTP(S) mirrors and S3 prefixes, told apart in one place
+(`uri_kind`) for the data and the checkpoint options alike.
 
 Every write is atomic: bytes go to a temporary name in the same folder, are flushed to disk,
 and only then renamed over the final name, so a reader (or a resume after a crash) sees the
@@ -28,8 +29,20 @@ _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
 
-def is_remote(uri: str) -> bool:
-    return "://" in uri and not uri.startswith("file://")
+SUPPORTED = {"local": "a folder", "s3": "s3://", "http": "http(s)://"}
+_KIND_OF_SCHEME = {"file": "local", "s3": "s3", "http": "http", "https": "http"}
+
+
+def uri_kind(uri: str, option: str, allowed: tuple[str, ...] = ("local", "s3", "http")) -> str:
+    """"local" (a path, or file://), "s3" or "http" (http:// or https://); any other scheme, or a
+    kind outside `allowed`, is one JobError naming the option, the URI and what it takes."""
+    scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+    kind = _KIND_OF_SCHEME.get(scheme)
+    if kind not in allowed:
+        names = [SUPPORTED[k] for k in allowed]
+        supported = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+        raise JobError(f"{option} {uri}: {scheme}:// is not supported; use {supported}")
+    return kind
 
 
 def local_path(uri: str) -> Path:
@@ -228,21 +241,6 @@ def s3_errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
         raise JobError(f"S3 error {code} for {uri}: {message}".rstrip(": ")) from None
 
 
-def check_bucket(client, bucket: str, uri: str, endpoint_url: str | None = None) -> None:
-    """A missing bucket answers HEAD with a bare 404; name it as a missing bucket."""
-    from botocore.exceptions import ClientError
-
-    with s3_errors(uri, endpoint_url):
-        try:
-            client.head_bucket(Bucket=bucket)
-        except ClientError as error:
-            if str(error.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket"):
-                raise JobError(
-                    f"bucket {bucket} of {uri} does not exist; create it or fix the URI"
-                ) from None
-            raise
-
-
 @dataclass(frozen=True)
 class ObjectInfo:
     name: str  # relative to the store's folder or prefix
@@ -323,7 +321,20 @@ class S3Store:
         return found
 
     def check_bucket(self, uri: str | None = None) -> None:
-        check_bucket(self.client, self.bucket, uri or self.uri, self.endpoint_url)
+        """A missing bucket answers HEAD with a bare 404; name it as a missing bucket, and as
+        `uri` where the user wrote a shorter URI than this store's."""
+        from botocore.exceptions import ClientError
+
+        uri = uri or self.uri
+        with s3_errors(uri, self.endpoint_url):
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except ClientError as error:
+                if str(error.response.get("Error", {}).get("Code")) in ("404", "NoSuchBucket"):
+                    raise JobError(
+                        f"bucket {self.bucket} of {uri} does not exist; create it or fix the URI"
+                    ) from None
+                raise
 
     def write(self, name: str, data: bytes) -> None:
         with self._errors(name):
@@ -336,8 +347,23 @@ class S3Store:
                                     Config=_transfer_config())
 
     def download(self, name: str, dest: Path) -> None:
-        s3_download(self.client, self.bucket, self._key(name), dest, self.location(name),
-                    self.endpoint_url)
+        """Fetch one object into `dest` (atomically), reusing a cached copy whose size and ETag
+        still match; a single-part object's ETag is its md5 and is checked."""
+        key, uri = self._key(name), self.location(name)
+        marker = dest.with_name(dest.name + ".etag")
+        with self._errors(name):
+            head = self.client.head_object(Bucket=self.bucket, Key=key)
+            etag, size = head["ETag"].strip('"'), head["ContentLength"]
+            if dest.is_file() and dest.stat().st_size == size and _read_text(marker) == etag:
+                return
+            with atomic_output(dest) as out:
+                body = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=head["ETag"])["Body"]
+                md5 = copy_hashing_md5(body, out)
+                if out.tell() != size:
+                    raise JobError(f"{uri}: got {out.tell()} of {size} bytes; try again")
+                if "-" not in etag and md5 != etag:
+                    raise JobError(f"{uri}: downloaded bytes do not match the object's ETag (md5)")
+        atomic_write_bytes(marker, etag.encode())
 
     def read(self, name: str) -> bytes | None:
         from botocore.exceptions import ClientError
@@ -361,33 +387,11 @@ def _transfer_config():
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD_BYTES)
 
 
-def open_store(uri: str, endpoint_url: str | None = None) -> LocalStore | S3Store:
-    if uri.startswith("s3://"):
+def open_store(uri: str, endpoint_url: str | None = None,
+               option: str = "--checkpoint-uri") -> LocalStore | S3Store:
+    if uri_kind(uri, option, allowed=("local", "s3")) == "s3":
         return S3Store(uri, endpoint_url)
-    if is_remote(uri):
-        scheme = uri.split("://", 1)[0]
-        raise JobError(f"{uri}: {scheme}:// is not supported here; use a folder or s3://")
     return LocalStore(uri)
-
-
-def s3_download(client, bucket: str, key: str, dest: Path, uri: str,
-                endpoint_url: str | None = None) -> None:
-    """Fetch one object into `dest` (atomically), reusing a cached copy whose size and ETag
-    still match; a single-part object's ETag is its md5 and is checked."""
-    marker = dest.with_name(dest.name + ".etag")
-    with s3_errors(uri, endpoint_url):
-        head = client.head_object(Bucket=bucket, Key=key)
-        etag, size = head["ETag"].strip('"'), head["ContentLength"]
-        if dest.is_file() and dest.stat().st_size == size and _read_text(marker) == etag:
-            return
-        with atomic_output(dest) as out:
-            body = client.get_object(Bucket=bucket, Key=key, IfMatch=head["ETag"])["Body"]
-            md5 = copy_hashing_md5(body, out)
-            if out.tell() != size:
-                raise JobError(f"{uri}: got {out.tell()} of {size} bytes; try again")
-            if "-" not in etag and md5 != etag:
-                raise JobError(f"{uri}: downloaded bytes do not match the object's ETag (md5)")
-    atomic_write_bytes(marker, etag.encode())
 
 
 def _read_text(path: Path) -> str | None:

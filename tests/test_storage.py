@@ -12,7 +12,7 @@ import torch
 from job.config import TrainConfig, preset
 from job.data import fetch_archives
 from job.errors import JobError
-from job.storage import parse_s3_uri
+from job.storage import LocalStore, S3Store, open_store, parse_s3_uri, uri_kind
 from job.train import train
 from tests.conftest import CNN_JOB, SECRET, archive_sha256, run_cli, start_s3_server
 
@@ -28,6 +28,31 @@ def test_parse_s3_uri():
     assert parse_s3_uri("s3://bucket") == ("bucket", "")
     with pytest.raises(JobError, match="write it as s3://BUCKET/PREFIX"):
         parse_s3_uri("s3:///nobucket")
+
+
+def test_one_dispatcher_for_data_and_checkpoint_uris(s3, tmp_path):
+    assert [uri_kind(u, "--data-uri") for u in (str(tmp_path), "runs/a", f"file://{tmp_path}")] == [
+        "local"] * 3
+    assert uri_kind("s3://bucket/p", "--data-uri") == "s3"
+    assert [uri_kind(u, "--data-uri") for u in ("http://mirror/d", "https://mirror/d")] == ["http"] * 2
+    assert isinstance(open_store(f"file://{tmp_path}/c"), LocalStore)
+    assert open_store(f"file://{tmp_path}/c").uri == f"{tmp_path}/c"
+    store = open_store(f"s3://{s3.bucket}/runs")
+    assert isinstance(store, S3Store) and (store.bucket, store.prefix) == (s3.bucket, "runs")
+    with pytest.raises(JobError, match=r"^--checkpoint-uri https://h/c: https:// is not supported; "
+                                       r"use a folder or s3://$"):
+        open_store("https://h/c")
+
+
+def test_unsupported_scheme_is_the_same_one_line_for_data_and_checkpoints(data_dir, tmp_path):
+    checkpoint = one_line_error(run_cli("train", "mnist", "--checkpoint-uri", "ftp://host/c"))
+    data = one_line_error(run_cli("train", "mnist", "--data-uri", "ftp://host/d", "--checkpoint-uri",
+                                  str(tmp_path / "c"), "--cache-dir", str(tmp_path)))
+    assert checkpoint == "error: --checkpoint-uri ftp://host/c: ftp:// is not supported; use a folder or s3://"
+    assert data == "error: --data-uri ftp://host/d: ftp:// is not supported; use a folder, s3:// or http(s)://"
+    with pytest.raises(JobError) as in_process:
+        fetch_archives(preset("mnist"), "ftp://host/d", tmp_path)
+    assert f"error: {in_process.value}" == data
 
 
 def test_push_then_pull_reuses_the_cache_until_the_object_changes(s3, data_dir, tmp_path):
