@@ -11,29 +11,14 @@ from __future__ import annotations
 import netrc
 import os
 import re
-import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    from job.evaluation import Evaluation
 
 DEFAULT_PROJECT = "cnn-job"
-MISCLASSIFIED_PANEL = 16  # test images shown per epoch with their true and predicted labels
-
-
-@dataclass
-class Evaluation:
-    """The test split after an epoch: what the loop prints and the dashboard shows."""
-
-    loss: float
-    accuracy: float
-    confusion: torch.Tensor  # classes × classes counts, rows = true label (all ranks)
-    misclassified: list[tuple[torch.Tensor, int, int]]  # (H×W×C uint8 image, true, predicted)
-
-    def per_class_accuracy(self) -> list[float]:
-        totals = self.confusion.sum(dim=1).clamp(min=1)
-        return (self.confusion.diagonal() / totals).tolist()
 
 
 class NullTracker:
@@ -80,17 +65,6 @@ def _has_api_key() -> bool:
 def strip_userinfo(value):
     """`https://user:secret@host/x` → `https://host/x`: a URI's credentials stay out of W&B."""
     return re.sub(r"(\w+://)[^/@\s]+@", r"\1", value) if isinstance(value, str) else value
-
-
-def git_commit() -> str | None:
-    if os.environ.get("GIT_COMMIT"):  # set by the container build
-        return os.environ["GIT_COMMIT"]
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5, cwd=Path(__file__).parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
 
 
 class WandbTracker(NullTracker):

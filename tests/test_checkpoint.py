@@ -1,0 +1,134 @@
+"""Checkpoints without a training run: the format, retention, the pointer, the fallback past
+unreadable files, and the rule that decides when a step is saved."""
+
+import pytest
+import torch
+
+from job.checkpoint import POINTER, Checkpointer, CheckpointManager, RunState, from_bytes, to_bytes
+from job.config import TrainConfig
+from job.distributed import Dist
+from job.errors import JobError
+from job.models import build_model
+from job.tracking import NullTracker
+from job.train import train
+
+CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+
+
+def todays_checkpoint(step: int = 16, epoch: int = 1, epoch_step: int = 0) -> dict:
+    """A checkpoint exactly as the job has written them since it first shipped: the keys are
+    spelled out here, not taken from the code, because users' buckets hold such files."""
+    torch.manual_seed(0)
+    model = build_model("mnist")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    torch.nn.functional.cross_entropy(model(torch.zeros(2, 1, 28, 28)), torch.tensor([1, 2])).backward()
+    optimizer.step()
+    config = TrainConfig(dataset="mnist", epochs=1, limit_train=1000, device="cpu").to_dict()
+    return {
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "epoch": epoch, "epoch_step": epoch_step, "step": step,
+        "epoch_loss": [0.0, 0.0],
+        "metrics": [{"epoch": 1, "step": 16, "train_loss": 1.5, "val_loss": 1.2, "val_acc": 0.61}],
+        "config": config, "rng": {"torch": torch.get_rng_state()},
+        "data_sha256": {"t10k-labels-idx1-ubyte.gz": "0" * 64}, "world_size": 1,
+        "wandb_run_id": None,
+    }
+
+
+def write(folder, name: str, state) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(to_bytes(state) if isinstance(state, dict) else state)
+
+
+def test_a_checkpoint_written_before_the_reshaping_still_resumes(tmp_path, data_dir):
+    folder = tmp_path / "ckpt"
+    write(folder, "step-000000016.pt", todays_checkpoint())
+    (folder / POINTER).write_text("step-000000016.pt\n")
+    summary = train(TrainConfig(dataset="mnist", data_uri=str(data_dir), checkpoint_uri=str(folder),
+                                cache_dir=tmp_path / "cache", epochs=2, limit_train=1000, device="cpu"))
+    assert [h["epoch"] for h in summary["history"]] == [1, 2]
+    assert summary["history"][0]["val_acc"] == 0.61  # epoch 1 came from the file, not a rerun
+    assert summary["steps"] == 32
+
+
+def test_retention_keeps_the_newest_and_moves_the_pointer(tmp_path):
+    manager = CheckpointManager(str(tmp_path), keep=2)
+    state = todays_checkpoint()
+    for step in (10, 20, 30):
+        location = manager.save(state, step)
+        assert location == str(tmp_path / f"step-{step:09d}.pt")
+        assert manager.pointer() == f"step-{step:09d}.pt"
+    assert manager.names() == ["step-000000030.pt", "step-000000020.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [POINTER, "step-000000020.pt",
+                                                          "step-000000030.pt"]
+
+
+def test_pointer_ignores_what_is_not_a_checkpoint_name(tmp_path):
+    manager = CheckpointManager(str(tmp_path))
+    assert manager.pointer() is None and manager.load_latest() is None
+    (tmp_path / POINTER).write_text("../../etc/passwd\n")
+    assert manager.pointer() is None
+
+
+def test_fallback_past_the_pointer_to_the_newest_loadable(tmp_path):
+    logged = []
+    manager = CheckpointManager(str(tmp_path), keep=5, log=logged.append)
+    manager.save(todays_checkpoint(step=10), 10)
+    good = (tmp_path / "step-000000010.pt").read_bytes()
+    write(tmp_path, "step-000000020.pt", good[: len(good) // 2])
+    (tmp_path / POINTER).write_text("step-000000020.pt\n")
+    state, location = manager.load_latest()
+    assert state["step"] == 10 and location.endswith("step-000000010.pt")
+    assert logged == [f"checkpoint {tmp_path / 'step-000000020.pt'} is unreadable "
+                      f"({logged[0].split('(', 1)[1].split(')')[0]}); falling back to step-000000010.pt"]
+
+
+@pytest.mark.parametrize("damage", [
+    lambda s: {k: v for k, v in s.items() if k != "config"},  # no config
+    lambda s: {**s, "config": {}},  # a config without a dataset
+    lambda s: {**s, "step": "16"},  # a value of the wrong type
+    lambda s: {**s, "model": [1, 2]},
+    lambda s: [s["model"]],  # not a dict at all
+    lambda s: b"not a torch file",
+])
+def test_every_malformed_checkpoint_is_just_unreadable(tmp_path, damage):
+    logged = []
+    manager = CheckpointManager(str(tmp_path), keep=5, log=logged.append)
+    manager.save(todays_checkpoint(step=10), 10)
+    broken = damage(todays_checkpoint(step=20))
+    write(tmp_path, "step-000000020.pt", broken if isinstance(broken, bytes) else to_bytes(broken))
+    (tmp_path / POINTER).write_text("step-000000020.pt\n")
+    state, _ = manager.load_latest()
+    assert state["step"] == 10 and "is unreadable" in logged[0]
+    with pytest.raises(ValueError):
+        from_bytes((tmp_path / "step-000000020.pt").read_bytes())
+
+
+def test_only_unreadable_checkpoints_is_an_error_not_a_fresh_start(tmp_path):
+    write(tmp_path, "step-000000020.pt", b"garbage")
+    (tmp_path / POINTER).mkdir()  # a `latest` that is not a file
+    with pytest.raises(JobError, match=r"no loadable checkpoint in .*pass --resume never"):
+        CheckpointManager(str(tmp_path)).load_latest()
+
+
+def test_save_rule(tmp_path):
+    cfg = TrainConfig(dataset="mnist", checkpoint_uri=str(tmp_path), checkpoint_every_steps=5)
+    model = build_model("mnist")
+    optimizer = torch.optim.Adam(model.parameters())
+    checkpointer = Checkpointer(CheckpointManager(str(tmp_path), log=lambda _: None), cfg, CPU,
+                                model, optimizer, {}, steps_per_epoch=10)
+    run = RunState()
+    run.begin_epoch(CPU)
+    written = []
+    for _ in range(10):
+        run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
+        run.rank_loss += torch.tensor([2.0, 1.0], dtype=torch.float64)
+        if checkpointer.save(run, NullTracker()):
+            written.append(run.step)
+    # Step 5 is due; step 10 ends the epoch, whose checkpoint follows its evaluation.
+    assert written == [5]
+    assert from_bytes((tmp_path / "step-000000005.pt").read_bytes())["epoch_loss"] == [10.0, 5.0]
+    assert checkpointer.save(run, NullTracker(), force=True) and checkpointer.location.endswith("10.pt")
+    never = Checkpointer(CheckpointManager(str(tmp_path / "n")), TrainConfig(dataset="mnist"), CPU,
+                         model, optimizer, {}, steps_per_epoch=10)
+    assert not any(never.save(RunState(step=s, epoch_step=s), NullTracker()) for s in range(1, 10))
