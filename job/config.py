@@ -113,7 +113,6 @@ def _with_tilde(path: Path) -> str:
         return str(path)
 
 
-# ruff: noqa: RUF009 -- setting() returns a dataclasses.field(), which ruff cannot see through.
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_text: str | None = None,
             default_factory: Callable[[], Any] | Any = dataclasses.MISSING) -> Any:
     """A TrainConfig field that carries its CLI help: one line, and `default_text` where the
