@@ -15,6 +15,7 @@ import typer
 
 from job.config import DATASETS, TrainConfig, default_cache_dir, preset
 from job.errors import JobError
+from job.preemption import PREEMPTED_EXIT_CODE, Interrupted, handle_signals_from_here
 from job.progress import print_error
 
 app = typer.Typer(
@@ -84,8 +85,6 @@ def train(
     settings = {k: v for k, v in locals().items() if v is not None}
     summary = _run(lambda: run_training(TrainConfig(**settings)))
     if summary and summary.get("preempted_by"):  # the loop said so on rank 0
-        from job.preemption import PREEMPTED_EXIT_CODE  # here: job.preemption loads torch
-
         raise typer.Exit(PREEMPTED_EXIT_CODE)
 
 
@@ -184,6 +183,7 @@ def main() -> None:
 
 
 def _main() -> int:
+    handle_signals_from_here()
     try:
         status = app(prog_name="cnn-job", standalone_mode=False)
     except typer.TyperException as error:  # bad option value, missing argument, ...
@@ -193,6 +193,10 @@ def _main() -> int:
         hint = f" (see '{context.command_path} --help')" if context else ""
         print_error(error.format_message() + hint)
         return getattr(error, "exit_code", JobError.exit_code)
+    except Interrupted as interrupted:  # a stop signal outside the training loop
+        print_error(f"stopped by {interrupted.signal_name} before it finished, leaving nothing "
+                    f"half-written: run the same command again (exit status {PREEMPTED_EXIT_CODE})")
+        return PREEMPTED_EXIT_CODE
     except typer.Abort:
         print_error("interrupted")
         return 130

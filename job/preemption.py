@@ -1,22 +1,46 @@
-"""SIGTERM and SIGINT: finish the current step, checkpoint, exit with PREEMPTED_EXIT_CODE.
+"""SIGTERM and SIGINT, from process start to exit: nothing half-written, a clear line, and an
+exit status that tells the orchestrator a retry will succeed (PREEMPTED_EXIT_CODE).
 
 Kubernetes sends SIGTERM before it kills a pod (node drain, spot reclaim, `kubectl delete`);
-torchrun forwards it to every worker. The first signal only raises a flag; the loop checks
-it between steps, and under DDP the ranks sum their flags at the same steps so that they all
-stop after the same step. A second Ctrl-C aborts at once.
+torchrun forwards it to every worker. Two regimes:
+
+- Outside the training loop (start-up, downloads, parsing, `data push`), the signal raises
+  `Interrupted` where the program is. It unwinds like any exception: temporary files are
+  removed, multipart uploads aborted, and the CLI prints one line and exits 75.
+- Inside the loop, `StopRequest` only raises a flag; the loop checks it between steps, and under
+  DDP the ranks sum their flags at the same steps so that they all stop after the same step,
+  checkpoint, and exit 75. A second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
 
 import signal
 
-import torch
-
-from job import distributed
-from job.distributed import Dist
-
-PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, checkpoint written, safe to retry"
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, nothing lost, safe to retry"
 CHECK_EVERY_STEPS = 10  # under DDP the flag costs a collective (and a GPU sync) when read
+SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Interrupted(BaseException):
+    """A stop signal outside the training loop. A BaseException, like KeyboardInterrupt, so
+    that no `except Exception` on the way swallows it; cleanup code (`finally`, context
+    managers) still runs."""
+
+    exit_code = PREEMPTED_EXIT_CODE
+
+    def __init__(self, signal_name: str) -> None:
+        super().__init__(signal_name)
+        self.signal_name = signal_name
+
+
+def _raise_interrupted(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def handle_signals_from_here() -> None:
+    """Make SIGTERM and SIGINT raise Interrupted from now on (the CLI calls it first thing)."""
+    for signum in SIGNALS:
+        signal.signal(signum, _raise_interrupted)
 
 
 class StopRequest:
@@ -25,7 +49,7 @@ class StopRequest:
         self._previous = {}
 
     def __enter__(self) -> StopRequest:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
@@ -38,12 +62,16 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
 
-    def agreed(self, d: Dist, step: int) -> bool:
+    def agreed(self, d, step: int) -> bool:
         """Whether every rank stops after this step (all ranks call it at every step)."""
         if not d.enabled:
             return self.signal_name is not None
         if step % CHECK_EVERY_STEPS:
             return False
+        import torch
+
+        from job import distributed
+
         flag = torch.tensor([float(self.signal_name is not None)], device=d.device)
         if distributed.all_reduce_sum(d, flag).item() == 0:
             return False
