@@ -5,6 +5,8 @@ with batched tensor ops on that device. No PIL, no DataLoader workers.
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import gzip
 import hashlib
 import io
@@ -24,6 +26,7 @@ import torch
 
 from job.config import DatasetPreset
 from job.errors import JobError
+from job.progress import say
 from job.storage import (
     S3Store,
     file_digest,
@@ -32,6 +35,7 @@ from job.storage import (
     http_get_bytes,
     local_path,
     parse_s3_uri,
+    remove_stale_partials,
     uri_kind,
 )
 
@@ -83,7 +87,7 @@ def _download_all_s3(
     paths = {}
     for archive in p.archives:
         dest = cache / archive.name
-        with file_lock(dest):  # one process per machine downloads; the others then reuse it
+        with _download_lock(dest):  # one process per machine downloads; the others reuse it
             store.download(archive.name, dest)
         paths[archive.name] = dest
     return paths
@@ -98,8 +102,20 @@ def push_archives(
     splits = load_splits(p, paths)
     store = _dataset_store(p, uri, endpoint_url)
     for name, path in paths.items():
+        if aborted := store.abort_incomplete_uploads(name):  # left by a push that was killed
+            say(True, f"aborted {aborted} incomplete multipart upload{'s' * (aborted > 1)} of "
+                      f"{store.location(name)} before uploading it again")
         store.upload_file(name, path)
     return splits.sha256
+
+
+@contextlib.contextmanager
+def _download_lock(dest: Path) -> Iterator[None]:
+    """Hold `dest`'s lock and delete the temporary files of a download of it that was killed
+    outright: every writer of `dest` takes this lock, so none of them is a live one's."""
+    with file_lock(dest):
+        remove_stale_partials(dest.parent, glob.escape(dest.name))
+        yield
 
 
 def _slug(url: str) -> str:
@@ -117,7 +133,7 @@ def _download_all(
         dest = cache / archive.name
         md5 = archive.md5 if published else None
         sha256 = sha256_sums.get(f"{p.name}/{archive.name}")
-        with file_lock(dest):
+        with _download_lock(dest):
             if not (dest.is_file() and _cached_copy_ok(dest, md5, sha256)):
                 _download_one(p, archive.name, bases, dest, md5)
                 if sha256 and file_digest(dest) != sha256:

@@ -68,6 +68,19 @@ def atomic_output(path: Path) -> Iterator[BinaryIO]:
     _fsync_dir(path.parent)
 
 
+def remove_stale_partials(folder: Path, pattern: str = "*") -> list[Path]:
+    """Delete the temporary files that `atomic_output` left for the names matching `pattern`
+    when its process was killed outright (SIGKILL, OOM, power loss: no cleanup ran). Call it
+    only while holding the lock that every writer of those names takes, so that no live
+    write loses its file. Returns what it deleted."""
+    removed = []
+    for path in folder.glob(f".{pattern}.*.partial"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_output(path) as out:
         out.write(data)
@@ -341,7 +354,27 @@ class S3Store:
             self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(name),
                                        Config=_transfer_config())
 
+    def abort_incomplete_uploads(self, name: str) -> int:
+        """Abort the multipart uploads of `name` that were started and never completed (a push
+        killed outright, or whose abort failed); their parts are stored, and billed, until then.
+        Returns how many there were."""
+        key = self._key(name)
+        aborted = 0
+        with self._errors(name):
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.bucket, Prefix=key
+            ):
+                for upload in page.get("Uploads", []):
+                    if upload["Key"] == key:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=key,
+                                                           UploadId=upload["UploadId"])
+                        aborted += 1
+        return aborted
+
     def upload_file(self, name: str, path: Path) -> None:
+        # On an exception or Interrupted, s3transfer cancels the transfer, waits for the parts
+        # in flight and aborts its multipart upload before this returns; only SIGKILL (or a
+        # failed abort) leaves one behind, for abort_incomplete_uploads to find.
         with self._errors(name):
             self.client.upload_file(str(path), self.bucket, self._key(name),
                                     Config=_transfer_config())
