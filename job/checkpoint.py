@@ -16,16 +16,20 @@ model and optimizer and decides whether a step is saved and what goes in.
 from __future__ import annotations
 
 import io
+import math
 import re
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 
 import torch
 
 from job import distributed
 from job.distributed import Dist
 from job.errors import JobError
-from job.storage import open_store
+from job.lease import lease_for
+from job.storage import LocalStore, open_store, remove_stale_partials
 
 POINTER = "latest"
 NAME_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
@@ -48,6 +52,8 @@ FORMAT: dict[str, type | tuple[type, ...]] = {
     "data_sha256": dict,  # archive name -> sha256 of the file trained on
     "world_size": int,  # processes that trained it
     "wandb_run_id": (str, type(None)),  # the W&B run a resume continues
+    "epoch_position": int,  # images of the epoch's permutation consumed (all ranks)
+    "run": dict,  # {"id": hex, "started": ISO time}: the run this checkpoint continues
 }
 REQUIRED = ("model", "optimizer", "config", "rng", "epoch", "step", "metrics")
 
@@ -87,7 +93,7 @@ def from_bytes(data: bytes) -> dict:
 
 @dataclass
 class RunState:
-    """Where training stands; with the model, optimizer and RNG, all a step-exact resume needs."""
+    """Where training stands; with the model, optimizer and RNG, all a resume needs."""
 
     epoch: int = 0  # completed epochs
     epoch_step: int = 0  # steps done inside the current epoch (0 at an epoch boundary)
@@ -95,31 +101,76 @@ class RunState:
     epoch_loss: list = field(default_factory=lambda: [0.0, 0.0])  # Σ loss·n, Σ n (all ranks)
     history: list = field(default_factory=list)  # one dict of metrics per completed epoch
     wandb_run_id: str | None = None
+    # Images of the current epoch's permutation consumed by all ranks: where a resume starts,
+    # whatever its batch size or world size (see DeviceBatches).
+    epoch_position: int = 0
+    run: dict = field(default_factory=lambda: {"id": uuid.uuid4().hex,
+                                               "started": datetime.now(timezone.utc).isoformat()})
     # This rank's running [Σ loss·n, Σ n] of the current epoch (float64 on the device); rank 0
     # carries what a resume brought in. Summed over ranks into epoch_loss when saved.
     rank_loss: torch.Tensor | None = field(default=None, repr=False)
+    # The first step whose loss was not finite on this rank (inf: none); kept on the device so
+    # that watching for divergence costs no sync per step.
+    rank_diverged_at: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def from_checkpoint(cls, state: dict) -> RunState:
-        return cls(state["epoch"], state.get("epoch_step", 0), state["step"],
+        epoch_step = state.get("epoch_step", 0)
+        # Checkpoints from before positions were recorded: every step took a full global batch.
+        position = state.get("epoch_position", epoch_step * state["config"].get("batch_size", 0)
+                             * state.get("world_size", 1))
+        run = state.get("run") or {"id": "before-run-ids", "started": None}
+        return cls(state["epoch"], epoch_step, state["step"],
                    list(state.get("epoch_loss", [0.0, 0.0])), state["metrics"],
-                   state.get("wandb_run_id"))
+                   state.get("wandb_run_id"), position, run)
 
     def begin_epoch(self, d: Dist) -> None:
         self.rank_loss = torch.tensor(self.epoch_loss if d.is_main else [0.0, 0.0],
                                       dtype=torch.float64, device=d.device)
+        self.rank_diverged_at = torch.tensor(math.inf, dtype=torch.float64, device=d.device)
+
+    def advance(self, loss: torch.Tensor, images: int, world_size: int) -> None:
+        """Count one optimizer step of `images` per rank and its mean `loss` (this rank's)."""
+        self.step, self.epoch_step = self.step + 1, self.epoch_step + 1
+        self.epoch_position += images * world_size
+        # The epoch loss weighs every batch by its size: a short last one counts less.
+        self.rank_loss[0] += loss * images
+        self.rank_loss[1] += images
+        self.rank_diverged_at = torch.where(torch.isfinite(loss), self.rank_diverged_at,
+                                            self.rank_diverged_at.clamp(max=self.step))
+
+    def check_finite(self, loss_value: float) -> None:
+        """Stop at a loss already read on the host (a log step) if it is not finite."""
+        if not math.isfinite(loss_value):
+            raise Diverged(int(self.rank_diverged_at.item()))
 
     def sync_epoch_loss(self, d: Dist) -> list[float]:
-        """Σ loss·n and Σ n of the epoch so far over all ranks (a collective: every rank calls)."""
+        """Σ loss·n and Σ n of the epoch so far over all ranks (a collective: every rank calls).
+        A loss that is not finite stops the run here, before anything is written."""
         self.epoch_loss = distributed.all_reduce_sum(d, self.rank_loss.clone()).tolist()
+        if not math.isfinite(self.epoch_loss[0]):
+            first = self.rank_diverged_at.item()
+            raise Diverged(int(first) if math.isfinite(first) else self.step)
         return self.epoch_loss
 
     def end_epoch(self, evaluation) -> None:
         """Record a completed epoch (its loss synced first) with its evaluation."""
         loss_sum, count = self.epoch_loss
         self.epoch, self.epoch_step, self.epoch_loss = self.epoch + 1, 0, [0.0, 0.0]
+        self.epoch_position = 0
         self.history.append({"epoch": self.epoch, "step": self.step, "train_loss": loss_sum / count,
                              "val_loss": evaluation.loss, "val_acc": evaluation.accuracy})
+
+
+class Diverged(JobError):
+    """The training loss stopped being a finite number: a result no checkpoint should hold."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(
+            f"the training loss became NaN or inf at step {step}: the run diverged; "
+            "the last checkpoint with a finite loss stays `latest`: lower --lr, or start a new "
+            "run (--resume never with another --checkpoint-uri)")
+        self.step = step
 
 
 def rng_states(device: torch.device) -> dict:
@@ -147,6 +198,29 @@ class CheckpointManager:
         self.store = open_store(uri, endpoint_url)
         self.keep = keep
         self.log = log
+        self.lease = None  # held while this process writes the run (see hold)
+
+    def hold(self, lease_s: float) -> None:
+        """Become the run's one writer, or raise JobError naming the live holder."""
+        self.lease = lease_for(self.store, lease_s, self.log)
+        self.lease.acquire()
+        if isinstance(self.store, LocalStore):  # torn writes of a killed holder: ours to clear
+            remove_stale_partials(self.store.folder)
+
+    def release(self) -> None:
+        if self.lease:
+            self.lease.release()
+            self.lease = None
+
+    def clear(self) -> list[str]:
+        """Delete every checkpoint and the pointer (--overwrite); returns what was deleted."""
+        doomed = [*self.names(), POINTER] if self.holds_a_run() else []
+        for name in doomed:
+            self.store.delete(name)
+        return doomed
+
+    def holds_a_run(self) -> bool:
+        return bool(self.names()) or any(o.name == POINTER for o in self.store.list())
 
     def location(self, name: str) -> str:
         return self.store.location(name)
@@ -170,6 +244,10 @@ class CheckpointManager:
         return name if name and NAME_PATTERN.match(name) else None
 
     def save(self, state: dict, step: int) -> str:
+        """Write a checkpoint, then the pointer, then prune: of this run's earlier checkpoints
+        (lower steps) the newest keep - 1 stay; the one just written is never deleted."""
+        if self.lease:
+            self.lease.check()
         name = checkpoint_name(step)
         try:
             self.store.write(name, to_bytes(state))
@@ -179,12 +257,15 @@ class CheckpointManager:
                 f"could not write checkpoint {self.location(name)} ({error.strerror or error}); "
                 "the previous checkpoint is intact: free space or pass another --checkpoint-uri"
             ) from None
-        for old in self.names()[self.keep:]:
+        earlier = [old for old in self.names() if old < name]
+        for old in earlier[self.keep - 1:]:
             self.store.delete(old)
         return self.location(name)
 
-    def load_latest(self) -> tuple[dict, str] | None:
+    def load_latest(self, accept: Callable[[dict], None] | None = None) -> tuple[dict, str] | None:
         """The newest loadable checkpoint and its location; None when there is none at all.
+        `accept` may refuse a checkpoint that loads but does not fit (raising ValueError): it
+        then counts as unreadable too.
 
         Checkpoints that exist but none of which loads are an error: starting over silently
         would throw away the run the user meant to continue.
@@ -198,7 +279,10 @@ class CheckpointManager:
                 data = self.store.read(name)
                 if data is None:
                     raise FileNotFoundError("missing")
-                return from_bytes(data), self.location(name)
+                state = from_bytes(data)
+                if accept:
+                    accept(state)
+                return state, self.location(name)
             except Exception as error:  # any unreadable checkpoint: try the next one
                 reason = first_line(error, 120)
                 if index + 1 == len(candidates):
@@ -241,6 +325,11 @@ def first_line(error: BaseException, limit: int, fallback: str | None = None) ->
 # the training loop's handle
 
 
+# Settings that define a run: a resume that changes one would not continue the run it names.
+# (Batch size, world size and --epochs may change: see Checkpointer.resume and the README.)
+RUN_DEFINING = ("seed", "limit_train", "augment", "lr", "lr_schedule")
+
+
 class Checkpointer:
     """What the loop saves and restores, and when: the loop calls `save(run, ...)` at every
     step and at every epoch end; this decides whether that step is written and what goes in.
@@ -250,39 +339,90 @@ class Checkpointer:
     """
 
     def __init__(self, manager: CheckpointManager, cfg, d: Dist, model, optimizer,
-                 data_sha256: dict, steps_per_epoch: int) -> None:
+                 data_sha256: dict, epoch_remaining: Callable[[int], int]) -> None:
         self.manager, self.log = manager, manager.log
         self.cfg, self.d, self.model, self.optimizer = cfg, d, model, optimizer
-        self.data_sha256, self.steps_per_epoch = data_sha256, steps_per_epoch
+        self.data_sha256 = data_sha256
+        self.epoch_remaining = epoch_remaining  # images an epoch still serves after a position
         self.every_steps = cfg.checkpoint_every_steps
         self.location: str | None = None  # the newest checkpoint written or resumed from
 
     def resume(self) -> RunState:
         """Load the newest checkpoint into model, optimizer and RNG; a fresh state when there
-        is none."""
-        resumed = self.manager.load_latest()
+        is none. A checkpoint of another run (dataset, data, seed, ...) is refused."""
+        resumed = self.manager.load_latest(accept=self._fits)
         if not resumed:
             return RunState()
         state, location = resumed
-        if state["config"]["dataset"] != self.cfg.dataset:
-            raise JobError(
-                f"{location} is a {state['config']['dataset']} checkpoint; "
-                f"pass another --checkpoint-uri for {self.cfg.dataset}, or --resume never"
-            )
-        self.model.load_state_dict(state["model"])
+        self._check_same_run(state, location)
         self.optimizer.load_state_dict(state["optimizer"])
+        self.model.load_state_dict(state["model"])
         restore_rng_states(state["rng"], self.d.device)
         run = RunState.from_checkpoint(state)
         self.location = location
-        self.log(f"resumed from {location} "
-                 f"(epoch {run.epoch + 1}, step {run.epoch_step} of it; {run.step} in all)")
+        self.log(f"resumed from {location} (epoch {run.epoch + 1}, step {run.epoch_step} of it, "
+                 f"image {run.epoch_position} of its order; {run.step} in all)")
+        self._say_what_changed(state, run)
         return run
+
+    def _fits(self, state: dict) -> None:
+        """ValueError unless the checkpoint's weights and optimizer state fit this net."""
+        if state["config"]["dataset"] != self.cfg.dataset:
+            return  # refused with its own message once chosen (_check_same_run)
+        expected = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
+        found = {name: tuple(getattr(t, "shape", ())) for name, t in state["model"].items()}
+        if found != expected:
+            raise ValueError("its weights do not fit the net")
+        groups = state["optimizer"].get("param_groups")
+        if not (isinstance(groups, list) and len(groups) == len(self.optimizer.param_groups)
+                and isinstance(state["optimizer"].get("state"), dict)):
+            raise ValueError("its optimizer state does not fit the net")
+
+    def _check_same_run(self, state: dict, location: str) -> None:
+        saved = state["config"]
+        if saved["dataset"] != self.cfg.dataset:
+            raise JobError(
+                f"{location} is a {saved['dataset']} checkpoint; "
+                f"pass another --checkpoint-uri for {self.cfg.dataset}, or --resume never"
+            )
+        fix = "start a new run with --resume never and another --checkpoint-uri"
+        for name in RUN_DEFINING:
+            ours, theirs = getattr(self.cfg, name), saved.get(name, getattr(self.cfg, name))
+            if ours != theirs:
+                option = "--" + name.replace("_", "-")
+                raise JobError(
+                    f"{option} {ours} differs from the run in {self.manager.store.uri} "
+                    f"({option} {theirs}): a resume continues that run; pass {option} {theirs}, "
+                    f"or {fix}")
+        for archive, digest in state.get("data_sha256", {}).items():
+            ours = self.data_sha256.get(archive)
+            if ours != digest:
+                raise JobError(
+                    f"the {saved['dataset']} data differs from the run's in "
+                    f"{self.manager.store.uri} ({archive}: sha256 {str(ours)[:12]}… here, "
+                    f"{digest[:12]}… there): point --data-uri at the run's data, or {fix}")
+
+    def _say_what_changed(self, state: dict, run: RunState) -> None:
+        """One line for each allowed change (batch size, world size, --epochs)."""
+        saved = state["config"]
+        before = (saved.get("batch_size"), state.get("world_size", 1))
+        now = (self.cfg.batch_size, self.d.world_size)
+        if before != now and run.epoch_position:
+            self.log(f"batch {now[0]} × {now[1]} processes (the run had {before[0]} × {before[1]}): "
+                     f"continuing epoch {run.epoch + 1} at image {run.epoch_position} of its order, "
+                     "so each image is still used once in it")
+        elif before != now:
+            self.log(f"batch {now[0]} × {now[1]} processes from here (the run had "
+                     f"{before[0]} × {before[1]})")
+        if saved.get("epochs") != self.cfg.epochs and self.cfg.lr_schedule != "constant":
+            self.log(f"--epochs {self.cfg.epochs} (the run had {saved.get('epochs')}): the "
+                     f"{self.cfg.lr_schedule} learning-rate schedule now spans {self.cfg.epochs} epochs")
 
     def due(self, run: RunState) -> bool:
         """The mid-epoch rule: every --checkpoint-every-steps steps, except at an epoch's last
         step, whose checkpoint follows its evaluation."""
         return bool(self.every_steps and run.step % self.every_steps == 0
-                    and run.epoch_step < self.steps_per_epoch)
+                    and self.epoch_remaining(run.epoch_position) > 0)
 
     def save(self, run: RunState, tracker, *, force: bool = False,
              val_acc: float | None = None) -> bool:
@@ -290,7 +430,7 @@ class Checkpointer:
         validation accuracy, or when stopping); returns whether one was written."""
         if not (force or self.due(run)):
             return False
-        if run.epoch_step:  # inside an epoch: carry its loss so far
+        if run.epoch_step:  # inside an epoch: carry its loss so far (and stop if diverged)
             run.sync_epoch_loss(self.d)
         if not self.d.is_main:
             return True
@@ -307,5 +447,5 @@ class Checkpointer:
             "epoch_loss": list(run.epoch_loss), "metrics": run.history,
             "config": self.cfg.to_dict(), "rng": rng_states(self.d.device),
             "data_sha256": self.data_sha256, "world_size": self.d.world_size,
-            "wandb_run_id": wandb_run_id,
+            "wandb_run_id": wandb_run_id, "epoch_position": run.epoch_position, "run": run.run,
         }

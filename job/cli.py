@@ -67,6 +67,8 @@ def train(
     checkpoint_every_steps: Annotated[int, _option("checkpoint_every_steps")]
     = _DEFAULTS["checkpoint_every_steps"],
     resume: Annotated[str, _option("resume")] = _DEFAULTS["resume"],
+    overwrite: Annotated[bool, _option("overwrite", flag=True)] = _DEFAULTS["overwrite"],
+    lease_seconds: Annotated[float, _option("lease_seconds")] = _DEFAULTS["lease_seconds"],
     keep_checkpoints: Annotated[int, _option("keep_checkpoints")] = _DEFAULTS["keep_checkpoints"],
     limit_train: Annotated[int | None, _option("limit_train")] = None,
     augment: Annotated[bool, _option("augment", flag=True)] = _DEFAULTS["augment"],

@@ -6,13 +6,14 @@ Defaults and help live here and only here: the CLI builds each option from a `Tr
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from job.errors import JobError
+from job.errors import JobError, strip_userinfo
 
 # ----------------------------------------------------------------------------------------------
 # datasets
@@ -150,6 +151,10 @@ class TrainConfig:
     checkpoint_every_steps: int = setting(
         0, "Also checkpoint every N steps inside epochs (0: at the end of every epoch only).")
     resume: str = setting("auto", "auto: continue from the newest checkpoint; never: start afresh.")
+    overwrite: bool = setting(
+        False, "With --resume never: delete the run already in --checkpoint-uri first (else refused).")
+    lease_seconds: float = setting(
+        30.0, "S3: the writer's lease; a job replacing a killed one waits at most this long.")
     keep_checkpoints: int = setting(
         3, "Newest checkpoints to keep; older ones go once a newer one is safe.")
     limit_train: int | None = setting(
@@ -174,12 +179,16 @@ class TrainConfig:
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
-            (self.lr > 0, "--lr must be positive"),
+            (math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive finite number"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
             (self.resume in ("auto", "never"), "--resume must be auto or never"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be {', '.join(LR_SCHEDULES)}"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (math.isfinite(self.lease_seconds) and self.lease_seconds >= 1,
+             "--lease-seconds must be a finite number of seconds, at least 1"),
+            (not self.overwrite or self.resume == "never",
+             "--overwrite deletes the run in --checkpoint-uri: it goes with --resume never only"),
             (self.checkpoint_every_steps >= 0, "--checkpoint-every-steps must be 0 or more"),
             (self.log_every_steps >= 1, "--log-every-steps must be at least 1"),
             (self.wandb_mode in (None, "online", "offline", "disabled"),
@@ -196,8 +205,9 @@ class TrainConfig:
             )
 
     def to_dict(self) -> dict:
-        """Plain values only, so a checkpoint holding it loads with weights_only=True."""
+        """Plain values only, so a checkpoint holding it loads with weights_only=True; URIs
+        without any user:password written into them."""
         return {
-            key: str(value) if isinstance(value, Path) else value
+            key: strip_userinfo(str(value) if isinstance(value, Path) else value)
             for key, value in dataclasses.asdict(self).items()
         }

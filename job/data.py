@@ -321,11 +321,17 @@ def derived_seed(*parts: object) -> int:
 class DeviceBatches:
     """One split held on the device as uint8; yields (normalised float images, labels).
 
-    The epoch's order is a permutation drawn from (seed, epoch) alone, so every rank draws the
-    same one and takes its own disjoint slice: each image is used once per epoch across ranks
-    (the last `len % world_size` of the permutation sit the epoch out, as in
-    DistributedSampler(drop_last=True)). Augmentation draws from (seed, epoch, step, rank), so a
-    resumed run sees exactly the batches an uninterrupted one would.
+    Training epochs: the epoch's order is a permutation drawn from (seed, epoch) alone, and the
+    run walks it front to back in global batches of batch_size × world_size, rank r taking
+    every world_size-th image from position r (as DistributedSampler does). So a step always
+    consumes a prefix of the permutation, and where a run stands in its epoch is one number,
+    the count of permutation positions consumed: a resume with another batch size or world
+    size starts at that position, and each image is still used exactly once per epoch. At the
+    end, the last `(N - position) % world_size` positions sit the epoch out (drop_last).
+    Augmentation is drawn per permutation position from (seed, epoch), so an image gets the
+    same crop and flip whatever the batch size, world size or resume point.
+
+    Evaluation (shuffle=False): rank r takes images r, r + world_size, ... in order.
     """
 
     PAD = 4  # pixels of zero padding for the random crop, as torchvision's RandomCrop(32, 4)
@@ -345,47 +351,72 @@ class DeviceBatches:
         std = torch.tensor(p.std, device=device).view(1, -1, 1, 1)
         mean = torch.tensor(p.mean, device=device).view(1, -1, 1, 1)
         self.scale, self.shift = 1 / (255 * std), -mean / std
-        if self.shuffle:
-            self.per_rank = len(self.images) // world_size
-        else:  # evaluation: a strided shard, sizes may differ by one; sums are all-reduced
-            self.per_rank = len(range(rank, len(self.images), world_size))
+        self.record_to: str | None = None  # append "epoch: indices" per batch to <this>.rank<r>
+        self.per_rank = self.remaining(0) // world_size if shuffle else len(
+            range(rank, len(self.images), world_size))  # evaluation shards may differ by one
 
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
+        """Batches per whole epoch on this rank."""
         return -(-self.per_rank // self.batch_size)
 
-    def order(self, epoch: int) -> torch.Tensor:
-        """Dataset indices of this rank's share of `epoch`, in the order they are served."""
+    def remaining(self, position: int) -> int:
+        """Images (all ranks) a training epoch still serves after `position` of its order."""
+        return (len(self.images) - position) // self.world_size * self.world_size
+
+    def steps(self, position: int) -> int:
+        """Steps a training epoch takes from `position` to its end."""
+        return -(-self.remaining(position) // (self.batch_size * self.world_size))
+
+    def order(self, epoch: int, position: int = 0) -> torch.Tensor:
+        """Dataset indices this rank serves in `epoch` from `position` on, in serving order."""
         if not self.shuffle:
             return torch.arange(self.rank, len(self.images), self.world_size, device=self.device)
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, "shuffle", epoch))
-        permutation = torch.randperm(len(self.images), generator=generator)
-        start = self.rank * self.per_rank
-        return permutation[start: start + self.per_rank].to(self.device)
+        return self._permutation(epoch)[self._positions(position)].to(self.device)
 
-    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        order = self.order(epoch)
-        for step in range(start_step, len(self)):
-            index = order[step * self.batch_size: (step + 1) * self.batch_size]
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, "shuffle", epoch))
+        return torch.randperm(len(self.images), generator=generator)
+
+    def _positions(self, position: int) -> torch.Tensor:
+        """This rank's permutation positions from `position` on: every world_size-th one."""
+        end = position + self.remaining(position)
+        return torch.arange(position + self.rank, end, self.world_size)
+
+    def epoch(self, epoch: int, position: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """The epoch's batches from permutation `position` on (0: the whole epoch)."""
+        order = self.order(epoch, position)
+        if self.augment:
+            crops = self._crops(epoch)[:, self._positions(position).to(self.device)]
+        for start in range(0, len(order), self.batch_size):
+            index = order[start: start + self.batch_size]
+            if self.record_to:
+                with open(f"{self.record_to}.rank{self.rank}", "a") as record:
+                    record.write(f"{epoch}: {' '.join(map(str, index.tolist()))}\n")
             images = self.images[index]
             if self.augment:
-                images = self._crop_and_flip(images, derived_seed(self.seed, epoch, step, self.rank))
+                images = self._crop_and_flip(images, *crops[:, start: start + self.batch_size])
             # N×H×W×C viewed as N×C×H×W is a channels_last tensor: no copy, and the float ops
             # below keep that memory format for the convolutions.
             images = images.permute(0, 3, 1, 2).float().mul_(self.scale).add_(self.shift)
             yield images, self.labels[index]
 
-    def _crop_and_flip(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        """Random 4-pixel-padded crop and horizontal flip per image, as one gather."""
+    def _crops(self, epoch: int) -> torch.Tensor:
+        """3 × N: vertical and horizontal crop offsets and a flip bit per permutation position."""
+        n, span = len(self.images), 2 * self.PAD + 1
+        generator = torch.Generator(device=self.device).manual_seed(
+            derived_seed(self.seed, "augment", epoch))
+        offsets = torch.randint(0, span, (2, n), device=self.device, generator=generator)
+        flips = torch.randint(0, 2, (1, n), device=self.device, generator=generator)
+        return torch.cat([offsets, flips])
+
+    def _crop_and_flip(self, images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
+                       flip: torch.Tensor) -> torch.Tensor:
+        """Each image's 4-pixel-padded crop at (dy, dx), mirrored where flip is 1: one gather."""
         n, height, width, _ = images.shape
         pad = self.PAD
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        dy = torch.randint(0, 2 * pad + 1, (n, 1), device=self.device, generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (n, 1), device=self.device, generator=generator)
-        flip = torch.rand((n, 1), device=self.device, generator=generator) < 0.5
-        rows = dy + torch.arange(height, device=self.device)
+        rows = dy.view(n, 1) + torch.arange(height, device=self.device)
         columns = torch.arange(width, device=self.device)
-        columns = dx + torch.where(flip, columns.flip(0), columns)
+        columns = dx.view(n, 1) + torch.where(flip.view(n, 1).bool(), columns.flip(0), columns)
         padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
         batch = torch.arange(n, device=self.device).view(n, 1, 1)
         return padded[batch, rows.view(n, height, 1), columns.view(n, 1, width)]

@@ -77,6 +77,20 @@ def all_reduce_sum(d: Dist, values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def fail_together(d: Dist, error: JobError | None) -> None:
+    """Raise on every rank when any rank has `error` (a collective: every rank calls it).
+
+    Checks that one rank makes (rank 0 owns the checkpoints) would otherwise leave the others
+    waiting in their next collective until the timeout.
+    """
+    if d.enabled:
+        failed = torch.tensor([float(error is not None)], device=d.device)
+        if all_reduce_sum(d, failed).item() and error is None:
+            raise JobError("another rank stopped the run on bad input (its error line says why)")
+    if error is not None:
+        raise error
+
+
 def barrier(d: Dist) -> None:
     if d.enabled:
         dist.barrier()

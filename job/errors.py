@@ -1,4 +1,9 @@
-"""The one exception type for problems a user can cause and fix."""
+"""The one exception type for problems a user can cause and fix, and the redaction that keeps
+credentials written into a URI (`https://user:secret@host`) out of every line we print or store."""
+
+import re
+
+_USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 
 
 class JobError(Exception):
@@ -8,3 +13,8 @@ class JobError(Exception):
     """
 
     exit_code = 2
+
+
+def strip_userinfo(value):
+    """`https://user:secret@host/x` → `https://host/x`, anywhere in a string; other values pass."""
+    return _USERINFO.sub(r"\1", value) if isinstance(value, str) else value

@@ -19,12 +19,14 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
+from job.errors import strip_userinfo
+
 console = Console(highlight=False, soft_wrap=True)  # log lines stay whole off a terminal
 
 
 def print_error(message: str) -> None:
-    """One line on stderr, nothing else (no traceback, no box)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, nothing else (no traceback, no box, no credential)."""
+    print(f"error: {strip_userinfo(message)}", file=sys.stderr, flush=True)
 
 
 class ImagesPerSecondColumn(ProgressColumn):
@@ -80,7 +82,7 @@ class EpochProgress:
 
 def say(enabled: bool, message: str) -> None:
     if enabled:
-        console.print(message)
+        console.print(strip_userinfo(message))
 
 
 def print_checkpoint_table(uri: str, rows: list[dict]) -> None:

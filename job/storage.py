@@ -303,26 +303,26 @@ class S3Store:
         self.endpoint_url = endpoint_url
         self.client = s3_client(endpoint_url)
 
-    def _key(self, name: str) -> str:
+    def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def location(self, name: str) -> str:
         return f"{self.uri}/{name}"
 
-    def _errors(self, name: str | None = None):
+    def errors(self, name: str | None = None):
         return s3_errors(self.location(name) if name else self.uri, self.endpoint_url)
 
     def check_writable(self, option: str) -> None:
         probe = f".write-probe-{os.getpid()}"
         self.check_bucket()
-        with self._errors():
-            self.client.put_object(Bucket=self.bucket, Key=self._key(probe), Body=b"")
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(probe))
+        with self.errors():
+            self.client.put_object(Bucket=self.bucket, Key=self.key(probe), Body=b"")
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(probe))
 
     def list(self) -> list[ObjectInfo]:
         found = []
-        start = self._key("")
-        with self._errors():
+        start = self.key("")
+        with self.errors():
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=start
             ):
@@ -350,17 +350,17 @@ class S3Store:
                 raise
 
     def write(self, name: str, data: bytes) -> None:
-        with self._errors(name):
-            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(name),
+        with self.errors(name):
+            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self.key(name),
                                        Config=_transfer_config())
 
     def abort_incomplete_uploads(self, name: str) -> int:
         """Abort the multipart uploads of `name` that were started and never completed (a push
         killed outright, or whose abort failed); their parts are stored, and billed, until then.
         Returns how many there were."""
-        key = self._key(name)
+        key = self.key(name)
         aborted = 0
-        with self._errors(name):
+        with self.errors(name):
             for page in self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=key
             ):
@@ -375,16 +375,16 @@ class S3Store:
         # On an exception or Interrupted, s3transfer cancels the transfer, waits for the parts
         # in flight and aborts its multipart upload before this returns; only SIGKILL (or a
         # failed abort) leaves one behind, for abort_incomplete_uploads to find.
-        with self._errors(name):
-            self.client.upload_file(str(path), self.bucket, self._key(name),
+        with self.errors(name):
+            self.client.upload_file(str(path), self.bucket, self.key(name),
                                     Config=_transfer_config())
 
     def download(self, name: str, dest: Path) -> None:
         """Fetch one object into `dest` (atomically), reusing a cached copy whose size and ETag
         still match; a single-part object's ETag is its md5 and is checked."""
-        key, uri = self._key(name), self.location(name)
+        key, uri = self.key(name), self.location(name)
         marker = dest.with_name(dest.name + ".etag")
-        with self._errors(name):
+        with self.errors(name):
             head = self.client.head_object(Bucket=self.bucket, Key=key)
             etag, size = head["ETag"].strip('"'), head["ContentLength"]
             if dest.is_file() and dest.stat().st_size == size and _read_text(marker) == etag:
@@ -401,17 +401,17 @@ class S3Store:
     def read(self, name: str) -> bytes | None:
         from botocore.exceptions import ClientError
 
-        with self._errors(name):
+        with self.errors(name):
             try:
-                return self.client.get_object(Bucket=self.bucket, Key=self._key(name))["Body"].read()
+                return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
             except ClientError as error:
                 if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                     return None
                 raise
 
     def delete(self, name: str) -> None:
-        with self._errors(name):
-            self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+        with self.errors(name):
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(name))
 
 
 def _transfer_config():

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import netrc
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from job.errors import strip_userinfo
 
 if TYPE_CHECKING:
     from job.evaluation import Evaluation
@@ -60,11 +61,6 @@ def _has_api_key() -> bool:
         return netrc.netrc().authenticators("api.wandb.ai") is not None
     except (OSError, netrc.NetrcParseError):
         return False
-
-
-def strip_userinfo(value):
-    """`https://user:secret@host/x` → `https://host/x`: a URI's credentials stay out of W&B."""
-    return re.sub(r"(\w+://)[^/@\s]+@", r"\1", value) if isinstance(value, str) else value
 
 
 class WandbTracker(NullTracker):

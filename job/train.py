@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,13 +31,16 @@ from job.summary import build_summary, provenance, write_summary
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the summary (rank 0's is complete)."""
     d = distributed.setup(cfg.device)
+    checkpoints = CheckpointManager(cfg.checkpoint_uri, cfg.keep_checkpoints,
+                                    cfg.s3_endpoint_url, log=functools.partial(say, d.is_main))
     try:
-        summary = _train(cfg, d)
+        summary = _train(cfg, d, checkpoints)
         # Leave together: rank 0 may still be writing its last checkpoint, and a rank that tears
         # its process group down while a peer is mid-exchange can be aborted by Gloo.
         distributed.barrier(d)
         return summary
     finally:
+        checkpoints.release()  # the next job on this run need not wait for the lease to expire
         distributed.teardown(d)
 
 
@@ -61,9 +65,10 @@ def load_data(cfg: TrainConfig, d: Dist) -> ImageSplits:
     return splits
 
 
-def lr_at(cfg: TrainConfig, step: int, total_steps: int) -> float:
-    """Learning rate for the step about to run: a pure function of the global step."""
-    progress = min(step / total_steps, 1.0)
+def lr_at(cfg: TrainConfig, done: int, total: int) -> float:
+    """Learning rate for the step about to run: a pure function of the run's progress, `done`
+    of `total` (images, so that it means the same at any batch size or world size)."""
+    progress = min(done / total, 1.0)
     if cfg.lr_schedule == "linear":
         return cfg.lr * (1 - progress)
     if cfg.lr_schedule == "cosine":
@@ -128,14 +133,36 @@ class Setup:
     say: Callable[[str], None]  # a line on rank 0's console
 
 
-def set_up(cfg: TrainConfig, d: Dist) -> Setup:
+def claim_outputs(cfg: TrainConfig, checkpoints: CheckpointManager) -> None:
+    """Before any work, never after an epoch: the outputs can be written, this job is the run's
+    one writer, and --resume never does not silently mix two runs in one folder."""
+    checkpoints.check_writable()
+    if cfg.summary_json:
+        summary = Path(cfg.summary_json)
+        if summary.exists() and not summary.is_file():
+            raise JobError(f"--summary-json {summary} is not a regular file; name a file to write")
+        check_writable_folder(summary.parent, "summary folder", "--summary-json")
+    checkpoints.hold(cfg.lease_seconds)
+    if cfg.resume == "never" and checkpoints.holds_a_run():
+        if not cfg.overwrite:
+            raise JobError(
+                f"--resume never, but {checkpoints.store.uri} already holds a run (newest "
+                f"{(checkpoints.names() or ['only a pointer'])[0]}): pass --overwrite to delete it "
+                "and start afresh, or another --checkpoint-uri")
+        deleted = checkpoints.clear()
+        checkpoints.log(f"--overwrite: deleted {len(deleted)} files of the earlier run in "
+                        f"{checkpoints.store.uri}")
+
+
+def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
     say_main = functools.partial(say, d.is_main)
-    checkpoints = CheckpointManager(cfg.checkpoint_uri, cfg.keep_checkpoints,
-                                    cfg.s3_endpoint_url, log=say_main)
-    if d.is_main:  # fail before any work, never after an epoch
-        checkpoints.check_writable()
-        if cfg.summary_json:
-            check_writable_folder(Path(cfg.summary_json).parent, "summary folder", "--summary-json")
+    error = None
+    if d.is_main:
+        try:
+            claim_outputs(cfg, checkpoints)
+        except JobError as refused:
+            error = refused
+    distributed.fail_together(d, error)
 
     splits = load_data(cfg, d)
     p = preset(cfg.dataset)
@@ -154,6 +181,8 @@ def set_up(cfg: TrainConfig, d: Dist) -> Setup:
         splits.test_images, splits.test_labels, p, d.device, cfg.eval_batch_size,
         shuffle=False, rank=d.rank, world_size=d.world_size,
     )
+    # An audit trail of which images each rank trained on, in order (tests read it).
+    train_batches.record_to = os.environ.get("CNN_JOB_RECORD_INDICES") or None
     bf16 = uses_bf16(cfg, d.device)
     return Setup(
         model=model,
@@ -163,7 +192,7 @@ def set_up(cfg: TrainConfig, d: Dist) -> Setup:
         test_batches=test_batches,
         autocast=functools.partial(torch.autocast, d.device.type, torch.bfloat16, enabled=bf16),
         checkpointer=Checkpointer(checkpoints, cfg, d, model, optimizer, splits.sha256,
-                                  len(train_batches)),
+                                  train_batches.remaining),
         environment=provenance(d.world_size, d.device, bf16, splits.sha256),
         class_names=p.class_names,
         say=say_main,
@@ -183,40 +212,39 @@ def start_tracker(cfg: TrainConfig, d: Dist, job: Setup, run_id: str | None):
 # the loop
 
 
-def _train(cfg: TrainConfig, d: Dist) -> dict:
-    job = set_up(cfg, d)
+def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
+    job = set_up(cfg, d, checkpoints)
     batches, checkpointer = job.train_batches, job.checkpointer
     run = checkpointer.resume() if cfg.resume == "auto" else RunState()
     tracker = start_tracker(cfg, d, job, run.wandb_run_id)
-    total_steps = cfg.epochs * len(batches)
+    epoch_images = batches.remaining(0)  # all ranks' images in a whole epoch
     job.say(f"training {cfg.dataset} on {d.world_size} × {d.device.type}: "
-            f"{batches.per_rank * d.world_size} images/epoch, batch {cfg.batch_size}/process")
+            f"{epoch_images} images/epoch, batch {cfg.batch_size}/process")
 
     train_seconds, trained_images = 0.0, 0
     with tracker, StopRequest() as stop:
         while run.epoch < cfg.epochs and not stop.signal_name:
             run.begin_epoch(d)
             description = f"epoch {run.epoch + 1}/{cfg.epochs}"
-            done_images = min(run.epoch_step * cfg.batch_size, batches.per_rank)
             started, throughput = time.perf_counter(), Throughput()
             with EpochProgress(description, batches.per_rank, d.is_main, d.world_size,
-                               done_images) as bar:
-                for images, labels in batches.epoch(run.epoch, run.epoch_step):
-                    lr = lr_at(cfg, run.step, total_steps)
+                               run.epoch_position // d.world_size) as bar:
+                for images, labels in batches.epoch(run.epoch, run.epoch_position):
+                    lr = lr_at(cfg, run.epoch * epoch_images + run.epoch_position,
+                               cfg.epochs * epoch_images)
                     loss = train_step(job.ddp_model, job.optimizer, images, labels, lr, job.autocast)
-                    run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
-                    # The epoch loss weighs every batch by its size: a short last one counts less.
-                    run.rank_loss[0] += loss * labels.numel()
-                    run.rank_loss[1] += labels.numel()
+                    run.advance(loss, labels.numel(), d.world_size)
                     trained_images += labels.numel() * d.world_size
                     throughput.images += labels.numel() * d.world_size
                     status = None
                     if run.step % cfg.log_every_steps == 0:  # .item() syncs a GPU: not every step
                         loss_value = loss.item()
+                        if not d.enabled:  # under DDP, ranks stop together at the next save
+                            run.check_finite(loss_value)
                         status = f"loss {loss_value:.4f}"
                         tracker.log({"train/loss": loss_value, "train/lr": lr,
                                      "train/images_per_second": throughput.read(),
-                                     "epoch": run.epoch + run.epoch_step / len(batches)}, run.step)
+                                     "epoch": run.epoch + run.epoch_position / epoch_images}, run.step)
                     bar.advance(labels.numel(), status)
                     if stop.agreed(d, run.step):
                         break
@@ -225,7 +253,7 @@ def _train(cfg: TrainConfig, d: Dist) -> dict:
                 torch.cuda.synchronize(d.device)
             train_seconds += time.perf_counter() - started
 
-            if run.epoch_step < len(batches):  # stopped inside the epoch
+            if batches.remaining(run.epoch_position):  # stopped inside the epoch
                 checkpointer.save(run, tracker, force=True)
                 break
             run.sync_epoch_loss(d)

@@ -5,17 +5,19 @@ import pytest
 import torch
 
 from job.checkpoint import POINTER, Checkpointer, CheckpointManager, RunState, from_bytes, to_bytes
-from job.config import TrainConfig
+from job.config import TrainConfig, preset
 from job.distributed import Dist
 from job.errors import JobError
 from job.models import build_model
 from job.tracking import NullTracker
 from job.train import train
+from tests.conftest import archive_sha256
 
 CPU = Dist(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
 
 
-def todays_checkpoint(step: int = 16, epoch: int = 1, epoch_step: int = 0) -> dict:
+def todays_checkpoint(step: int = 16, epoch: int = 1, epoch_step: int = 0,
+                      data_sha256: dict | None = None) -> dict:
     """A checkpoint exactly as the job has written them since it first shipped: the keys are
     spelled out here, not taken from the code, because users' buckets hold such files."""
     torch.manual_seed(0)
@@ -30,7 +32,7 @@ def todays_checkpoint(step: int = 16, epoch: int = 1, epoch_step: int = 0) -> di
         "epoch_loss": [0.0, 0.0],
         "metrics": [{"epoch": 1, "step": 16, "train_loss": 1.5, "val_loss": 1.2, "val_acc": 0.61}],
         "config": config, "rng": {"torch": torch.get_rng_state()},
-        "data_sha256": {"t10k-labels-idx1-ubyte.gz": "0" * 64}, "world_size": 1,
+        "data_sha256": data_sha256 or {"t10k-labels-idx1-ubyte.gz": "0" * 64}, "world_size": 1,
         "wandb_run_id": None,
     }
 
@@ -42,7 +44,8 @@ def write(folder, name: str, state) -> None:
 
 def test_a_checkpoint_written_before_the_reshaping_still_resumes(tmp_path, data_dir):
     folder = tmp_path / "ckpt"
-    write(folder, "step-000000016.pt", todays_checkpoint())
+    sums = {a.name: archive_sha256(data_dir, "mnist", a.name) for a in preset("mnist").archives}
+    write(folder, "step-000000016.pt", todays_checkpoint(data_sha256=sums))
     (folder / POINTER).write_text("step-000000016.pt\n")
     summary = train(TrainConfig(dataset="mnist", data_uri=str(data_dir), checkpoint_uri=str(folder),
                                 cache_dir=tmp_path / "cache", epochs=2, limit_train=1000, device="cpu"))
@@ -116,19 +119,19 @@ def test_save_rule(tmp_path):
     model = build_model("mnist")
     optimizer = torch.optim.Adam(model.parameters())
     checkpointer = Checkpointer(CheckpointManager(str(tmp_path), log=lambda _: None), cfg, CPU,
-                                model, optimizer, {}, steps_per_epoch=10)
+                                model, optimizer, {}, epoch_remaining=lambda position: 640 - position)
     run = RunState()
     run.begin_epoch(CPU)
     written = []
     for _ in range(10):
-        run.step, run.epoch_step = run.step + 1, run.epoch_step + 1
-        run.rank_loss += torch.tensor([2.0, 1.0], dtype=torch.float64)
+        run.advance(torch.tensor(2.0), 64, world_size=1)
         if checkpointer.save(run, NullTracker()):
             written.append(run.step)
     # Step 5 is due; step 10 ends the epoch, whose checkpoint follows its evaluation.
     assert written == [5]
-    assert from_bytes((tmp_path / "step-000000005.pt").read_bytes())["epoch_loss"] == [10.0, 5.0]
+    assert from_bytes((tmp_path / "step-000000005.pt").read_bytes())["epoch_loss"] == [640.0, 320.0]
     assert checkpointer.save(run, NullTracker(), force=True) and checkpointer.location.endswith("10.pt")
     never = Checkpointer(CheckpointManager(str(tmp_path / "n")), TrainConfig(dataset="mnist"), CPU,
-                         model, optimizer, {}, steps_per_epoch=10)
-    assert not any(never.save(RunState(step=s, epoch_step=s), NullTracker()) for s in range(1, 10))
+                         model, optimizer, {}, epoch_remaining=lambda position: 640 - position)
+    assert not any(never.save(RunState(step=s, epoch_step=s, epoch_position=64 * s), NullTracker())
+                   for s in range(1, 10))

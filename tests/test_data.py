@@ -194,8 +194,8 @@ def _indexed(n: int, **kwargs) -> DeviceBatches:
     return DeviceBatches(images, torch.arange(n), preset("mnist"), CPU, 64, **options)
 
 
-def epoch_indices(batches: DeviceBatches, epoch: int = 0, start_step: int = 0) -> list[int]:
-    return torch.cat([y for _, y in batches.epoch(epoch, start_step)]).tolist()
+def epoch_indices(batches: DeviceBatches, epoch: int = 0, position: int = 0) -> list[int]:
+    return torch.cat([y for _, y in batches.epoch(epoch, position)]).tolist()
 
 
 def test_ranks_take_disjoint_shards_covering_the_epoch():
@@ -214,7 +214,7 @@ def test_order_depends_on_seed_and_epoch_only():
     assert epoch_indices(_indexed(1000)) == first
     assert epoch_indices(_indexed(1000), epoch=1) != first
     assert epoch_indices(_indexed(1000, seed=4)) != first
-    assert epoch_indices(_indexed(1000), start_step=5) == first[5 * 64:]
+    assert epoch_indices(_indexed(1000), position=5 * 64) == first[5 * 64:]
 
 
 def test_batches_are_normalised_and_channels_last(mnist):
@@ -254,7 +254,7 @@ def test_augmentation_crops_within_padding_and_flips(cifar10):
                           shuffle=True, augment=True, seed=0)
     first, = [x for x, _ in again.epoch(0)]
     second, = [x for x, _ in again.epoch(0)]
-    assert torch.equal(first, second)  # a pure function of (seed, epoch, step, rank)
+    assert torch.equal(first, second)  # a pure function of (seed, epoch, position)
 
 
 def test_evaluation_shards_cover_the_split_once(mnist):

@@ -129,7 +129,7 @@ def test_resume_never_starts_over_and_finished_runs_do_not_retrain(tmp_path, dat
     first = train(config(tmp_path, data_dir, epochs=1))
     again = train(config(tmp_path, data_dir, epochs=1))
     assert again["train_seconds"] == 0 and again["final_val_acc"] == first["final_val_acc"]
-    fresh = train(config(tmp_path, data_dir, epochs=1, resume="never"))
+    fresh = train(config(tmp_path, data_dir, epochs=1, resume="never", overwrite=True))
     assert fresh["train_seconds"] > 0 and fresh["steps"] == 16
 
 
