@@ -7,6 +7,7 @@ settings as env. Defaults come from TrainConfig, the one place they live.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -69,6 +70,8 @@ def train(
     resume: Annotated[str, _option("resume")] = _DEFAULTS["resume"],
     overwrite: Annotated[bool, _option("overwrite", flag=True)] = _DEFAULTS["overwrite"],
     lease_seconds: Annotated[float, _option("lease_seconds")] = _DEFAULTS["lease_seconds"],
+    collective_timeout_s: Annotated[float, _option("collective_timeout_s")]
+    = _DEFAULTS["collective_timeout_s"],
     keep_checkpoints: Annotated[int, _option("keep_checkpoints")] = _DEFAULTS["keep_checkpoints"],
     limit_train: Annotated[int | None, _option("limit_train")] = None,
     augment: Annotated[bool, _option("augment", flag=True)] = _DEFAULTS["augment"],
@@ -88,6 +91,20 @@ def train(
     summary = _run(lambda: run_training(TrainConfig(**settings)))
     if summary and summary.get("preempted_by"):  # the loop said so on rank 0
         raise typer.Exit(PREEMPTED_EXIT_CODE)
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def launch(ctx: typer.Context) -> None:
+    """Run train on this node's workers under torchrun's launcher, keeping the job's exit status.
+
+    cnn-job launch [TORCHRUN OPTIONS] train DATASET [OPTIONS], e.g. cnn-job launch --nnodes 2
+    --nproc-per-node 1 --node-rank 0 --rdzv-backend c10d --rdzv-endpoint HOST:29400 train cifar10.
+    Exit status: 0 done, 2 bad input, 75 stopped by a signal with the checkpoint written, 1 a
+    crashed or lost worker (no launcher traceback).
+    """
+    from job.launch import launch as launch_workers
+
+    raise typer.Exit(_run(lambda: launch_workers(list(ctx.args))))
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -177,6 +194,10 @@ def _run(action):
 def main() -> None:
     """Console-script entry: usage errors, like JobErrors, are one line and exit status 2."""
     status = _main()
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a worker of `cnn-job launch` (or torchrun)
+        from job.launch import record_status
+
+        record_status(status)
     if "job.distributed" in sys.modules:  # training ran (torch is loaded): maybe as one rank
         from job.distributed import exit_process
 

@@ -155,6 +155,8 @@ class TrainConfig:
         False, "With --resume never: delete the run already in --checkpoint-uri first (else refused).")
     lease_seconds: float = setting(
         30.0, "S3: the writer's lease; a job replacing a killed one waits at most this long.")
+    collective_timeout_s: float = setting(
+        300.0, "DDP: seconds a rank waits in a collective for the others before it fails.")
     keep_checkpoints: int = setting(
         3, "Newest checkpoints to keep; older ones go once a newer one is safe.")
     limit_train: int | None = setting(
@@ -185,6 +187,8 @@ class TrainConfig:
             (self.resume in ("auto", "never"), "--resume must be auto or never"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be {', '.join(LR_SCHEDULES)}"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (math.isfinite(self.collective_timeout_s) and self.collective_timeout_s >= 1,
+             "--collective-timeout-s must be a finite number of seconds, at least 1"),
             (math.isfinite(self.lease_seconds) and self.lease_seconds >= 1,
              "--lease-seconds must be a finite number of seconds, at least 1"),
             (not self.overwrite or self.resume == "never",

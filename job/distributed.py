@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import NoReturn
@@ -43,11 +45,15 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def setup(device_preference: str, timeout_s: int = 1800) -> Dist:
+def setup(device_preference: str, timeout_s: float = 300) -> Dist:
     """Read torchrun's environment; join the process group when there is more than one rank.
 
-    NCCL on GPUs, Gloo on CPU.
+    NCCL on GPUs, Gloo on CPU. `timeout_s` bounds how long a rank waits in a collective for a
+    peer that is gone without closing its connections (a dead node); a peer process that dies
+    closes them, and its peers fail at once.
     """
+    if os.environ.get("TORCHELASTIC_RUN_ID"):
+        exit_with_the_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -63,6 +69,22 @@ def setup(device_preference: str, timeout_s: int = 1800) -> Dist:
             device_id=device if device.type == "cuda" else None,
         )
     return Dist(rank, local_rank, world_size, device)
+
+
+def exit_with_the_launcher(poll_s: float = 1.0) -> None:
+    """A worker whose launcher (torchrun's agent) is killed outright is not told: it would train
+    on, and its peers would finish a run whose node is gone. Watch for the reparenting that the
+    agent's death causes, and leave at once (its peers then fail, and the set is restarted)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print("error: this worker's launcher died; stopping (exit status 1)", file=sys.stderr,
+              flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
 
 
 def teardown(d: Dist) -> None:

@@ -63,11 +63,18 @@ class StopRequest:
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self, d, step: int) -> bool:
-        """Whether every rank stops after this step (all ranks call it at every step)."""
+        """Inside an epoch: whether every rank stops after this step (all ranks call it at
+        every step; under DDP the ranks vote every CHECK_EVERY_STEPS steps)."""
+        if d.enabled and step % CHECK_EVERY_STEPS:
+            return False
+        return self.decided(d)
+
+    def decided(self, d) -> bool:
+        """Whether every rank stops here: a vote of all ranks (a collective: every rank calls it
+        at the same point), so that no rank goes on into a step, an evaluation or an epoch the
+        others have left."""
         if not d.enabled:
             return self.signal_name is not None
-        if step % CHECK_EVERY_STEPS:
-            return False
         import torch
 
         from job import distributed

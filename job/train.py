@@ -30,15 +30,11 @@ from job.summary import build_summary, provenance, write_summary
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the summary (rank 0's is complete)."""
-    d = distributed.setup(cfg.device)
+    d = distributed.setup(cfg.device, cfg.collective_timeout_s)
     checkpoints = CheckpointManager(cfg.checkpoint_uri, cfg.keep_checkpoints,
                                     cfg.s3_endpoint_url, log=functools.partial(say, d.is_main))
     try:
-        summary = _train(cfg, d, checkpoints)
-        # Leave together: rank 0 may still be writing its last checkpoint, and a rank that tears
-        # its process group down while a peer is mid-exchange can be aborted by Gloo.
-        distributed.barrier(d)
-        return summary
+        return _train(cfg, d, checkpoints)
     finally:
         checkpoints.release()  # the next job on this run need not wait for the lease to expire
         distributed.teardown(d)
@@ -49,13 +45,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def load_data(cfg: TrainConfig, d: Dist) -> ImageSplits:
-    """Local rank 0 fetches first, so one process per machine downloads while the rest wait."""
+    """The dataset's splits. Each archive's file lock makes one process per machine download it
+    while the others wait, outside any collective (a download is not bounded by the collective
+    timeout)."""
     p = preset(cfg.dataset)
-    if d.local_rank == 0:
-        paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir, cfg.s3_endpoint_url)
-    distributed.barrier(d)
-    if d.local_rank != 0:
-        paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir, cfg.s3_endpoint_url)
+    paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir, cfg.s3_endpoint_url)
     splits = load_splits(p, paths)
     if cfg.limit_train is not None:
         splits.train_images = splits.train_images[: cfg.limit_train]
@@ -223,7 +217,7 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
 
     train_seconds, trained_images = 0.0, 0
     with tracker, StopRequest() as stop:
-        while run.epoch < cfg.epochs and not stop.signal_name:
+        while run.epoch < cfg.epochs and not stop.decided(d):  # all ranks, after each epoch
             run.begin_epoch(d)
             description = f"epoch {run.epoch + 1}/{cfg.epochs}"
             started, throughput = time.perf_counter(), Throughput()
@@ -277,4 +271,8 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
         if d.is_main and cfg.summary_json and not preempted_by:
             write_summary(Path(cfg.summary_json), summary)
         tracker.close(summary)
+        # Leave together, still under StopRequest (a late signal cannot split the ranks' exit
+        # statuses): rank 0 may still be writing, and a rank that tears its process group down
+        # while a peer is mid-exchange can be aborted by Gloo.
+        distributed.barrier(d)
     return summary

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import http.client
 import http.server
 import os
 import re
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 import types
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -119,6 +121,8 @@ def start_s3_server(extra_env: dict | None = None):
     raise RuntimeError("moto_server did not start")
 
 
+RELAY_WAIT_S = 60  # bound on how long the relay holds a transfer
+
 SECRET = "cnn-job-test-secret-Zq8Wv3"  # must never show up in output, summaries or checkpoints
 
 
@@ -144,3 +148,115 @@ def s3(s3_server, monkeypatch, request):
     bucket = "t-" + re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
     client.create_bucket(Bucket=bucket)
     return types.SimpleNamespace(endpoint=s3_server, client=client, bucket=bucket, env=env)
+
+
+# ----------------------------------------------------------------------------------------------
+# a relay that holds a transfer it has started
+
+
+class Relay(http.server.ThreadingHTTPServer):
+    """Relays each request to `upstream` (a real server on loopback: the HTTP mirror, or moto's
+    S3). The first GET whose path ends with `hold_get` is held after the response's headers and
+    first chunk; a PUT of a multipart part numbered `hold_parts_from` or above is held before it
+    is forwarded, and so is the first PUT whose path holds `hold_put`. All until `release` is
+    set; `holding` is set once one is held."""
+
+    daemon_threads = False  # so that close() joins the request threads
+    block_on_close = True
+
+    def __init__(self, upstream: str, hold_get: str | None = None,
+                 hold_parts_from: int | None = None, hold_put: str | None = None) -> None:
+        super().__init__(("127.0.0.1", 0), _RelayHandler)
+        self.upstream = urllib.parse.urlsplit(upstream).netloc
+        self.hold_get, self.hold_parts_from, self.hold_put = hold_get, hold_parts_from, hold_put
+        self.holding, self.release = threading.Event(), threading.Event()
+        self.url = f"http://127.0.0.1:{self.server_port}"
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def holds(self, method: str, path: str) -> bool:
+        url = urllib.parse.urlsplit(path)
+        if method == "GET" and self.hold_get:
+            return url.path.endswith(self.hold_get) and not self.holding.is_set()
+        if method == "PUT" and self.hold_put:
+            return self.hold_put in url.path and not self.holding.is_set()
+        part = urllib.parse.parse_qs(url.query).get("partNumber", ["0"])[0]
+        return method == "PUT" and self.hold_parts_from is not None and int(part) >= self.hold_parts_from
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a stopped client is expected
+            super().handle_error(request, client_address)
+
+    def close(self) -> None:
+        self.release.set()
+        self.shutdown()
+        self.server_close()
+
+
+class _RelayHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, and the "100 Continue" boto3 waits for on PUTs
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        try:
+            self._relay()
+        except (ConnectionError, TimeoutError):  # the client was stopped: that is the point
+            self.close_connection = True
+
+    do_HEAD = do_PUT = do_POST = do_DELETE = do_GET
+
+    def _relay(self) -> None:
+        relay: Relay = self.server
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else None
+        if length and len(body) < length:  # its client was killed while sending it
+            self.close_connection = True
+            return
+        held = relay.holds(self.command, self.path)
+        if held and self.command != "GET":
+            relay.holding.set()
+            relay.release.wait(RELAY_WAIT_S)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("expect", "connection")}
+        upstream = http.client.HTTPConnection(relay.upstream, timeout=RELAY_WAIT_S)
+        try:
+            upstream.request(self.command, self.path, body=body, headers=headers)
+            response = upstream.getresponse()
+            data = None
+            if response.getheader("Content-Length") is None and self.command != "HEAD":
+                data = response.read()  # a chunked answer goes on with a length
+            self.send_response_only(response.status, response.reason)
+            for name, value in response.getheaders():
+                if name.lower() not in ("transfer-encoding", "connection", "keep-alive"):
+                    self.send_header(name, value)
+            if data is not None:
+                self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if data is not None:
+                self.wfile.write(data)
+            elif self.command != "HEAD":
+                self._stream(response, held)
+        finally:
+            upstream.close()
+
+    def _stream(self, response: http.client.HTTPResponse, held: bool) -> None:
+        while chunk := response.read(64 << 10):
+            self.wfile.write(chunk)
+            if held:  # the transfer has started: hold it, then drop it (its client is gone)
+                self.server.holding.set()
+                self.server.release.wait(RELAY_WAIT_S)
+                self.close_connection = True
+                return
+
+
+@pytest.fixture
+def relay():
+    started = []
+
+    def start(upstream: str, **holds) -> Relay:
+        started.append(Relay(upstream, **holds))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.close()

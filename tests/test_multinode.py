@@ -1,0 +1,219 @@
+"""Two nodes, one run, the way a cluster treats pods: each "node" is one `cnn-job launch`
+process (torchrun's launcher, one worker), rendezvous on loopback. A signal to either node at
+any point, a killed worker or launcher, bad input, a node lost for good: every process ends in
+bounded time with the status the manifests act on, and the run continues from its checkpoint.
+Every wait is on a state (a file, an object, a relay holding a write), bounded."""
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import CNN_JOB, Relay
+from tests.test_preemption import assert_same_weights, read_checkpoint
+
+WAIT_S = 120
+STOP_S = 10  # SIGTERM: every process has exited within this, with status 75
+LOST_S = 60  # kill -9: every other process has exited within this, non-zero
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Nodes:
+    """Two `cnn-job launch` processes training one run, as two pods would."""
+
+    def __init__(self, data_dir, checkpoint_uri, *train_args, launch_args=(), env=None, tmp=None):
+        port = free_port()
+        self.logs = [Path(tmp) / f"node{rank}.log" for rank in (0, 1)]
+        self.processes, self.seen_workers = [], set()
+        for rank in (0, 1):
+            rendezvous = launch_args or ("--nnodes", "2", "--node-rank", str(rank),
+                                         "--master-addr", "127.0.0.1", "--master-port", str(port))
+            command = [str(CNN_JOB), "launch", "--nproc-per-node", "1", *rendezvous,
+                       "train", "mnist", "--data-uri", str(data_dir), "--checkpoint-uri",
+                       str(checkpoint_uri), "--device", "cpu", *train_args]
+            with open(self.logs[rank], "w") as log:
+                self.processes.append(subprocess.Popen(
+                    command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                    start_new_session=True))
+
+    def wait(self, timeout_s: float = WAIT_S) -> tuple[list[int], float]:
+        """Both nodes' exit statuses, and the seconds until the last of them exited."""
+        started = time.monotonic()
+        statuses = [process.wait(timeout=timeout_s) for process in self.processes]
+        return statuses, time.monotonic() - started
+
+    def output(self, rank: int) -> str:
+        return self.logs[rank].read_text()
+
+    def workers(self, rank: int) -> list[int]:
+        """The node's worker processes (torchrun starts each in a session of its own)."""
+        pid = self.processes[rank].pid
+        pids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        self.seen_workers.update(pids)
+        return pids
+
+    def kill_all(self) -> None:
+        for pid in [process.pid for process in self.processes] + sorted(self.seen_workers):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        for process in self.processes:
+            process.wait()
+
+    def assert_all_gone(self, timeout_s: float = 0) -> None:
+        """No launcher and no worker of either node is left running (within `timeout_s`)."""
+        deadline = time.monotonic() + timeout_s
+        left = [1]
+        while left:
+            left = [p for p in self.processes if p.poll() is None]
+            left += [pid for pid in self.seen_workers if alive(pid)]
+            assert not left or time.monotonic() < deadline, f"processes left: {left}"
+            time.sleep(0.05)
+
+
+def alive(pid) -> bool:
+    """Running (not exited, and not a zombie waiting to be reaped)."""
+    pid = getattr(pid, "pid", pid)
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_for(condition, nodes: Nodes, timeout_s: float = WAIT_S) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if any(process.poll() is not None for process in nodes.processes):
+            raise AssertionError("a node ended early:\n" + nodes.output(0)[-2000:] + nodes.output(1)[-2000:])
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+TRAIN = ("--epochs", "2", "--limit-train", "3200", "--checkpoint-every-steps", "5",
+         "--lr-schedule", "constant")
+
+
+@pytest.fixture
+def nodes(tmp_path):
+    started = []
+
+    def start(*args, **kwargs) -> Nodes:
+        started.append(Nodes(*args, tmp=tmp_path, **kwargs))
+        return started[-1]
+
+    yield start
+    for running in started:
+        running.kill_all()
+
+
+def rerun_completes(data_dir, folder, tmp_path, nodes) -> None:
+    rerun = nodes(data_dir, folder, *TRAIN)
+    statuses, _ = rerun.wait()
+    assert statuses == [0, 0], rerun.output(0)[-3000:]
+    assert "resumed from" in rerun.output(0)
+
+
+@pytest.mark.parametrize("signalled", [0, 1])
+def test_sigterm_to_either_node_during_a_step(data_dir, tmp_path, nodes, signalled):
+    folder = tmp_path / "ckpt"
+    run = nodes(data_dir, folder, *TRAIN)
+    wait_for((folder / "latest").exists, run)
+    run.workers(0), run.workers(1)
+    run.processes[signalled].send_signal(signal.SIGTERM)
+    statuses, seconds = run.wait()
+    assert statuses == [75, 75] and seconds < STOP_S, (statuses, seconds, run.output(signalled))
+    run.assert_all_gone()
+    assert run.output(0).count("preempted by") == 1  # rank 0 alone says it
+    for rank in (0, 1):
+        assert "Traceback" not in run.output(rank)
+    interrupted = read_checkpoint(None, folder)
+    assert 0 < interrupted["epoch_position"] < 3200 and interrupted["epoch"] == 0
+    if signalled == 1:  # (once is enough: the resume itself is the same whichever node it was)
+        rerun_completes(data_dir, folder, tmp_path, nodes)
+        straight = nodes(data_dir, tmp_path / "straight", *TRAIN)
+        assert straight.wait()[0] == [0, 0]
+        assert_same_weights(read_checkpoint(None, folder), read_checkpoint(None, tmp_path / "straight"))
+
+
+def test_sigterm_during_evaluation(data_dir, tmp_path, nodes):
+    folder, record = tmp_path / "ckpt", tmp_path / "indices"
+    run = nodes(data_dir, folder, *TRAIN, env={"CNN_JOB_RECORD_INDICES": str(record)})
+    rank1 = Path(f"{record}.rank1")
+    # Rank 1 has served epoch 1's last batch (25 steps of 64): it is evaluating now.
+    wait_for(lambda: rank1.exists() and rank1.read_text().count("\n") >= 25, run)
+    run.workers(0), run.workers(1)
+    run.processes[1].send_signal(signal.SIGTERM)
+    statuses, seconds = run.wait()
+    assert statuses == [75, 75] and seconds < STOP_S, (statuses, seconds, run.output(1))
+    run.assert_all_gone()
+    assert read_checkpoint(None, folder)["epoch"] == 1  # epoch 1 evaluated and checkpointed
+
+
+def test_sigterm_during_a_checkpoint_write(s3, data_dir, tmp_path, nodes):
+    held = Relay(s3.endpoint, hold_put="/step-")
+    try:
+        uri = f"s3://{s3.bucket}/run"
+        run = nodes(data_dir, uri, *TRAIN, env={"AWS_ENDPOINT_URL": held.url})
+        assert held.holding.wait(WAIT_S)  # rank 0 is uploading its first checkpoint
+        run.workers(0), run.workers(1)
+        run.processes[1].send_signal(signal.SIGTERM)
+        run.processes[0].send_signal(signal.SIGTERM)
+        released = time.monotonic()
+        held.release.set()
+        statuses, _ = run.wait()
+        seconds = time.monotonic() - released
+        assert statuses == [75, 75] and seconds < STOP_S, (statuses, seconds, run.output(0))
+        run.assert_all_gone()
+        assert read_checkpoint(s3, uri)["epoch_position"] > 0
+    finally:
+        held.close()
+
+
+@pytest.mark.parametrize("victim", ["worker", "launcher"])
+def test_kill_9_of_a_worker_or_launcher_ends_every_process(data_dir, tmp_path, nodes, victim):
+    folder = tmp_path / "ckpt"
+    run = nodes(data_dir, folder, *TRAIN)
+    wait_for((folder / "latest").exists, run)
+    worker = run.workers(1)[0]
+    run.workers(0)
+    killed = time.monotonic()
+    os.kill(worker if victim == "worker" else run.processes[1].pid, signal.SIGKILL)
+    statuses, _ = run.wait(timeout_s=LOST_S)
+    run.assert_all_gone(timeout_s=LOST_S - (time.monotonic() - killed))  # orphans follow too
+    assert 0 not in statuses, (statuses, run.output(0))
+    if victim == "launcher":
+        rerun_completes(data_dir, folder, tmp_path, nodes)
+
+
+def test_bad_input_is_status_2_on_every_node_without_a_traceback(data_dir, tmp_path, nodes):
+    run = nodes(data_dir, tmp_path / "ckpt", "--limit-train", "1")
+    statuses, _ = run.wait()
+    assert statuses == [2, 2]
+    for rank in (0, 1):
+        assert "leaves fewer images than processes" in run.output(rank)
+        assert "Traceback" not in run.output(rank) and "ChildFailedError" not in run.output(rank)
+
+
+def test_elastic_scale_down_continues_on_the_survivor_at_the_same_position(data_dir, tmp_path, nodes):
+    folder, port = tmp_path / "ckpt", free_port()
+    elastic = ("--nnodes", "1:2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+               "--rdzv-id", "elastic", "--max-restarts", "3", "--rdzv-conf", "last_call_timeout=1")
+    run = nodes(data_dir, folder, "--epochs", "1", "--limit-train", "3200", "--checkpoint-every-steps",
+                "5", launch_args=elastic)
+    wait_for((folder / "latest").exists, run)
+    for pid in [*run.workers(1), run.processes[1].pid]:  # node 1 is gone, launcher and worker
+        os.kill(pid, signal.SIGKILL)
+    status = run.processes[0].wait(timeout=WAIT_S)
+    out = run.output(0).replace("\n", " ")
+    assert status == 0, out[-3000:]
+    assert "batch 64 × 1 processes (the run had 64 × 2): continuing epoch 1 at image" in out
+    final = read_checkpoint(None, folder)
+    assert final["epoch"] == 1 and final["world_size"] == 1
