@@ -153,6 +153,7 @@ def test_sigterm_during_evaluation(data_dir, tmp_path, nodes):
     run.processes[1].send_signal(signal.SIGTERM)
     statuses, seconds = run.wait()
     assert statuses == [75, 75] and seconds < STOP_S, (statuses, seconds, run.output(1))
+    print(f"SIGTERM during evaluation: every process exited in {seconds:.1f} s")
     run.assert_all_gone()
     assert read_checkpoint(None, folder)["epoch"] == 1  # epoch 1 evaluated and checkpointed
 
@@ -171,6 +172,7 @@ def test_sigterm_during_a_checkpoint_write(s3, data_dir, tmp_path, nodes):
         statuses, _ = run.wait()
         seconds = time.monotonic() - released
         assert statuses == [75, 75] and seconds < STOP_S, (statuses, seconds, run.output(0))
+        print(f"SIGTERM during a checkpoint upload: every process exited {seconds:.1f} s after it")
         run.assert_all_gone()
         assert read_checkpoint(s3, uri)["epoch_position"] > 0
     finally:
