@@ -10,6 +10,7 @@ import glob
 import gzip
 import hashlib
 import io
+import json
 import pickle
 import posixpath
 import re
@@ -29,6 +30,8 @@ from job.errors import JobError
 from job.progress import say
 from job.storage import (
     S3Store,
+    atomic_output,
+    atomic_write_bytes,
     file_digest,
     file_lock,
     http_download,
@@ -199,8 +202,24 @@ class ImageSplits:
     sha256: dict[str, str]  # archive name -> checksum of the file trained on (provenance)
 
 
-def load_splits(p: DatasetPreset, paths: dict[str, Path]) -> ImageSplits:
-    sha256 = {name: file_digest(path) for name, path in paths.items()}
+def load_splits(p: DatasetPreset, paths: dict[str, Path], cache_dir: Path | None = None) -> ImageSplits:
+    """Both splits of the archives at `paths`. With a `cache_dir`, the parsed arrays are kept
+    there, keyed by the archives' sha256, and memory-mapped by the next start instead of being
+    parsed again (a changed archive has another sha256; a damaged cache is parsed again)."""
+    sha256 = {name: archive_sha256(path, cache_dir) for name, path in paths.items()}
+    if cache_dir is None:
+        return _parse(p, paths, sha256)
+    key = hashlib.sha256(" ".join(sorted(sha256.values())).encode()).hexdigest()[:20]
+    folder = cache_dir / "parsed" / f"{p.name}-{key}"
+    with file_lock(folder):  # one process per machine parses; the others then map its arrays
+        splits = _load_parsed(folder, sha256)
+        if splits is None:
+            splits = _parse(p, paths, sha256)
+            _save_parsed(folder, splits)
+    return splits
+
+
+def _parse(p: DatasetPreset, paths: dict[str, Path], sha256: dict[str, str]) -> ImageSplits:
     if p.name == "mnist":
         images = {s: read_idx(paths[f"{s}-images-idx3-ubyte.gz"]) for s in ("train", "t10k")}
         labels = {s: read_idx(paths[f"{s}-labels-idx1-ubyte.gz"]) for s in ("train", "t10k")}
@@ -218,6 +237,61 @@ def load_splits(p: DatasetPreset, paths: dict[str, Path]) -> ImageSplits:
         paths["cifar-10-python.tar.gz"]
     )
     return ImageSplits(train_images, train_labels, test_images, test_labels, sha256)
+
+
+# ----------------------------------------------------------------------------------------------
+# the parsed-dataset cache
+
+SPLIT_ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
+MANIFEST = "manifest.json"  # written last: a folder without it is incomplete
+
+
+def archive_sha256(path: Path, cache_dir: Path | None) -> str:
+    """An archive's sha256; with a `cache_dir`, remembered there by the file's path, size and
+    modification time, so that an unchanged archive is not read again at every start."""
+    if cache_dir is None:
+        return file_digest(path)
+    resolved, stat = str(path.resolve()), path.stat()
+    identity = {"path": resolved, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = cache_dir / "sha256" / f"{hashlib.sha256(resolved.encode()).hexdigest()[:32]}.json"
+    try:
+        saved = json.loads(memo.read_text())
+        if {key: saved.get(key) for key in identity} == identity and len(saved["sha256"]) == 64:
+            return saved["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no memo yet, or a damaged one: hash the file
+    digest = file_digest(path)
+    atomic_write_bytes(memo, json.dumps({**identity, "sha256": digest}).encode())
+    return digest
+
+
+def _save_parsed(folder: Path, splits: ImageSplits) -> None:
+    shapes = {}
+    for name in SPLIT_ARRAYS:
+        array = getattr(splits, name).numpy()
+        with atomic_output(folder / f"{name}.npy") as out:
+            np.save(out, array)
+        shapes[name] = [list(array.shape), str(array.dtype)]
+    manifest = {"sha256": splits.sha256, "arrays": shapes}
+    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+
+
+def _load_parsed(folder: Path, sha256: dict[str, str]) -> ImageSplits | None:
+    """The cached arrays, memory-mapped (copy on write); None when any part is missing, of
+    other archives, or damaged (truncated, another shape): the caller parses again."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        if manifest["sha256"] != sha256:
+            return None
+        arrays = {}
+        for name in SPLIT_ARRAYS:
+            array = np.load(folder / f"{name}.npy", mmap_mode="c", allow_pickle=False)
+            if [list(array.shape), str(array.dtype)] != manifest["arrays"][name]:
+                return None
+            arrays[name] = torch.from_numpy(array)
+    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        return None
+    return ImageSplits(**arrays, sha256=sha256)
 
 
 def _corrupt(path: Path, detail: object) -> JobError:

@@ -50,7 +50,7 @@ def load_data(cfg: TrainConfig, d: Dist) -> ImageSplits:
     timeout)."""
     p = preset(cfg.dataset)
     paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir, cfg.s3_endpoint_url)
-    splits = load_splits(p, paths)
+    splits = load_splits(p, paths, cfg.cache_dir)
     if cfg.limit_train is not None:
         splits.train_images = splits.train_images[: cfg.limit_train]
         splits.train_labels = splits.train_labels[: cfg.limit_train]

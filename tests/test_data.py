@@ -1,8 +1,11 @@
 import dataclasses
 import gzip
 import io
+import os
 import pickle
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -10,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+import job.data
 from job.config import preset
 from job.data import DeviceBatches, fetch_archives, load_splits, read_cifar10, read_idx
 from job.errors import JobError
+from tests.conftest import REPO
 
 CPU = torch.device("cpu")
 
@@ -275,3 +280,90 @@ def test_derived_seed_is_stable():
     assert 0 <= derived_seed(1, 2, 3) < 2**63
     # A blake2b digest, not hash(): the same in every process (no per-process hash salt).
     assert derived_seed(0, 0, 0, 0) == 5854343820274218872
+
+
+# ----------------------------------------------------------------------------------------------
+# the parsed-dataset cache
+
+
+def _mnist_copy(data_dir, tmp_path):
+    folder = tmp_path / "data" / "mnist"
+    shutil.copytree(data_dir / "mnist", folder)
+    return {a.name: folder / a.name for a in preset("mnist").archives}
+
+
+def _count_parses(monkeypatch) -> list:
+    parses = []
+    original = job.data._parse
+    monkeypatch.setattr(job.data, "_parse", lambda *a: parses.append(1) or original(*a))
+    return parses
+
+
+def _assert_same_splits(a, b):
+    for name in job.data.SPLIT_ARRAYS:
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert a.sha256 == b.sha256
+
+
+def test_parsed_cache_miss_then_hit(data_dir, tmp_path, monkeypatch, mnist):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    parses = _count_parses(monkeypatch)
+    first = load_splits(preset("mnist"), paths, cache)
+    second = load_splits(preset("mnist"), paths, cache)
+    assert len(parses) == 1  # the second start mapped the arrays instead of parsing
+    _assert_same_splits(first, mnist)
+    _assert_same_splits(second, mnist)
+    assert second.train_images.shape == (60000, 28, 28, 1)
+
+
+def test_parsed_cache_sees_a_changed_archive(data_dir, tmp_path, monkeypatch):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    first = load_splits(preset("mnist"), paths, cache)
+    parses = _count_parses(monkeypatch)
+    labels = paths["t10k-labels-idx1-ubyte.gz"]
+    content = bytearray(gzip.decompress(labels.read_bytes()))
+    content[8] = (content[8] + 1) % 10  # the first test label changes
+    labels.write_bytes(gzip.compress(bytes(content), mtime=0))
+    changed = load_splits(preset("mnist"), paths, cache)
+    assert len(parses) == 1 and changed.sha256 != first.sha256
+    assert changed.test_labels[0] == (first.test_labels[0] + 1) % 10
+
+
+def test_parsed_cache_repairs_a_truncated_file(data_dir, tmp_path, monkeypatch, mnist):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    load_splits(preset("mnist"), paths, cache)
+    (cached,) = (cache / "parsed").glob("mnist-*/train_images.npy")
+    cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
+    parses = _count_parses(monkeypatch)
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert len(parses) == 1
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert len(parses) == 1  # repaired: mapped again
+
+
+def test_sha256_is_remembered_by_path_size_and_mtime(data_dir, tmp_path, monkeypatch):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    archive = paths["train-labels-idx1-ubyte.gz"]
+    digest = job.data.archive_sha256(archive, cache)
+    hashed = []
+    original = job.data.file_digest
+    monkeypatch.setattr(job.data, "file_digest", lambda *a: hashed.append(a) or original(*a))
+    assert job.data.archive_sha256(archive, cache) == digest and not hashed
+    os.utime(archive, ns=(0, archive.stat().st_mtime_ns + 1))
+    assert job.data.archive_sha256(archive, cache) == digest and len(hashed) == 1
+
+
+def test_two_processes_fill_the_parsed_cache_at_once(data_dir, tmp_path):
+    _mnist_copy(data_dir, tmp_path)
+    script = ("import sys; from pathlib import Path; from job.config import preset; "
+              "from job.data import fetch_archives, load_splits; p = preset('mnist'); "
+              "s = load_splits(p, fetch_archives(p, sys.argv[1], Path(sys.argv[2])), Path(sys.argv[2])); "
+              "print(int(s.train_images.sum()), int(s.test_labels.sum()))")
+    command = [sys.executable, "-c", script, str(tmp_path / "data"), str(tmp_path / "cache")]
+    runs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=REPO) for _ in range(2)]
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outputs
+    assert outputs[0][0] == outputs[1][0] and outputs[0][0].strip()
+    assert len(list((tmp_path / "cache" / "parsed").glob("mnist-*/manifest.json"))) == 1
+    assert not list((tmp_path / "cache").rglob("*.partial"))
