@@ -1,12 +1,17 @@
 """The deployment files: Dockerfile, Kubernetes manifests, GitHub workflow, dependency lock.
 
-Each passes its own linter or schema. Then the commands they declare are run here as plain
-processes on CPU, with the environment a pod would get (image ENV, ConfigMap, Secret, env,
-JOB_COMPLETION_INDEX), against a real S3-compatible server on loopback: one process for
-k8s/job.yaml, two concurrent ones (ranks 0 and 1) for the Indexed Job in k8s/multinode/.
+Each passes its own linter or schema: the built-in Kubernetes objects (and the Jobs that a
+JobSet or a TrainJob makes) Kubernetes' schemas for every minor from 1.31 to 1.37, the JobSet
+and Kubeflow Trainer objects the models of their projects' published API. The failure handling
+each manifest declares is then read the way its controllers read it. Last, the commands the
+pods would run are run here as plain processes on CPU, with the environment a pod would get
+(image ENV, ConfigMap, Secret, env, JOB_COMPLETION_INDEX, the Trainer's PET_* variables),
+against a real S3-compatible server on loopback: one process for k8s/job.yaml, one per node,
+all at once, for each multi-node manifest.
 """
 
 import contextlib
+import copy
 import importlib.metadata
 import json
 import os
@@ -20,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kubeflow_trainer_api import models as published_models
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
@@ -35,8 +41,23 @@ from tests.test_preemption import read_checkpoint
 from tests.test_storage import push_mnist
 
 BIN = Path(sys.executable).parent
-MANIFEST_FOLDERS = (REPO / "k8s", REPO / "k8s" / "multinode")
-MANIFESTS = sorted(path for folder in MANIFEST_FOLDERS for path in folder.glob("*.yaml"))
+FOLDERS = {  # one `kubectl apply -f` each
+    "single": REPO / "k8s",
+    "indexed-job": REPO / "k8s" / "multinode",  # for clusters with neither JobSet nor the Trainer
+    "jobset": REPO / "k8s" / "jobset",
+    "trainjob": REPO / "k8s" / "trainjob",
+}
+MULTI_NODE = ("indexed-job", "jobset", "trainjob")
+MANIFESTS = sorted(path for folder in FOLDERS.values() for path in folder.glob("*.yaml"))
+# What managed clusters run today, up to the newest release kubernetes-validate knows.
+KUBERNETES_VERSIONS = [f"1.{minor}.0" for minor in range(31, 38)]
+# Custom resources → their model in kubeflow-trainer-api, which is generated from the Trainer's
+# published OpenAPI and carries JobSet v1alpha2 with it.
+CUSTOM_RESOURCES = {
+    ("jobset.x-k8s.io/v1alpha2", "JobSet"): published_models.JobsetV1alpha2JobSet,
+    ("trainer.kubeflow.org/v1alpha1", "TrainingRuntime"): published_models.TrainerV1alpha1TrainingRuntime,
+    ("trainer.kubeflow.org/v1alpha1", "TrainJob"): published_models.TrainerV1alpha1TrainJob,
+}
 WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
 LOCK = REPO / "requirements" / "constraints.txt"
 SECRET_NAME = "cnn-job-credentials"  # what the README's `kubectl create secret` makes
@@ -47,21 +68,137 @@ def tool(name: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / name), *args], capture_output=True, text=True, timeout=120)
 
 
+def load_folder(folder: Path) -> dict[tuple[str, str], dict]:
+    """(kind, name) → object, for every manifest file in one `kubectl apply -f` folder."""
+    objects = {}
+    for path in sorted(folder.glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document:
+                objects[document["kind"], document["metadata"]["name"]] = document
+    return objects
+
+
+def is_custom(document: dict) -> bool:
+    return (document["apiVersion"], document["kind"]) in CUSTOM_RESOURCES
+
+
 # ----------------------------------------------------------------------------------------------
 # linters and schemas
 
 
-def test_manifests_pass_strict_kubernetes_validation(tmp_path):
-    assert len(MANIFESTS) == 5, MANIFESTS
-    result = tool("kubernetes-validate", "--strict", *map(str, MANIFESTS))
+def child_jobs(objects: dict) -> list[dict]:
+    """The batch/v1 Jobs that a folder's JobSet, or the one the Trainer makes of its TrainJob,
+    will have the API server create: they must pass its validation too."""
+    jobset = the_jobset(objects)
+    return [] if jobset is None else [
+        {"apiVersion": "batch/v1", "kind": "Job",
+         "metadata": {"name": f"{jobset['metadata']['name']}-{replicated['name']}-0",
+                      **replicated["template"].get("metadata", {})},
+         "spec": replicated["template"]["spec"]}
+        for replicated in jobset["spec"]["replicatedJobs"]]
+
+
+def test_kubernetes_objects_pass_strict_validation_on_every_minor_from_1_31(tmp_path):
+    built_in = [path for path in MANIFESTS
+                if not any(is_custom(doc) for doc in yaml.safe_load_all(path.read_text()))]
+    for name, folder in FOLDERS.items():
+        for job in child_jobs(load_folder(folder)):
+            built_in.append(tmp_path / f"{name}-{job['metadata']['name']}.yaml")
+            built_in[-1].write_text(yaml.safe_dump(job))
+    assert len(built_in) == len(MANIFESTS) - 3 + 2  # less JobSet, TrainJob, runtime; plus 2 Jobs
+    versions = [arg for version in KUBERNETES_VERSIONS for arg in ("-k", version)]
+    result = tool("kubernetes-validate", "--strict", *versions, *map(str, built_in))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.count(" passed ") == len(MANIFESTS), result.stdout
+    for version in KUBERNETES_VERSIONS:  # every file, every version: none skipped
+        passed = re.findall(rf" passed for .* against version {version.rsplit('.', 1)[0]}$",
+                            result.stdout, re.M)
+        assert len(passed) == len(built_in), (version, result.stdout)
     # Strict means strict: a misspelt field fails (without --strict it would pass).
-    misspelt = tmp_path / "job.yaml"
-    misspelt.write_text((REPO / "k8s" / "job.yaml").read_text().replace(
-        "ttlSecondsAfterFinished", "ttlSecondsAfterFinish"))
-    result = tool("kubernetes-validate", "--strict", str(misspelt))
+    job = (REPO / "k8s" / "job.yaml").read_text()
+    misspelt = write(tmp_path / "job.yaml", job.replace("ttlSecondsAfterFinished", "ttlSecondsAfterFinish"))
+    result = tool("kubernetes-validate", "--strict", *versions, str(misspelt))
     assert result.returncode != 0 and "ttlSecondsAfterFinish" in result.stdout + result.stderr
+    # And each version by its own schemas: before 1.35 a pod condition pattern needed `status`.
+    no_status = write(tmp_path / "no-status.yaml", job.replace('status: "True"', ""))
+    result = tool("kubernetes-validate", "--strict", "-k", "1.34.0", "-k", "1.35.0", str(no_status))
+    assert re.search(r"version 1.34: spec.podFailurePolicy.rules.2.onPodConditions.0: 'status' is "
+                     r"a required property\n.* passed for .* against version 1.35", result.stdout)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def not_kept(given, kept, path: tuple = ()) -> list[tuple]:
+    """The paths of `given` that `kept` lacks or holds another value at."""
+    if isinstance(given, dict) and isinstance(kept, dict):
+        return [lost for key, value in given.items()
+                for lost in ([(*path, key)] if key not in kept else not_kept(value, kept[key], (*path, key)))]
+    if isinstance(given, list) and isinstance(kept, list) and len(given) == len(kept):
+        return [lost for i, (g, k) in enumerate(zip(given, kept)) for lost in not_kept(g, k, (*path, i))]
+    return [] if given == kept else [path]
+
+
+def value_at(document, path: tuple):
+    for key in path:
+        document = document[key]
+    return document
+
+
+def published_api_errors(document: dict) -> list[str]:
+    """What the published API's model of a custom resource does not accept in `document`.
+
+    The generated models are lenient: their from_dict reads only the fields they know (an
+    unknown or misspelt one is dropped without a word) and puts "" for a required field left
+    out. So the document is parsed and given back, and whatever did not survive the round trip
+    (an unknown field), or came back as "" (a missing required one), is an error; a value of
+    the wrong type fails the parse itself.
+    """
+    model = CUSTOM_RESOURCES[document["apiVersion"], document["kind"]]
+    try:
+        kept = model.from_dict(document).to_dict()
+    except ValueError as error:  # pydantic's ValidationError is one
+        return [str(error)]
+    errors = []
+    for path in not_kept(document, kept):
+        where = ".".join(map(str, path))
+        try:
+            errors.append(f"{where}: {value_at(document, path)!r} came back as {value_at(kept, path)!r}")
+        except (KeyError, IndexError):
+            errors.append(f"unknown field {where}")
+    return errors + [f"required field {'.'.join(map(str, path))} missing"
+                     for path in not_kept(kept, document) if value_at(kept, path) == ""]
+
+
+def test_jobset_and_trainer_objects_match_their_published_api():
+    documents = [doc for path in MANIFESTS for doc in yaml.safe_load_all(path.read_text())
+                 if is_custom(doc)]
+    assert sorted(doc["kind"] for doc in documents) == ["JobSet", "TrainJob", "TrainingRuntime"]
+    for document in documents:
+        assert published_api_errors(document) == [], document["kind"]
+
+
+@pytest.mark.parametrize(("file", "field", "misspelt", "error"), [
+    ("jobset/jobset.yaml", "maxRestarts:", "maxRestart:",
+     "unknown field spec.failurePolicy.maxRestart"),
+    ("jobset/jobset.yaml", "onJobFailureMessagePatterns:", "onJobFailureMessagePattern:",
+     "unknown field spec.failurePolicy.rules.0.onJobFailureMessagePattern"),
+    ("jobset/jobset.yaml", "terminationGracePeriodSeconds:", "terminationGracePeriod:",
+     "unknown field spec.replicatedJobs.0.template.spec.template.spec.terminationGracePeriod"),
+    ("jobset/jobset.yaml", "- name: BadInput\n        action:", "- action:",
+     "required field spec.failurePolicy.rules.0.name missing"),
+    ("trainjob/runtime.yaml", "restartStrategy:", "restartstrategy:",
+     "unknown field spec.template.spec.failurePolicy.restartstrategy"),
+    ("trainjob/trainjob.yaml", "numProcPerNode:", "numProcsPerNode:",
+     "unknown field spec.trainer.numProcsPerNode"),
+    ("trainjob/trainjob.yaml", "numNodes: 2", 'numNodes: "2"', "Input should be a valid integer"),
+])
+def test_a_misspelt_or_mistyped_jobset_or_trainjob_is_rejected(file, field, misspelt, error):
+    text = (REPO / "k8s" / file).read_text()
+    assert field in text
+    errors = published_api_errors(yaml.safe_load(text.replace(field, misspelt, 1)))  # the first
+    assert any(error in line for line in errors), errors
 
 
 def test_dockerfile_passes_hadolint():
@@ -174,36 +311,153 @@ def test_nothing_in_the_image_context_is_missing():
 # the manifests: what they promise Kubernetes
 
 
-def load_folder(folder: Path) -> dict[tuple[str, str], dict]:
-    """(kind, name) → object, for every manifest file in one `kubectl apply -f` folder."""
-    objects = {}
-    for path in sorted(folder.glob("*.yaml")):
-        for document in yaml.safe_load_all(path.read_text()):
-            if document:
-                objects[document["kind"], document["metadata"]["name"]] = document
-    return objects
+ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+TRAINER_PORT = 29500  # the port the Trainer gives torchrun's rendezvous
+
+
+def trainer_jobset(objects: dict, trainjob: dict) -> dict:
+    """The JobSet the Kubeflow Trainer makes of a TrainJob on a torch runtime, as its pods see it
+    (kubeflow/trainer, pkg/runtime/framework/plugins: jobset/builder.go and torch/torch.go).
+
+    The runtime's JobSet template, named after the TrainJob; in the replicated Job labelled as
+    the trainer, numNodes pods; in its container `node`, the trainer's image, command, args,
+    env and resources, and torchrun's options as PET_* variables, rank 0 at
+    <trainjob>-node-0-0.<trainjob>.
+    """
+    name, trainer = trainjob["metadata"]["name"], trainjob["spec"]["trainer"]
+    ref = trainjob["spec"]["runtimeRef"]
+    runtime = objects[ref["kind"], ref["name"]]  # the folder brings its runtime
+    jobset = {"apiVersion": "jobset.x-k8s.io/v1alpha2", "kind": "JobSet",
+              "metadata": {"name": name}, "spec": copy.deepcopy(runtime["spec"]["template"]["spec"])}
+    (replicated,) = [job for job in jobset["spec"]["replicatedJobs"]
+                     if job["template"]["metadata"]["labels"][ANCESTOR_LABEL] == "trainer"]
+    nodes = trainer.get("numNodes", runtime["spec"]["mlPolicy"].get("numNodes", 1))
+    replicated["replicas"] = 1
+    replicated["template"]["spec"].update(parallelism=nodes, completions=nodes)
+    (container,) = [c for c in replicated["template"]["spec"]["template"]["spec"]["containers"]
+                    if c["name"] == "node"]
+    container.update({field: trainer[field] for field in ("image", "command", "args")
+                      if field in trainer})
+    if "resourcesPerNode" in trainer:
+        container["resources"] = trainer["resourcesPerNode"]
+    container["env"] = [*container.get("env", []), *trainer.get("env", []),
+                        {"name": "PET_NNODES", "value": str(nodes)},
+                        {"name": "PET_NPROC_PER_NODE", "value": str(trainer.get("numProcPerNode", "auto"))},
+                        {"name": "PET_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
+                        {"name": "PET_MASTER_ADDR", "value": f"{name}-node-0-0.{name}"},
+                        {"name": "PET_MASTER_PORT", "value": str(TRAINER_PORT)}]
+    container.setdefault("ports", []).append({"containerPort": TRAINER_PORT})
+    return jobset
+
+
+def the_jobset(objects: dict) -> dict | None:
+    """The JobSet a folder runs as: its own, or the one the Trainer makes of its TrainJob."""
+    for (kind, _), obj in objects.items():
+        if kind == "JobSet":
+            return obj
+        if kind == "TrainJob":
+            return trainer_jobset(objects, obj)
+    return None
 
 
 def the_job(objects: dict) -> dict:
-    (job,) = [obj for (kind, _), obj in objects.items() if kind == "Job"]
-    return job
+    """The Job whose pods train: the folder's Job, or the one child Job of its JobSet."""
+    jobset = the_jobset(objects)
+    if jobset is None:
+        (job,) = [obj for (kind, _), obj in objects.items() if kind == "Job"]
+        return job
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    assert replicated.get("replicas", 1) == 1
+    return {"metadata": {"name": f"{jobset['metadata']['name']}-{replicated['name']}-0"},
+            "spec": replicated["template"]["spec"]}
 
 
-@pytest.mark.parametrize("folder", MANIFEST_FOLDERS, ids=lambda folder: folder.name)
-def test_job_retries_preemption_fails_on_bad_input_and_fits_a_gpu(folder):
-    spec = the_job(load_folder(folder))["spec"]
-    rules = spec["podFailurePolicy"]["rules"]
-    on_exit = {code: rule["action"] for rule in rules if "onExitCodes" in rule
-               for code in rule["onExitCodes"]["values"] if rule["onExitCodes"]["operator"] == "In"}
-    assert on_exit == {2: "FailJob", PREEMPTED_EXIT_CODE: "Ignore"}
-    assert {"type": "DisruptionTarget"} in [c for rule in rules if rule["action"] == "Ignore"
-                                           for c in rule.get("onPodConditions", [])]
-    pod = spec["template"]["spec"]
-    (container,) = pod["containers"]
-    assert all(rule["onExitCodes"]["containerName"] == container["name"]
-               for rule in rules if "onExitCodes" in rule)
+def the_container(job: dict) -> dict:
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def pod_failure_action(job_spec: dict, exit_code: int, conditions=()) -> tuple[str, str]:
+    """What the Job controller does with a failed pod: (action, the Job's failure message).
+
+    The first podFailurePolicy rule that matches: FailJob (with the message the controller
+    writes), Ignore, or Count when none does (kubernetes, pkg/controller/job/
+    pod_failure_policy.go). `exit_code` is the container's, 128+N for a kill by signal N.
+    """
+    container = the_container({"spec": job_spec})["name"]
+    for index, rule in enumerate(job_spec.get("podFailurePolicy", {}).get("rules", [])):
+        action, on_exit = rule["action"], rule.get("onExitCodes")
+        if on_exit and on_exit.get("containerName", container) == container and exit_code != 0 \
+                and (exit_code in on_exit["values"]) == (on_exit["operator"] == "In"):
+            return action, (f"Container {container} for pod ns/pod failed with exit code "
+                            f"{exit_code} matching {action} rule at index {index}")
+        for pattern in rule.get("onPodConditions", []):
+            if pattern["type"] in conditions and pattern.get("status", "True") == "True":
+                return action, (f"Pod ns/pod has condition {pattern['type']} matching {action} "
+                                f"rule at index {index}")
+    return "Count", ""
+
+
+def jobset_action(jobset: dict, exit_code: int, conditions=()) -> str:
+    """What the JobSet controller does when a pod of its child Job fails: the action of the
+    first failurePolicy rule that matches the failed Job's reason and message, RestartJobSet if
+    none does (kubernetes-sigs/jobset, pkg/controllers/failure_policy.go)."""
+    (replicated,) = jobset["spec"]["replicatedJobs"]
+    action, message = pod_failure_action(replicated["template"]["spec"], exit_code, conditions)
+    if action == "FailJob":
+        reason = "PodFailurePolicy"
+    else:  # with no retries of its own, the Job fails on any counted failure
+        assert action == "Count" and replicated["template"]["spec"]["backoffLimit"] == 0, action
+        reason, message = "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+    for rule in jobset["spec"]["failurePolicy"].get("rules", []):
+        patterns = rule.get("onJobFailureMessagePatterns", [])
+        if reason in rule.get("onJobFailureReasons", [reason]) and (
+                not patterns or any(re.search(pattern, message) for pattern in patterns)):
+            return rule["action"]
+    return "RestartJobSet"
+
+
+# How a pod can end (the container's exit code, and the pod's conditions), and what each kind
+# of manifest must do about it.
+POD_ENDS = {
+    "bad input": (2, ()),
+    "preempted": (PREEMPTED_EXIT_CODE, ()),           # SIGTERM: the job checkpoints and exits 75
+    "evicted": (PREEMPTED_EXIT_CODE, ("DisruptionTarget",)),
+    "evicted, killed at the grace period": (128 + signal.SIGKILL, ("DisruptionTarget",)),
+    "crashed, or lost a peer": (1, ()),
+    "killed (out of memory)": (128 + signal.SIGKILL, ()),
+}
+JOB_ACTIONS = {  # per pod: the Job controller replaces pods one at a time
+    "bad input": "FailJob", "preempted": "Ignore", "evicted": "Ignore",
+    "evicted, killed at the grace period": "Ignore",
+    "crashed, or lost a peer": "Count", "killed (out of memory)": "Count",
+}
+JOBSET_ACTIONS = {  # the whole set
+    "bad input": "FailJobSet", "preempted": "RestartJobSetAndIgnoreMaxRestarts",
+    "evicted": "RestartJobSetAndIgnoreMaxRestarts",
+    "evicted, killed at the grace period": "RestartJobSetAndIgnoreMaxRestarts",
+    "crashed, or lost a peer": "RestartJobSet", "killed (out of memory)": "RestartJobSet",
+}
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_failures_are_handled_by_exit_code_and_pods_fit_a_gpu(name):
+    objects = load_folder(FOLDERS[name])
+    job, jobset = the_job(objects), the_jobset(objects)
+    if jobset is None:  # the Job's own podFailurePolicy decides, pod by pod
+        assert {end: pod_failure_action(job["spec"], *how)[0]
+                for end, how in POD_ENDS.items()} == JOB_ACTIONS
+        retries = job["spec"].get("backoffLimitPerIndex", job["spec"].get("backoffLimit"))
+        assert retries > 0 and job["spec"]["podReplacementPolicy"] == "Failed"
+        assert job["spec"]["ttlSecondsAfterFinished"] > 0
+    else:  # the JobSet's failurePolicy decides, for every pod at once
+        assert {end: jobset_action(jobset, *how) for end, how in POD_ENDS.items()} == JOBSET_ACTIONS
+        policy = jobset["spec"]["failurePolicy"]
+        assert policy["maxRestarts"] > 0 and policy["restartStrategy"] == "BlockingRecreate"
+    pod = job["spec"]["template"]["spec"]
+    container = the_container(job)
     assert pod["restartPolicy"] == "Never" and pod["terminationGracePeriodSeconds"] >= 60
-    assert spec["backoffLimit"] > 0 and spec["ttlSecondsAfterFinished"] > 0
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     volumes = {volume["name"]: volume for volume in pod["volumes"]}
     mounts = {mount["mountPath"]: volumes[mount["name"]] for mount in container["volumeMounts"]}
@@ -212,25 +466,62 @@ def test_job_retries_preemption_fails_on_bad_input_and_fits_a_gpu(folder):
     assert {"secretRef": {"name": SECRET_NAME}} in container["envFrom"]
 
 
-def test_both_jobs_run_the_same_image():
-    images = {the_job(load_folder(folder))["spec"]["template"]["spec"]["containers"][0]["image"]
-              for folder in MANIFEST_FOLDERS}
+def test_every_manifest_runs_the_same_image_on_its_own_settings_and_checkpoints():
+    images, settings, checkpoints = set(), set(), set()
+    for folder in FOLDERS.values():
+        objects = load_folder(folder)
+        images.add(the_container(the_job(objects))["image"])
+        ((_, name), config), = [(key, obj) for key, obj in objects.items() if key[0] == "ConfigMap"]
+        settings.add(name)  # applying one folder must not change another's settings
+        checkpoints.add(config["data"]["CNN_JOB_CHECKPOINT_URI"])  # nor resume its run
     assert len(images) == 1, images
+    assert len(settings) == len(checkpoints) == len(FOLDERS)
 
 
 def test_indexed_job_finds_rank_0_through_the_headless_service():
-    objects = load_folder(REPO / "k8s" / "multinode")
+    objects = load_folder(FOLDERS["indexed-job"])
     job = the_job(objects)
     (service,) = [obj for (kind, _), obj in objects.items() if kind == "Service"]
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
-    env = {item["name"]: item["value"] for item in pod["containers"][0]["env"]}
+    env = {item["name"]: item["value"] for item in the_container(job)["env"]}
     assert spec["completionMode"] == "Indexed"
     assert spec["completions"] == spec["parallelism"] == int(env["NNODES"]) >= 2
+    assert spec["maxFailedIndexes"] == 0  # one index out of retries ends the run
+    assert spec["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}  # rank 0 writes
     assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"]
     assert service["spec"]["selector"].items() <= spec["template"]["metadata"]["labels"].items()
     assert pod["subdomain"] == service["metadata"]["name"]
     # An Indexed Job's pod i is named and DNS-resolvable as <job>-i.<subdomain>.
     assert env["MASTER_ADDR"] == f"{job['metadata']['name']}-0.{pod['subdomain']}"
+
+
+def test_jobset_finds_rank_0_through_its_own_service():
+    jobset = load_folder(FOLDERS["jobset"])["JobSet", "cnn-job-jobset"]
+    job = the_job(load_folder(FOLDERS["jobset"]))
+    env = {item["name"]: item["value"] for item in the_container(job)["env"]}
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == int(env["NNODES"]) >= 2
+    # JobSet names the child Job <jobset>-<replicated job>-<job index> and its headless Service
+    # (the pods' subdomain) after itself, unless spec.network says otherwise.
+    subdomain = jobset["spec"].get("network", {}).get("subdomain", jobset["metadata"]["name"])
+    assert jobset["spec"].get("network", {}).get("enableDNSHostnames", True)
+    assert env["MASTER_ADDR"] == f"{job['metadata']['name']}-0.{subdomain}"
+
+
+def test_trainjob_runs_on_its_runtime_as_the_trainer_expects():
+    objects = load_folder(FOLDERS["trainjob"])
+    (trainjob,) = [obj for (kind, _), obj in objects.items() if kind == "TrainJob"]
+    runtime = objects[trainjob["spec"]["runtimeRef"]["kind"], trainjob["spec"]["runtimeRef"]["name"]]
+    assert trainjob["spec"]["runtimeRef"]["apiGroup"] == "trainer.kubeflow.org"
+    assert runtime["metadata"]["labels"]["trainer.kubeflow.org/framework"] == "torch"
+    assert "torch" in runtime["spec"]["mlPolicy"]  # the plugin that sets PET_*
+    job = the_job(objects)
+    assert job["spec"]["completionMode"] == "Indexed"  # PET_NODE_RANK is the completion index
+    assert job["spec"]["completions"] == trainjob["spec"]["trainer"]["numNodes"] >= 2
+    assert trainjob["spec"]["trainer"]["numProcPerNode"] == 1  # not "auto": one GPU per pod
+    # The Trainer sets these itself and refuses a TrainJob that sets them.
+    assert not {item["name"] for item in trainjob["spec"]["trainer"].get("env", [])
+                if item["name"].startswith("PET_")}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,22 +535,35 @@ def expand(text: str, env: dict) -> str:
 
 
 def pod_process(objects: dict, secret: dict, overrides: dict, index: int | None = None):
-    """The argv and environment the Job's container would start with, plus `overrides`.
+    """The argv and environment the training container would start with, plus `overrides`.
 
     Environment order as in Kubernetes: the image's ENV, then envFrom (ConfigMap, Secret), then
-    env, with JOB_COMPLETION_INDEX for an Indexed Job; `overrides` go on top of it all.
+    env (values, ConfigMap and Secret keys, the completion index), with JOB_COMPLETION_INDEX for
+    an Indexed Job; `overrides` go on top of it all.
     """
     job = the_job(objects)
-    (container,) = job["spec"]["template"]["spec"]["containers"]
+    container = the_container(job)
+    config_maps = {name: obj["data"] for (kind, name), obj in objects.items() if kind == "ConfigMap"}
     env = dict(IMAGE["ENV"])
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
-            env.update(objects["ConfigMap", source["configMapRef"]["name"]]["data"])
+            env.update(config_maps[source["configMapRef"]["name"]])
         else:
             assert source["secretRef"]["name"] == SECRET_NAME
             env.update(secret)
     for item in container.get("env", []):
-        env[item["name"]] = expand(item["value"], env)
+        source = item.get("valueFrom", {})
+        if "value" in item:
+            env[item["name"]] = expand(item["value"], env)
+        elif "fieldRef" in source:
+            assert source["fieldRef"]["fieldPath"] == COMPLETION_INDEX
+            env[item["name"]] = str(index)
+        elif "configMapKeyRef" in source:
+            key = source["configMapKeyRef"]
+            env[item["name"]] = config_maps[key["name"]][key["key"]]
+        else:
+            assert source["secretKeyRef"]["name"] == SECRET_NAME
+            env[item["name"]] = secret[source["secretKeyRef"]["key"]]
     if job["spec"].get("completionMode") == "Indexed":
         env["JOB_COMPLETION_INDEX"] = str(index)
     env.update(overrides)
@@ -298,7 +602,11 @@ class Pod:
 
     def __init__(self, objects: dict, secret: dict, s3, tmp_path: Path, run: str,
                  index: int | None = None, **extra_env: str):
-        self.dir = tmp_path / f"{run}-pod{'' if index is None else index}"
+        # A new pod, a replacement too, starts with empty volumes: a folder of its own.
+        name, attempt = f"{run}-pod{'' if index is None else index}", 0
+        while (tmp_path / f"{name}-{attempt}").exists():
+            attempt += 1
+        self.dir = tmp_path / f"{name}-{attempt}"
         for sub in ("home", "tmp"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         _, manifest_env = pod_process(objects, secret, {}, index)
@@ -366,7 +674,7 @@ def pods():
 
 def test_single_job_trains_from_s3_and_checkpoints_to_s3(s3, secret, data_dir, tmp_path, pods):
     push_mnist(s3, data_dir)
-    pod = Pod(load_folder(REPO / "k8s"), secret, s3, tmp_path, "single")
+    pod = Pod(load_folder(FOLDERS["single"]), secret, s3, tmp_path, "single")
     pods.append(pod)
     assert pod.argv[:2] == [str(CNN_JOB), "train"]
     assert pod.wait() == 0, pod.output()[-3000:]
@@ -375,52 +683,121 @@ def test_single_job_trains_from_s3_and_checkpoints_to_s3(s3, secret, data_dir, t
     assert state["world_size"] == 1 and state["epoch"] == 1 and state["step"] == 10  # 640 / 64
 
 
-def start_indexed_job(s3, secret, tmp_path, run, pods, **extra_env) -> list[Pod]:
-    """Every index of the Indexed Job at once, rank 0's address on loopback."""
-    objects = load_folder(REPO / "k8s" / "multinode")
-    rendezvous = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), **extra_env}
-    started = [Pod(objects, secret, s3, tmp_path, run, index, **rendezvous)
+def start_pods(name: str, s3, secret, tmp_path, run, pods, **extra_env) -> list[Pod]:
+    """Every pod of a multi-node manifest at once, as its Job (or JobSet) starts or restarts
+    them, with rank 0's address and port, wherever the manifest sets them, on loopback."""
+    objects = load_folder(FOLDERS[name])
+    _, manifest_env = pod_process(objects, secret, {}, 0)
+    port, rendezvous = str(_free_port()), {}
+    for prefix in ("", "PET_"):  # MASTER_ADDR for the launcher's flags; PET_* from the Trainer
+        if f"{prefix}MASTER_ADDR" in manifest_env:
+            rendezvous.update({f"{prefix}MASTER_ADDR": "127.0.0.1", f"{prefix}MASTER_PORT": port})
+    assert rendezvous, manifest_env
+    started = [Pod(objects, secret, s3, tmp_path, run, index, **rendezvous, **extra_env)
                for index in range(the_job(objects)["spec"]["completions"])]
     pods.extend(started)
     return started
 
 
-def test_indexed_job_trains_as_two_ranks(s3, secret, data_dir, tmp_path, pods):
+def wait_until_training(pod: Pod) -> None:
+    deadline = time.monotonic() + 180
+    while "training mnist on 2" not in pod.output():
+        assert time.monotonic() < deadline and pod.process.poll() is None, pod.output()[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("name", MULTI_NODE)
+def test_multi_node_manifest_trains_as_two_ranks(name, s3, secret, data_dir, tmp_path, pods):
     push_mnist(s3, data_dir)
-    started = start_indexed_job(s3, secret, tmp_path, "ddp", pods)
-    assert started[0].argv[:2] == ["sh", "-c"] and "torchrun" in started[0].argv[2]
+    started = start_pods(name, s3, secret, tmp_path, name, pods)
+    assert len(started) == 2
+    for pod in started:  # no shell in between: `cnn-job launch` is the container's process
+        assert pod.argv[:2] == [str(CNN_JOB), "launch"] and pod.argv[-2:] == ["--", "train"]
     for pod in started:
         assert pod.wait() == 0, pod.output()[-3000:]
     assert "training mnist on 2 × cpu" in started[0].output()
-    state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/ddp")
+    state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{name}")
     assert state["world_size"] == 2 and state["epoch"] == 1 and state["step"] == 5  # 320 / 64
 
 
-def test_indexed_job_pod_preempted_exits_75_and_the_retried_pods_resume(
-        s3, secret, data_dir, tmp_path, pods):
+# 25 steps per rank, a checkpoint every 5: time to be stopped mid-run, and a step to resume at.
+MORE_STEPS = {"CNN_JOB_LIMIT_TRAIN": "3200", "CNN_JOB_CHECKPOINT_EVERY_STEPS": "5"}
+ALL_STEPS = 25
+
+
+@pytest.mark.parametrize("name", ["indexed-job", "jobset"])
+def test_preempted_pod_stops_every_rank_with_75_and_the_set_resumes(
+        name, s3, secret, data_dir, tmp_path, pods):
     push_mnist(s3, data_dir)
-    more_steps = {"CNN_JOB_LIMIT_TRAIN": "12800"}  # 100 steps per rank: time to be preempted
-    rank_0, rank_1 = start_indexed_job(s3, secret, tmp_path, "pre", pods, **more_steps)
-    deadline = time.monotonic() + 180
-    while "training mnist on 2" not in rank_0.output():
-        assert time.monotonic() < deadline and rank_0.process.poll() is None, rank_0.output()
-        time.sleep(0.1)
+    run = f"pre-{name}"  # the parametrized tests' names, cut to a bucket name, are the same
+    rank_0, rank_1 = start_pods(name, s3, secret, tmp_path, run, pods, **MORE_STEPS)
+    wait_until_training(rank_0)
     time.sleep(1)
-    rank_1.process.send_signal(signal.SIGTERM)  # kubelet signals the container's PID 1: sh
-    assert rank_1.wait() == PREEMPTED_EXIT_CODE, rank_1.output()[-3000:]
-    # Its peer stops after the same step, and must not report success: the Job would count its
-    # index as done. (torchrun reports the worker's 75 as 1.)
-    status = rank_0.wait(timeout_s=60, hint=" (a worker that exits 0 here leaves torchrun waiting "
-                         "at its exit barrier for the preempted pod's agent)")
-    assert status != 0, rank_0.output()[-3000:]
-    stopped = read_checkpoint(s3, f"s3://{s3.bucket}/runs/pre")
-    assert stopped["world_size"] == 2 and 0 < stopped["step"] < 100
-    # The Job controller replaces both pods; they resume from that checkpoint and finish.
-    retried = start_indexed_job(s3, secret, tmp_path, "pre", pods, **more_steps)
+    rank_1.process.send_signal(signal.SIGTERM)  # kubelet signals the container's PID 1
+    # Every rank stops after the same step; rank 0 checkpoints; every pod says "retry me".
+    statuses = [pod.wait(timeout_s=90) for pod in (rank_1, rank_0)]
+    assert statuses == [PREEMPTED_EXIT_CODE] * 2, rank_0.output()[-3000:]
+    assert "Traceback" not in rank_0.output() + rank_1.output()
+    stopped = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{run}")
+    assert stopped["world_size"] == 2 and 0 < stopped["step"] < ALL_STEPS
+    objects = load_folder(FOLDERS[name])
+    jobset = the_jobset(objects)
+    if jobset is None:  # each pod replaced, none counted
+        assert {pod_failure_action(the_job(objects)["spec"], code)[0] for code in statuses} == {"Ignore"}
+    else:  # the set restarted, not counted
+        assert {jobset_action(jobset, code) for code in statuses} == {"RestartJobSetAndIgnoreMaxRestarts"}
+    retried = start_pods(name, s3, secret, tmp_path, run, pods, **MORE_STEPS)
     for pod in retried:
         assert pod.wait() == 0, pod.output()[-3000:]
-    assert f"resumed from s3://{s3.bucket}/runs/pre/step-{stopped['step']:09d}.pt" in (
+    assert f"resumed from s3://{s3.bucket}/runs/{run}/step-{stopped['step']:09d}.pt" in (
         retried[0].output().replace("\n", ""))
-    final = read_checkpoint(s3, f"s3://{s3.bucket}/runs/pre")
-    assert final["world_size"] == 2 and final["step"] == 100
+    final = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{run}")
+    assert final["world_size"] == 2 and final["step"] == ALL_STEPS
 
+
+def test_jobset_restarts_every_pod_when_one_is_killed(s3, secret, data_dir, tmp_path, pods):
+    push_mnist(s3, data_dir)
+    settings = {**MORE_STEPS, "CNN_JOB_COLLECTIVE_TIMEOUT_S": "30"}
+    rank_0, rank_1 = start_pods("jobset", s3, secret, tmp_path, "crash", pods, **settings)
+    wait_until_training(rank_0)
+    deadline = time.monotonic() + 120  # until a checkpoint to come back to
+    while not any(key.endswith(".pt") for key in s3_keys(s3, "runs/crash/")):
+        assert time.monotonic() < deadline and rank_0.process.poll() is None, rank_0.output()
+        time.sleep(0.2)
+    rank_1.kill()  # a lost node: SIGKILL to every process of the pod, no warning
+    assert rank_1.process.returncode == -signal.SIGKILL
+    # The peer does not wait for a timeout: its worker fails on the dropped connection (or
+    # after CNN_JOB_COLLECTIVE_TIMEOUT_S), and the pod says "crashed" in one line.
+    assert rank_0.wait(timeout_s=90) == 1, rank_0.output()[-3000:]
+    assert "ChildFailedError" not in rank_0.output()
+    jobset = the_jobset(load_folder(FOLDERS["jobset"]))
+    assert jobset_action(jobset, 128 + signal.SIGKILL) == jobset_action(jobset, 1) == "RestartJobSet"
+    stopped = read_checkpoint(s3, f"s3://{s3.bucket}/runs/crash")
+    assert 0 < stopped["step"] < ALL_STEPS
+    retried = start_pods("jobset", s3, secret, tmp_path, "crash", pods, **settings)
+    for pod in retried:
+        assert pod.wait() == 0, pod.output()[-3000:]
+    assert f"resumed from s3://{s3.bucket}/runs/crash/step-{stopped['step']:09d}.pt" in (
+        retried[0].output().replace("\n", ""))
+    assert read_checkpoint(s3, f"s3://{s3.bucket}/runs/crash")["step"] == ALL_STEPS
+
+
+def s3_keys(s3, prefix: str) -> list[str]:
+    listing = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix=prefix)
+    return [item["Key"] for item in listing.get("Contents", [])]
+
+
+@pytest.mark.parametrize("name", MULTI_NODE)
+def test_bad_input_fails_the_run_at_once(name, s3, secret, data_dir, tmp_path, pods):
+    # The ConfigMap names a dataset folder the bucket does not have: a retry would fail alike.
+    started = start_pods(name, s3, secret, tmp_path, f"bad-{name}", pods,
+                         CNN_JOB_DATA_URI=f"s3://{s3.bucket}/no-datasets-here")
+    statuses = [pod.wait(timeout_s=120) for pod in started]
+    assert statuses == [2, 2], [pod.output()[-2000:] for pod in started]
+    assert "Traceback" not in started[0].output()
+    objects = load_folder(FOLDERS[name])
+    jobset = the_jobset(objects)
+    if jobset is None:
+        assert pod_failure_action(the_job(objects)["spec"], 2)[0] == "FailJob"
+    else:
+        assert jobset_action(jobset, 2) == "FailJobSet"
