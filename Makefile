@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench clean docker-build docker-run
+.PHONY: install train test bench gpu-check clean docker-build docker-run
 
 install: $(STAMP)
 
@@ -30,6 +30,12 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench.py
+
+# On a machine with an NVIDIA GPU, even an air-gapped one: its own python3 with PyTorch, run from
+# this checkout (no venv, no pip, no boto3, no wandb). See bench/gpu_check.py.
+GPU_CHECK_DATA ?= ../shared/datasets
+gpu-check:
+	PYTHONPATH=. python3 bench/gpu_check.py --data $(GPU_CHECK_DATA)
 
 IMAGE ?= cnn-job
 

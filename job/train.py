@@ -266,8 +266,9 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
             job.say(f"preempted by {preempted_by} at step {run.step}: checkpoint "
                     f"{checkpointer.location} written; run the same command to resume "
                     f"(exit status {PREEMPTED_EXIT_CODE})")
-        summary = build_summary(cfg.dataset, run, train_seconds, trained_images,
-                                checkpointer.location, preempted_by, tracker.run_id, job.environment)
+        summary = {**build_summary(cfg.dataset, run, train_seconds, trained_images,
+                                   checkpointer.location, preempted_by, tracker.run_id,
+                                   job.environment), **gpu_memory(d.device)}
         if d.is_main and cfg.summary_json and not preempted_by:
             write_summary(Path(cfg.summary_json), summary)
         tracker.close(summary)
