@@ -199,14 +199,16 @@ def check_process_group(backend: str) -> dict:
             "detail": (result.stdout + result.stderr)[-500:]}
 
 
-def check_gpu_tests() -> dict:
+def check_gpu_tests(data: Path) -> dict:
+    """The GPU-only suite, kept apart in tests/test_gpu.py (the rest needs boto3, moto, W&B)."""
     import importlib.util
 
     if importlib.util.find_spec("pytest") is None:
         return {"step": "pytest -m gpu", "ok": None, "detail": "pytest is not installed here"}
     result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p",
-                             "no:cacheprovider", "tests"], capture_output=True, text=True,
-                            env=job_env(), cwd=REPO, timeout=900)
+                             "no:cacheprovider", "tests/test_gpu.py"], capture_output=True,
+                            text=True, env={**job_env(), "CNN_JOB_TEST_DATA": str(data)},
+                            cwd=REPO, timeout=900)
     # 5: every GPU test was deselected or skipped (none apply here), which is not a failure.
     return {"step": "pytest -m gpu", "ok": result.returncode in (0, 5),
             "detail": result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""}
@@ -242,7 +244,7 @@ def main() -> int:
         rows += [check_device_round_trip(data, work, args.device),
                  check_sigterm(data, work, args.device),
                  check_process_group("nccl" if args.device == "cuda" else "gloo"),
-                 check_gpu_tests()]
+                 check_gpu_tests(data)]
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
         "torch": torch.__version__, "python": platform.python_version(), "dry_run": args.dry_run,
