@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from job.errors import JobError
-from job.preemption import PREEMPTED_EXIT_CODE
+from job.preemption import PREEMPTED_EXIT_CODE, handle_signals_from_here
 
 STATUS_DIR_ENV = "CNN_JOB_STATUS_DIR"
 CRASHED = 1
@@ -60,6 +60,9 @@ def launch(args: list[str]) -> int:
     except SignalException:
         pass  # the agent has passed the signal on to the workers and waited for them
     finally:
+        # torchrun's handler (it raises SignalException) outlives its workers: ours again, so
+        # that a late signal still ends this launcher with a status, not by the signal.
+        handle_signals_from_here()
         statuses = read_statuses(status_dir)
         shutil.rmtree(status_dir, ignore_errors=True)
     return node_status(statuses, failures)
