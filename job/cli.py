@@ -7,6 +7,7 @@ settings as env. Defaults come from TrainConfig, the one place they live.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -180,6 +181,124 @@ def checkpoints_list(
 
     rows = _run(lambda: CheckpointManager(uri, endpoint_url=s3_endpoint_url).describe())
     print_checkpoint_table(uri, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# after training: cnn-job evaluate, predict, export
+
+CheckpointArgument = Annotated[str, typer.Argument(
+    help="A checkpoint file, or a checkpoint folder or s3://BUCKET/PREFIX (its `latest`); local "
+         "or s3://.", show_default=False)]
+DeviceOption = Annotated[str, _option("device")]
+
+
+def _note(message: str) -> None:
+    """A side remark (a fallback, other data) on stderr: stdout stays the command's answer."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@app.command()
+def evaluate(
+    checkpoint: CheckpointArgument,
+    data_uri: Annotated[str | None, typer.Option(
+        help="Folder, s3:// or http(s) URI laid out as <dataset>/<archive>, as for train.",
+        envvar="CNN_JOB_DATA_URI", show_default="the run's --data-uri, else the public mirrors")] = None,
+    test_data: Annotated[list[str] | None, typer.Option(
+        help="Your own labelled images in the dataset's archive format instead (local or s3://): "
+             "MNIST: the gzipped IDX images and labels files (give the option twice); CIFAR-10: "
+             "a python batch like test_batch, or a cifar-10-python.tar.gz.",
+        show_default=False)] = None,
+    cache_dir: Annotated[Path | None, _option("cache_dir")] = None,
+    device: DeviceOption = _DEFAULTS["device"],
+    precision: Annotated[str | None, typer.Option(
+        help="fp32, bf16, or auto (bf16 autocast on CUDA only).", envvar="CNN_JOB_PRECISION",
+        show_default="the run's")] = None,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Images per evaluation step.", envvar="CNN_JOB_EVAL_BATCH_SIZE",
+        show_default="the run's --eval-batch-size")] = None,
+    json_path: Annotated[str | None, typer.Option(
+        "--json", help="Also write the report as JSON to this file (- for stdout, instead of "
+        "the tables).", show_default=False)] = None,
+    s3_endpoint_url: EndpointOption = None,
+) -> None:
+    """Loss, accuracy, accuracy per class and the confusion matrix of a checkpoint on a test split.
+
+    The same evaluation as training's after every epoch (with the run's batch size and
+    precision): a run's final checkpoint scores the final_val_acc training reported. Under
+    torchrun the split is sharded over the processes and the sums all-reduced.
+    """
+    from job.inference import evaluate_checkpoint
+    from job.objects import Output
+    from job.progress import print_evaluation
+
+    def run() -> dict | None:
+        output = Output(json_path, "--json") if json_path and json_path != "-" else None
+        if output:
+            output.check()
+        report = evaluate_checkpoint(
+            checkpoint, data_uri=data_uri, test_data=test_data or [], cache_dir=cache_dir,
+            device=device, batch_size=batch_size, precision=precision,
+            endpoint_url=s3_endpoint_url, log=_note)
+        if report and output:
+            output.write((json.dumps(report, indent=2) + "\n").encode())
+        return report
+
+    report = _run(run)
+    if report and json_path == "-":
+        print(json.dumps(report, indent=2))
+    elif report:
+        print_evaluation(report)
+
+
+@app.command()
+def predict(
+    checkpoint: CheckpointArgument,
+    images: Annotated[list[str], typer.Argument(
+        help="PNG or JPEG files, local or s3://, of any size and colour mode.", show_default=False)],
+    top_k: Annotated[int, typer.Option(help="Classes to show per image, most likely first.",
+                                       envvar="CNN_JOB_TOP_K")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image and line.")]
+    = False,
+    device: DeviceOption = _DEFAULTS["device"],
+    s3_endpoint_url: EndpointOption = None,
+) -> None:
+    """The most likely classes of each image, with their probabilities.
+
+    Images are brought to what the dataset's look like: MNIST grayscale 28×28 (light digits on
+    black: colours are not inverted), CIFAR-10 RGB 32×32; the centred square is kept and resized,
+    transparency goes onto black.
+    """
+    from job.inference import predict as classify
+    from job.progress import print_predictions
+
+    predictions = _run(lambda: classify(checkpoint, images, top_k=top_k, device=device,
+                                        endpoint_url=s3_endpoint_url, log=_note))
+    print_predictions(predictions, as_json)
+
+
+@app.command()
+def export(
+    checkpoint: CheckpointArgument,
+    export_format: Annotated[str, typer.Option(
+        "--format", help="onnx, torch-export (a torch.export .pt2 program) or safetensors.",
+        show_default=False)],
+    output: Annotated[str, typer.Option(help="File to write, local or s3://BUCKET/KEY.",
+                                        show_default=False)],
+    s3_endpoint_url: EndpointOption = None,
+) -> None:
+    """Write the checkpoint's net as ONNX, a torch.export program or safetensors weights.
+
+    Each file carries what a server needs without this project's code: input shape, channel
+    order, normalisation, class names and provenance (see the README).
+    """
+    from job.export import export_checkpoint
+
+    result = _run(lambda: export_checkpoint(checkpoint, export_format, output, s3_endpoint_url,
+                                            log=_note))
+    metadata = result["metadata"]
+    print(f"{result['output']}  {result['format']}  {result['bytes']:,} bytes  {metadata['dataset']} "
+          f"step {metadata['step']}  val_acc "
+          f"{'-' if metadata['val_acc'] is None else format(metadata['val_acc'], '.2%')}")
 
 
 def _run(action):

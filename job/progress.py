@@ -1,8 +1,13 @@
-"""Terminal output: a rich progress bar with images/s and ETA on rank 0, silence elsewhere."""
+"""What the job prints: on rank 0 a rich progress bar with images/s and ETA on a terminal, plain
+progress lines off one (cluster and CI logs), and the tables of `checkpoints list`, `evaluate` and
+`predict`; silence on the other ranks."""
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
 from datetime import datetime, timezone
 
 from rich.console import Console
@@ -19,9 +24,14 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from job.errors import strip_userinfo
+from job.errors import JobError, strip_userinfo
 
 console = Console(highlight=False, soft_wrap=True)  # log lines stay whole off a terminal
+
+# Off a terminal, a progress line goes out at a log step (every --log-every-steps) once this many
+# seconds have passed since the previous line: 0 prints one at every log step.
+PROGRESS_INTERVAL_ENV = "CNN_JOB_PROGRESS_INTERVAL_S"
+DEFAULT_PROGRESS_INTERVAL_S = 10.0
 
 
 def print_error(message: str) -> None:
@@ -38,16 +48,31 @@ class ImagesPerSecondColumn(ProgressColumn):
 
 
 class EpochProgress:
-    """A bar for one epoch, advanced by images, with a short status text (the running loss).
+    """One epoch's progress, advanced by images, with a short status text (the running loss).
 
     Counts images of all ranks (each rank trains its equal share at the same pace), and is
-    shown by rank 0 only. Off a terminal (cluster logs) rich prints the finished bar once, so
-    each epoch leaves one bar line followed by its metrics line.
+    shown by rank 0 only. On a terminal it is a rich bar, redrawn in place. Off a terminal
+    (`kubectl logs`, CI, `| tee`) nothing can be redrawn, so it prints plain lines instead:
+
+        epoch 2/5  41.3%  24,768/60,000 images  loss 0.0812  4,035 img/s  elapsed 0:00:06  eta 0:00:08
+
+    one at a log step (every --log-every-steps; `status` is set then) once at least
+    CNN_JOB_PROGRESS_INTERVAL_S seconds (default 10; 0: every log step) have passed since the
+    previous line, and one when the epoch ends. img/s counts the images since the previous line;
+    the ETA assumes the epoch's average pace so far.
     """
 
     def __init__(self, description: str, total_images: int, enabled: bool, world_size: int = 1,
                  done_images: int = 0):
         self.world_size = world_size
+        self.description = description
+        self.total = total_images * world_size
+        self.done = done_images * world_size
+        self.lines = enabled and not console.is_terminal
+        self.interval_s = progress_interval_s() if self.lines else 0.0
+        self.started = self.last_line_at = time.monotonic()
+        self.started_done = self.last_line_done = self.done
+        self.status = ""
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -58,15 +83,12 @@ class EpochProgress:
             TextColumn("eta"),
             TimeRemainingColumn(),
             console=console,
-            disable=not enabled,
-            # Off a terminal nothing is redrawn, so no refresh thread competes for the GIL.
-            auto_refresh=console.is_terminal,
+            disable=not enabled or self.lines,
+            auto_refresh=True,
             refresh_per_second=4,
         )
-        self._task = self._progress.add_task(
-            description, total=total_images * world_size, completed=done_images * world_size,
-            status="",
-        )
+        self._task = self._progress.add_task(description, total=self.total, completed=self.done,
+                                             status="")
 
     def __enter__(self) -> EpochProgress:
         self._progress.__enter__()
@@ -74,15 +96,62 @@ class EpochProgress:
 
     def __exit__(self, *exc) -> None:
         self._progress.__exit__(*exc)
+        if self.lines and exc[0] is None and self.last_line_done != self.done:
+            self._print_line(time.monotonic())
 
     def advance(self, images: int, status: str | None = None) -> None:
-        fields = {} if status is None else {"status": status}
-        self._progress.update(self._task, advance=images * self.world_size, **fields)
+        self.done += images * self.world_size
+        if status is not None:
+            self.status = status
+        if not self.lines:
+            self._progress.update(self._task, advance=images * self.world_size,
+                                  **({} if status is None else {"status": status}))
+            return
+        now = time.monotonic()
+        if status is not None and now - self.last_line_at >= self.interval_s:
+            self._print_line(now)
+
+    def _print_line(self, now: float) -> None:
+        window_s = max(now - self.last_line_at, 1e-9)
+        rate = (self.done - self.last_line_done) / window_s
+        elapsed_s = now - self.started
+        average = (self.done - self.started_done) / max(elapsed_s, 1e-9)
+        eta = _clock((self.total - self.done) / average) if average > 0 else "--"
+        fraction = self.done / self.total if self.total else 1.0
+        parts = [self.description, f"{fraction:6.1%}", f"{self.done:,}/{self.total:,} images",
+                 self.status, f"{rate:,.0f} img/s", f"elapsed {_clock(elapsed_s)}", f"eta {eta}"]
+        print("  ".join(part for part in parts if part), flush=True)
+        self.last_line_at, self.last_line_done = now, self.done
+
+
+def progress_interval_s() -> float:
+    text = os.environ.get(PROGRESS_INTERVAL_ENV, "")
+    try:
+        value = float(text) if text.strip() else DEFAULT_PROGRESS_INTERVAL_S
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also NaN
+        raise JobError(f"{PROGRESS_INTERVAL_ENV}={text!r}: give a number of seconds, 0 or more")
+    return value
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def say(enabled: bool, message: str) -> None:
     if enabled:
         console.print(strip_userinfo(message))
+
+
+def print_table(table: Table) -> None:
+    """A table on stdout. Off a terminal (`| cat`, `| grep`, logs) there is no width to fit, so it
+    is printed whole, as wide as its contents, instead of cut to 80 columns."""
+    if console.is_terminal:
+        console.print(table)
+    else:
+        Console(highlight=False, width=10_000).print(table)
 
 
 def print_checkpoint_table(uri: str, rows: list[dict]) -> None:
@@ -104,5 +173,49 @@ def print_checkpoint_table(uri: str, rows: list[dict]) -> None:
         accuracy = "-" if row["val_acc"] is None else f"{row['val_acc']:.2%}"
         table.add_row("*" if row["latest"] else "", row["name"], str(row["step"]), epoch,
                       accuracy, size, written)
-    console.print(table)
+    print_table(table)
     console.print("* = the checkpoint `latest` names (what --resume auto continues from)")
+
+
+def print_evaluation(report: dict) -> None:
+    """`cnn-job evaluate`: the totals, accuracy per class, and the confusion matrix."""
+    names = report["class_names"]
+    console.print(f"{report['checkpoint']}  ({report['dataset']}, step {report['step']}, "
+                  f"epoch {report['epoch']})  on {report['data']}")
+    reported = report["training_val_acc"]
+    totals = Table(title="evaluation", title_justify="left")
+    for column in ("images", "loss", "accuracy", "training reported", "device", "precision",
+                   "processes"):
+        totals.add_column(column, justify="right", no_wrap=True)
+    totals.add_row(f"{report['images']:,}", f"{report['loss']:.4f}",
+                   f"{report['accuracy']:.2%} ({report['correct']:,})",
+                   "-" if reported is None else f"{reported:.2%}", report["device"],
+                   report["precision"], str(report["world_size"]))
+    print_table(totals)
+    per_class = Table(title="accuracy per class", title_justify="left")
+    for column in ("class", "images", "correct", "accuracy"):
+        per_class.add_column(column, justify="left" if column == "class" else "right", no_wrap=True)
+    for index, name in enumerate(names):
+        row = report["confusion_matrix"][index]
+        per_class.add_row(name, f"{sum(row):,}", f"{row[index]:,}",
+                          f"{report['per_class_accuracy'][name]:.2%}")
+    print_table(per_class)
+    matrix = Table(title="confusion matrix (rows: true class, columns: predicted)",
+                   title_justify="left")
+    matrix.add_column("true \\ predicted", no_wrap=True)
+    for name in names:
+        matrix.add_column(name, justify="right", no_wrap=True)
+    for name, row in zip(names, report["confusion_matrix"]):
+        matrix.add_row(name, *(f"{count:,}" for count in row))
+    print_table(matrix)
+
+
+def print_predictions(predictions: list[dict], as_json: bool) -> None:
+    """`cnn-job predict`: one line per image, its top classes with their probabilities; with
+    `as_json`, one JSON object per line instead."""
+    for prediction in predictions:
+        if as_json:
+            print(json.dumps(prediction), flush=True)
+            continue
+        top = "  ".join(f"{guess['class']} {guess['probability']:.2%}" for guess in prediction["top"])
+        print(f"{prediction['image']}  {top}", flush=True)

@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -191,3 +192,22 @@ def test_checkpoint_folder_without_write_permission(tmp_path, data_dir):
                      str(folder), "--cache-dir", str(tmp_path / "cache"), prefix=as_plain_user)
     assert_one_line_error(result, f"checkpoint folder {folder} is not writable", "Permission denied")
     assert list(folder.iterdir()) == []
+
+
+def test_piped_checkpoint_list_keeps_whole_names_and_the_latest_marker(tmp_path):
+    from job.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(str(tmp_path / "run"), keep=5)
+    for step in (100, 200):
+        manager.save({"model": {}, "optimizer": {}, "config": {"dataset": "mnist"}, "rng": {},
+                      "epoch": step // 100, "step": step, "epoch_step": 0,
+                      "metrics": [{"step": step, "val_acc": 0.5}]}, step)
+    (tmp_path / "run" / "step-000000300.pt").write_bytes(b"torn write of a checkpoint that died")
+    result = run_cli("checkpoints", "list", str(tmp_path / "run"), env={"COLUMNS": ""})  # | cat
+    assert result.returncode == 0, result.stderr
+    rows = {re.search(r"step-\d+\.pt", line)[0]: line for line in result.stdout.splitlines()
+            if "step-0" in line}
+    assert set(rows) == {"step-000000100.pt", "step-000000200.pt", "step-000000300.pt"}, result.stdout
+    assert "*" in rows["step-000000200.pt"] and "*" not in rows["step-000000100.pt"]
+    assert "unreadable: not a loadable torch file" in rows["step-000000300.pt"]
+    assert "…" not in result.stdout
