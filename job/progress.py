@@ -24,7 +24,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from job.errors import JobError, strip_userinfo
+from job.errors import strip_userinfo
 
 console = Console(highlight=False, soft_wrap=True)  # log lines stay whole off a terminal
 
@@ -125,13 +125,17 @@ class EpochProgress:
 
 
 def progress_interval_s() -> float:
-    text = os.environ.get(PROGRESS_INTERVAL_ENV, "")
+    """CNN_JOB_PROGRESS_INTERVAL_S; a value that is not a number of seconds gets the default and
+    one warning line (a bad log setting must not stop a run, nor one rank of it)."""
+    text = os.environ.get(PROGRESS_INTERVAL_ENV, "").strip()
     try:
-        value = float(text) if text.strip() else DEFAULT_PROGRESS_INTERVAL_S
+        value = float(text) if text else DEFAULT_PROGRESS_INTERVAL_S
     except ValueError:
         value = -1.0
     if not value >= 0:  # also NaN
-        raise JobError(f"{PROGRESS_INTERVAL_ENV}={text!r}: give a number of seconds, 0 or more")
+        print(f"warning: {PROGRESS_INTERVAL_ENV}={text!r} is not a number of seconds (0 or more); "
+              f"using {DEFAULT_PROGRESS_INTERVAL_S:g}", flush=True)
+        return DEFAULT_PROGRESS_INTERVAL_S
     return value
 
 

@@ -211,3 +211,12 @@ def test_piped_checkpoint_list_keeps_whole_names_and_the_latest_marker(tmp_path)
     assert "*" in rows["step-000000200.pt"] and "*" not in rows["step-000000100.pt"]
     assert "unreadable: not a loadable torch file" in rows["step-000000300.pt"]
     assert "…" not in result.stdout
+
+
+def test_after_training_commands_answer_help_without_loading_torch():
+    check = ("import sys; from typer.testing import CliRunner; from job.cli import app; "
+             "assert all(CliRunner().invoke(app, [c, '--help']).exit_code == 0 "
+             "for c in ('evaluate', 'predict', 'export')); "
+             "assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
