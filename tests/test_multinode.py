@@ -27,10 +27,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
 class Nodes:
     """Two `cnn-job launch` processes training one run, as two pods would."""
 
-    def __init__(self, data_dir, checkpoint_uri, *train_args, launch_args=(), env=None, tmp=None):
+    def __init__(self, data_dir, checkpoint_uri, *train_args, launch_args=(), env=None, tmp=None,
+                 store_port=None):
         port = free_port()
         self.logs = [Path(tmp) / f"node{rank}.log" for rank in (0, 1)]
         self.processes, self.seen_workers = [], set()
@@ -44,6 +53,8 @@ class Nodes:
                 self.processes.append(subprocess.Popen(
                     command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
                     start_new_session=True))
+            if rank == 0 and store_port:  # node 0 hosts the rendezvous store, as pod 0 does
+                wait_for(lambda: listening(store_port), self)
 
     def wait(self, timeout_s: float = WAIT_S) -> tuple[list[int], float]:
         """Both nodes' exit statuses, and the seconds until the last of them exited."""
@@ -206,11 +217,20 @@ def test_bad_input_is_status_2_on_every_node_without_a_traceback(data_dir, tmp_p
 
 def test_elastic_scale_down_continues_on_the_survivor_at_the_same_position(data_dir, tmp_path, nodes):
     folder, port = tmp_path / "ckpt", free_port()
+    # last_call_timeout: how long a rendezvous waits for more nodes once it has the minimum;
+    # long enough here for node 1 to join the first one, as pods started together would.
     elastic = ("--nnodes", "1:2", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-               "--rdzv-id", "elastic", "--max-restarts", "3", "--rdzv-conf", "last_call_timeout=1")
+               "--rdzv-id", "elastic", "--max-restarts", "3", "--rdzv-conf", "last_call_timeout=10")
     run = nodes(data_dir, folder, "--epochs", "1", "--limit-train", "3200", "--checkpoint-every-steps",
-                "5", launch_args=elastic)
-    wait_for((folder / "latest").exists, run)
+                "5", launch_args=elastic, store_port=port)
+
+    def two_nodes_checkpointed() -> bool:  # (node 0 may start alone, then both re-rendezvous)
+        try:
+            return read_checkpoint(None, folder)["world_size"] == 2
+        except (OSError, RuntimeError, EOFError):
+            return False
+
+    wait_for(two_nodes_checkpointed, run)
     for pid in [*run.workers(1), run.processes[1].pid]:  # node 1 is gone, launcher and worker
         os.kill(pid, signal.SIGKILL)
     status = run.processes[0].wait(timeout=WAIT_S)
