@@ -202,14 +202,16 @@ def test_not_a_checkpoint(tmp_path, mnist_run):
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     torch.save({"weights": torch.zeros(3)}, tmp_path / "dict.pt")
     (tmp_path / "empty").mkdir()
-    for path, fragment in ((tmp_path / "notes.pt", "not a loadable torch file"),
-                           (tmp_path / "dict.pt", "not a cnn-job checkpoint (no 'model')"),
-                           (tmp_path / "empty", "no checkpoints in"),
+    # through the console script: one line, exit 2, no report
+    result = run_cli("evaluate", str(tmp_path / "notes.pt"), "--json", str(tmp_path / "r.json"))
+    assert_one_line_error(result, str(tmp_path / "notes.pt"), "not a loadable torch file")
+    result = run_cli("predict", str(tmp_path / "dict.pt"), "x.png", "--json")
+    assert_one_line_error(result, str(tmp_path / "dict.pt"), "not a cnn-job checkpoint (no 'model')")
+    assert not (tmp_path / "r.json").exists() and result.stdout == ""
+    for path, fragment in ((tmp_path / "empty", "no checkpoints in"),
                            (tmp_path / "missing.pt", "does not exist")):
-        result = run_cli("predict", str(path), "x.png", "--json") if path.name == "dict.pt" else run_cli(
-            "evaluate", str(path), "--json", str(tmp_path / "r.json"))
-        assert_one_line_error(result, str(path), fragment)
-    assert not (tmp_path / "r.json").exists()
+        with pytest.raises(JobError, match=fragment):
+            load_checkpoint(str(path))
     # weights of another shape under the right keys
     state = torch.load(mnist_run.checkpoint, weights_only=True)
     state["config"]["dataset"] = "cifar10"
@@ -229,12 +231,14 @@ def test_checkpoint_of_the_other_dataset_than_the_data(mnist_run, cifar10, tmp_p
 def test_images_that_do_not_decode_stop_before_any_output(mnist_run, mnist, tmp_path):
     (good,) = write_pngs(mnist.test_images[:1], tmp_path)
     (tmp_path / "text.png").write_text("hello")
-    (tmp_path / "cut.png").write_bytes(good.read_bytes()[:60])
-    for bad, fragment in (("text.png", "is not a PNG or JPEG image"), ("cut.png", "does not decode"),
-                          ("none.png", "cannot read")):
-        result = run_cli("predict", str(mnist_run.folder), str(good), str(tmp_path / bad))
-        assert_one_line_error(result, str(tmp_path / bad), fragment)
-        assert result.stdout == ""
+    result = run_cli("predict", str(mnist_run.folder), str(good), str(tmp_path / "text.png"))
+    assert_one_line_error(result, str(tmp_path / "text.png"), "is not a PNG or JPEG image")
+    assert result.stdout == ""  # not even the good image's line
+    with pytest.raises(JobError, match=r"cut\.png does not decode as an image"):
+        prepare_image(good.read_bytes()[:60], preset("mnist"), "cut.png")
+    result = runner.invoke(app, ["predict", str(mnist_run.folder), str(good), str(tmp_path / "none.png")])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert f"error: cannot read {tmp_path / 'none.png'}" in result.stderr
 
 
 def test_unwritable_report_is_refused_before_evaluating(mnist_run, tmp_path):
