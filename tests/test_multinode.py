@@ -125,8 +125,8 @@ def nodes(tmp_path):
         running.kill_all()
 
 
-def rerun_completes(data_dir, folder, tmp_path, nodes) -> None:
-    rerun = nodes(data_dir, folder, *TRAIN)
+def rerun_completes(data_dir, folder, tmp_path, nodes, *extra) -> None:
+    rerun = nodes(data_dir, folder, *TRAIN, *extra)
     statuses, _ = rerun.wait()
     assert statuses == [0, 0], rerun.output(0)[-3000:]
     assert "resumed from" in rerun.output(0)
@@ -202,8 +202,8 @@ def test_kill_9_of_a_worker_or_launcher_ends_every_process(data_dir, tmp_path, n
     statuses, _ = run.wait(timeout_s=LOST_S)
     run.assert_all_gone(timeout_s=LOST_S - (time.monotonic() - killed))  # orphans follow too
     assert 0 not in statuses, (statuses, run.output(0))
-    if victim == "launcher":
-        rerun_completes(data_dir, folder, tmp_path, nodes)
+    if victim == "launcher":  # (one epoch is enough to show that it resumes)
+        rerun_completes(data_dir, folder, tmp_path, nodes, "--epochs", "1")
 
 
 def test_bad_input_is_status_2_on_every_node_without_a_traceback(data_dir, tmp_path, nodes):
