@@ -79,7 +79,7 @@ def cnn_job(dataset: str, data_uri: str, device: str, workdir: Path, *extra: str
     summary = workdir / f"{dataset}-{len(list(workdir.iterdir()))}.json"
     command = [
         sys.executable, "-m", "job", "train", dataset, "--data-uri", data_uri,
-        "--device", device, "--resume", "never", "--checkpoint-uri", str(workdir / "ckpt"),
+        "--device", device, "--resume", "never", "--overwrite", "--checkpoint-uri", str(workdir / "ckpt"),
         "--summary-json", str(summary), "--wandb-mode", "disabled", *extra,
     ]
     subprocess.run(command, check=True)

@@ -97,6 +97,12 @@ def preset(dataset: str) -> DatasetPreset:
 # a run's settings
 
 
+def uses_bf16(precision: str, device_type: str) -> bool:
+    """The precision rule of training and evaluation: bf16 autocast on CUDA for `auto`, and
+    anywhere for `bf16`; fp32 otherwise."""
+    return precision == "bf16" or (precision == "auto" and device_type == "cuda")
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "cnn-job"

@@ -337,7 +337,7 @@ class _CifarUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _unpickle_batch(data: bytes) -> tuple[np.ndarray, np.ndarray]:
+def unpickle_batch(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     batch = _CifarUnpickler(io.BytesIO(data), encoding="latin1").load()
     batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
     images = np.asarray(batch["data"], dtype=np.uint8)
@@ -366,7 +366,7 @@ def read_cifar10(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
                     )
                 base = posixpath.basename(name)
                 if member.isfile() and posixpath.dirname(name) == CIFAR_FOLDER and base in wanted:
-                    batches[base] = _unpickle_batch(tar.extractfile(member).read())
+                    batches[base] = unpickle_batch(tar.extractfile(member).read())
     except (tarfile.TarError, OSError, EOFError, zlib.error, pickle.UnpicklingError,
             ValueError, KeyError) as error:
         raise _corrupt(path, error) from None

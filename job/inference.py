@@ -28,8 +28,8 @@ import torch.nn.functional as F
 
 from job import distributed
 from job.checkpoint import NAME_PATTERN, CheckpointManager, first_line, from_bytes
-from job.config import PRESETS, DatasetPreset, default_cache_dir
-from job.data import DeviceBatches, _unpickle_batch, fetch_archives, load_splits, read_cifar10, read_idx
+from job.config import PRESETS, DatasetPreset, default_cache_dir, uses_bf16
+from job.data import DeviceBatches, fetch_archives, load_splits, read_cifar10, read_idx, unpickle_batch
 from job.errors import JobError, strip_userinfo
 from job.evaluation import evaluate
 from job.models import SeedCNN, build_model
@@ -120,11 +120,6 @@ def _checked(state: dict, location: str) -> LoadedCheckpoint:
     return LoadedCheckpoint(state, location)
 
 
-def uses_bf16(precision: str, device: torch.device) -> bool:
-    """Training's rule: bf16 autocast on CUDA for `auto` (and anywhere for `bf16`)."""
-    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
-
-
 # ----------------------------------------------------------------------------------------------
 # evaluate
 
@@ -164,7 +159,7 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         batches = DeviceBatches(split.images, split.labels, p, d.device, batch_size, shuffle=False,
                                 rank=d.rank, world_size=d.world_size)
-        bf16 = uses_bf16(precision, d.device)
+        bf16 = uses_bf16(precision, d.device.type)
         autocast = functools.partial(torch.autocast, d.device.type, torch.bfloat16, enabled=bf16)
         result = evaluate(checkpoint.model(d.device), batches, d, autocast, len(p.class_names))
     finally:
@@ -279,7 +274,7 @@ def _parse_test_file(path: Path, data: bytes, uri: str):
                        "have 3 (N×28×28), labels 1")
     if data[:1] == b"\x80":  # a pickle: one CIFAR-10 batch, which may only build numpy arrays
         try:
-            images, labels = _unpickle_batch(data)
+            images, labels = unpickle_batch(data)
         except (pickle.UnpicklingError, ValueError, KeyError, EOFError, TypeError,
                 AttributeError) as error:
             raise JobError(f"--test-data {uri} is not a CIFAR-10 batch ({first_line(error, 80)})") from None

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from job import distributed, tracking
 from job.checkpoint import Checkpointer, CheckpointManager, RunState
-from job.config import TrainConfig, preset
+from job.config import TrainConfig, preset, uses_bf16
 from job.data import DeviceBatches, ImageSplits, fetch_archives, load_splits
 from job.distributed import Dist
 from job.errors import JobError
@@ -68,11 +68,6 @@ def lr_at(cfg: TrainConfig, done: int, total: int) -> float:
     if cfg.lr_schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
     return cfg.lr
-
-
-def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
-    """bf16 autocast on CUDA by default (and on CPU when asked); fp32 otherwise."""
-    return cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
 
 
 class Throughput:
@@ -177,7 +172,7 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
     )
     # An audit trail of which images each rank trained on, in order (tests read it).
     train_batches.record_to = os.environ.get("CNN_JOB_RECORD_INDICES") or None
-    bf16 = uses_bf16(cfg, d.device)
+    bf16 = uses_bf16(cfg.precision, d.device.type)
     return Setup(
         model=model,
         ddp_model=DistributedDataParallel(model) if d.enabled else model,
