@@ -124,6 +124,12 @@ class RunState:
                    list(state.get("epoch_loss", [0.0, 0.0])), state["metrics"],
                    state.get("wandb_run_id"), position, run)
 
+    @property
+    def val_acc(self) -> float | None:
+        """The validation accuracy of exactly these weights: set at an epoch end, None inside."""
+        last = self.history[-1] if self.history else {}
+        return last.get("val_acc") if last.get("step") == self.step else None
+
     def begin_epoch(self, d: Dist) -> None:
         self.rank_loss = torch.tensor(self.epoch_loss if d.is_main else [0.0, 0.0],
                                       dtype=torch.float64, device=d.device)
@@ -309,9 +315,8 @@ class CheckpointManager:
                 row["error"] = first_line(error, 80, "unreadable")
                 rows.append(row)
                 continue
-            last = run.history[-1] if run.history else {}
             row.update(step=run.step, epoch=run.epoch, epoch_step=run.epoch_step,
-                       val_acc=last.get("val_acc") if last.get("step") == run.step else None)
+                       val_acc=run.val_acc)
             rows.append(row)
         return rows
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from job import distributed
-from job.checkpoint import NAME_PATTERN, CheckpointManager, first_line, from_bytes
+from job.checkpoint import NAME_PATTERN, CheckpointManager, RunState, first_line, from_bytes
 from job.config import PRESETS, DatasetPreset, default_cache_dir, uses_bf16
 from job.data import DeviceBatches, fetch_archives, load_splits, read_cifar10, read_idx, unpickle_batch
 from job.errors import JobError, strip_userinfo
@@ -54,8 +54,7 @@ class LoadedCheckpoint:
     @property
     def val_acc(self) -> float | None:
         """The validation accuracy training reported for exactly these weights (an epoch end)."""
-        last = self.state["metrics"][-1] if self.state["metrics"] else {}
-        return last.get("val_acc") if last.get("step") == self.state["step"] else None
+        return RunState.from_checkpoint(self.state).val_acc
 
     def model(self, device: torch.device, channels_last: bool = True) -> SeedCNN:
         """The net with the checkpoint's weights, in eval mode; channels_last as training runs it
