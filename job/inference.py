@@ -200,8 +200,9 @@ def load_test_split(p: DatasetPreset, data_uri: str | None, cache_dir: Path | No
                     endpoint_url: str | None) -> TestSplit:
     """The test split of the dataset's archives at `data_uri` (as `train --data-uri` takes it).
     Each archive's download lock lets one process per machine fetch it while the others wait."""
-    paths = fetch_archives(p, data_uri, cache_dir or default_cache_dir(), endpoint_url)
-    splits = load_splits(p, paths)
+    cache_dir = cache_dir or default_cache_dir()
+    paths = fetch_archives(p, data_uri, cache_dir, endpoint_url)
+    splits = load_splits(p, paths, cache_dir)  # mapped from training's parsed cache when there
     test_archives = [name for name in paths if p.name != "mnist" or name.startswith("t10k")]
     return TestSplit(splits.test_images, splits.test_labels, data_uri or "the public mirrors",
                      {name: splits.sha256[name] for name in test_archives})
