@@ -378,10 +378,7 @@ class Checkpointer:
         found = {name: tuple(getattr(t, "shape", ())) for name, t in state["model"].items()}
         if found != expected:
             raise ValueError("its weights do not fit the net")
-        groups = state["optimizer"].get("param_groups")
-        if not (isinstance(groups, list) and len(groups) == len(self.optimizer.param_groups)
-                and isinstance(state["optimizer"].get("state"), dict)):
-            raise ValueError("its optimizer state does not fit the net")
+        self.optimizer.check(state["optimizer"])
 
     def _check_same_run(self, state: dict, location: str) -> None:
         saved = state["config"]

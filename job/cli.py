@@ -62,6 +62,7 @@ def train(
     seed: Annotated[int, _option("seed")] = _DEFAULTS["seed"],
     device: Annotated[str, _option("device")] = _DEFAULTS["device"],
     precision: Annotated[str, _option("precision")] = _DEFAULTS["precision"],
+    compile: Annotated[str, _option("compile")] = _DEFAULTS["compile"],
     data_uri: Annotated[str | None, _option("data_uri")] = None,
     cache_dir: Annotated[Path | None, _option("cache_dir")] = None,  # None: TrainConfig's factory
     checkpoint_uri: Annotated[str | None, _option("checkpoint_uri")] = None,

@@ -82,6 +82,7 @@ PRESETS: dict[str, DatasetPreset] = {
 
 DATASETS = tuple(PRESETS)
 LR_SCHEDULES = ("constant", "linear", "cosine")
+COMPILE_MODES = ("auto", "off", "cuda-graph")  # how a training step runs: see job/step.py
 
 
 def preset(dataset: str) -> DatasetPreset:
@@ -143,6 +144,9 @@ class TrainConfig:
     seed: int = setting(0, "Seed for init, shuffling and augmentation.")
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
     precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
+    compile: str = setting(
+        "auto", "auto (each training step a CUDA graph on one GPU; eager on CPU and under DDP), "
+        "cuda-graph or off.")
     data_uri: str | None = setting(
         None, "Folder, s3:// or http(s) URI laid out as <dataset>/<archive>.",
         default_text="the public mirrors")
@@ -190,6 +194,7 @@ class TrainConfig:
             (math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive finite number"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
+            (self.compile in COMPILE_MODES, f"--compile must be {', '.join(COMPILE_MODES)}"),
             (self.resume in ("auto", "never"), "--resume must be auto or never"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be {', '.join(LR_SCHEDULES)}"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),

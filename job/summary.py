@@ -7,11 +7,25 @@ import json
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import torch
 
 from job.storage import atomic_write_bytes
+
+_IMPORTED_AT = time.monotonic()
+
+
+def process_seconds() -> float:
+    """Seconds since this process started (the kernel's record, so the interpreter's start and
+    every import count); since this module was imported where there is no /proc."""
+    try:
+        with open("/proc/self/stat") as stat:
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - started_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return time.monotonic() - _IMPORTED_AT
 
 
 def git_commit() -> str | None:
@@ -25,10 +39,12 @@ def git_commit() -> str | None:
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def provenance(world_size: int, device: torch.device, bf16: bool, data_sha256: dict) -> dict:
+def provenance(world_size: int, device: torch.device, bf16: bool, data_sha256: dict,
+               step_mode: str = "off") -> dict:
     """Where and how the run trained: part of the W&B config and of the summary."""
     return {
         "world_size": world_size, "device": str(device), "precision": "bf16" if bf16 else "fp32",
+        "compile": step_mode,
         "data_sha256": data_sha256, "git_commit": git_commit(),
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
     }
@@ -36,9 +52,10 @@ def provenance(world_size: int, device: torch.device, bf16: bool, data_sha256: d
 
 def build_summary(dataset: str, run, train_seconds: float, trained_images: int,
                   checkpoint: str | None, preempted_by: str | None, wandb_run_id: str | None,
-                  environment: dict) -> dict:
+                  environment: dict, seconds_to_first_step: float | None = None) -> dict:
     """The run's result: final metrics of the last completed epoch, timings, where the final
-    checkpoint is, and the provenance. `run` is the loop's RunState."""
+    checkpoint is, and the provenance. `run` is the loop's RunState. The process's timings
+    (from its start: to the first step, to this summary) are this process's, also on a resume."""
     final = run.history[-1] if run.history else {}
     return {
         "dataset": dataset,
@@ -49,6 +66,8 @@ def build_summary(dataset: str, run, train_seconds: float, trained_images: int,
         "final_train_loss": final.get("train_loss"),
         "train_seconds": train_seconds,
         "train_images_per_second": trained_images / train_seconds if train_seconds else None,
+        "seconds_to_first_step": seconds_to_first_step,
+        "seconds_to_summary": process_seconds(),
         "checkpoint": checkpoint,
         "preempted_by": preempted_by,
         "steps": run.step,

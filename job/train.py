@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from job import distributed, tracking
@@ -22,10 +21,12 @@ from job.distributed import Dist
 from job.errors import JobError
 from job.evaluation import evaluate
 from job.models import build_model
+from job.optim import Adam
 from job.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from job.progress import EpochProgress, say
+from job.step import TrainStep, resolve_compile
 from job.storage import check_writable_folder
-from job.summary import build_summary, provenance, write_summary
+from job.summary import build_summary, process_seconds, provenance, write_summary
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -83,18 +84,6 @@ class Throughput:
         return rate
 
 
-def train_step(model, optimizer, images, labels, lr: float, autocast) -> torch.Tensor:
-    """One optimizer step at learning rate `lr`; returns the batch's mean loss (detached)."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    with autocast():
-        loss = F.cross_entropy(model(images), labels)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
-
-
 def gpu_memory(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
@@ -111,8 +100,7 @@ class Setup:
     """What the loop works with, built once before it."""
 
     model: torch.nn.Module  # the net itself: evaluated and checkpointed
-    ddp_model: torch.nn.Module  # what trains: the net, wrapped in DDP under torchrun
-    optimizer: torch.optim.Optimizer
+    step: TrainStep  # trains a batch: the net (in DDP under torchrun), eager or CUDA-graphed
     train_batches: DeviceBatches
     test_batches: DeviceBatches
     autocast: Callable  # a context manager factory: bf16 autocast, or a no-op
@@ -145,6 +133,7 @@ def claim_outputs(cfg: TrainConfig, checkpoints: CheckpointManager) -> None:
 
 def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
     say_main = functools.partial(say, d.is_main)
+    step_mode = resolve_compile(cfg.compile, d.device, d.enabled)  # refused before any work
     error = None
     if d.is_main:
         try:
@@ -161,7 +150,7 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = build_model(cfg.dataset).to(d.device, memory_format=torch.channels_last)
     # fused: one kernel for all parameters, on CUDA and CPU alike (+5-15% images/s on CPU here)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True)
+    optimizer = Adam(model.parameters(), cfg.lr)
     train_batches = DeviceBatches(
         splits.train_images, splits.train_labels, p, d.device, cfg.batch_size, shuffle=True,
         augment=cfg.augment, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
@@ -173,16 +162,17 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
     # An audit trail of which images each rank trained on, in order (tests read it).
     train_batches.record_to = os.environ.get("CNN_JOB_RECORD_INDICES") or None
     bf16 = uses_bf16(cfg.precision, d.device.type)
+    autocast = functools.partial(torch.autocast, d.device.type, torch.bfloat16, enabled=bf16)
     return Setup(
         model=model,
-        ddp_model=DistributedDataParallel(model) if d.enabled else model,
-        optimizer=optimizer,
+        step=TrainStep(DistributedDataParallel(model) if d.enabled else model, optimizer,
+                       autocast, graphed=step_mode == "cuda-graph", say=say_main),
         train_batches=train_batches,
         test_batches=test_batches,
-        autocast=functools.partial(torch.autocast, d.device.type, torch.bfloat16, enabled=bf16),
+        autocast=autocast,
         checkpointer=Checkpointer(checkpoints, cfg, d, model, optimizer, splits.sha256,
                                   train_batches.remaining),
-        environment=provenance(d.world_size, d.device, bf16, splits.sha256),
+        environment=provenance(d.world_size, d.device, bf16, splits.sha256, step_mode),
         class_names=p.class_names,
         say=say_main,
     )
@@ -210,7 +200,7 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
     job.say(f"training {cfg.dataset} on {d.world_size} × {d.device.type}: "
             f"{epoch_images} images/epoch, batch {cfg.batch_size}/process")
 
-    train_seconds, trained_images = 0.0, 0
+    train_seconds, trained_images, first_step_s = 0.0, 0, None
     with tracker, StopRequest() as stop:
         while run.epoch < cfg.epochs and not stop.decided(d):  # all ranks, after each epoch
             run.begin_epoch(d)
@@ -221,7 +211,8 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
                 for images, labels in batches.epoch(run.epoch, run.epoch_position):
                     lr = lr_at(cfg, run.epoch * epoch_images + run.epoch_position,
                                cfg.epochs * epoch_images)
-                    loss = train_step(job.ddp_model, job.optimizer, images, labels, lr, job.autocast)
+                    first_step_s = first_step_s or process_seconds()  # start-up, measured
+                    loss = job.step(images, labels, lr)  # a device tensor: no sync here
                     run.advance(loss, labels.numel(), d.world_size)
                     trained_images += labels.numel() * d.world_size
                     throughput.images += labels.numel() * d.world_size
@@ -263,7 +254,7 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
                     f"(exit status {PREEMPTED_EXIT_CODE})")
         summary = {**build_summary(cfg.dataset, run, train_seconds, trained_images,
                                    checkpointer.location, preempted_by, tracker.run_id,
-                                   job.environment), **gpu_memory(d.device)}
+                                   job.environment, first_step_s), **gpu_memory(d.device)}
         if d.is_main and cfg.summary_json and not preempted_by:
             write_summary(Path(cfg.summary_json), summary)
         tracker.close(summary)
