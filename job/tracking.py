@@ -3,13 +3,19 @@
 The interface is four calls: log(metrics, step), log_evaluation(evaluation, step),
 log_checkpoint(location, aliases, metadata), close(summary). A W&B failure (no network, a bad
 key, a server outage) prints one warning and turns the tracker into the no-op: training never
-stops for its dashboard.
+stops for its dashboard. Nor does it wait for it: W&B starts (1-3 s, a service process and,
+online, the server's answer) and logs on a thread of its own, in call order, while training
+runs; only close() waits for it to finish.
 """
 
 from __future__ import annotations
 
 import netrc
 import os
+import queue
+import secrets
+import string
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -135,8 +141,9 @@ class WandbTracker(NullTracker):
 def start(
     *, enabled: bool, mode: str | None, project: str | None, run_name: str | None,
     run_id: str | None, config: dict, class_names: tuple[str, ...], say: Callable[[str], None],
-) -> NullTracker | WandbTracker:
-    """A W&B run on rank 0 (resuming `run_id` when given), else the no-op."""
+) -> NullTracker:
+    """A W&B run on rank 0 (resuming `run_id` when given), else the no-op. It starts in the
+    background: the returned tracker takes calls at once."""
     if not enabled:
         return NullTracker()
     for name in [n for n, value in os.environ.items() if n.startswith("WANDB_") and not value]:
@@ -145,24 +152,73 @@ def start(
     if mode == "disabled":
         return NullTracker()
     os.environ.setdefault("WANDB_SILENT", "true")  # our own lines say what matters
-    try:
+    # The id is chosen here, before W&B is up, so that checkpoints written meanwhile name the
+    # run a resume continues; resume="allow" makes a new run of a new id.
+    run_id = run_id or new_run_id()
+
+    def init():
         import wandb
 
-        run = wandb.init(
+        return wandb.init(
             project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-            name=run_name, id=run_id, resume="allow" if run_id else None, mode=mode,
+            name=run_name, id=run_id, resume="allow", mode=mode,
             config={key: strip_userinfo(value) for key, value in config.items()},
             settings=wandb.Settings(
                 init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 90)),
                 console="off", silent=True,
             ),
         )
-    except Exception as error:
-        say(f"warning: W&B did not start ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:160] if str(error) else ''}); "
-            "training goes on without it")
-        return NullTracker()
-    if for_want_of_key:
-        say(f"W&B is offline (no WANDB_API_KEY): sync it later with "
-            f"`wandb sync {Path(run.dir).parent}`")
-    return WandbTracker(run, class_names, say)
+
+    return BackgroundTracker(run_id, init, class_names, say, for_want_of_key)
+
+
+def new_run_id() -> str:
+    """Eight lowercase letters and digits, as W&B's own ids."""
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
+class BackgroundTracker(NullTracker):
+    """W&B on a thread of its own: it starts the run, then makes the calls queued here in
+    order. The loop never waits for W&B; close() does, for the run's last records."""
+
+    def __init__(self, run_id: str, init: Callable, class_names: tuple[str, ...],
+                 say: Callable[[str], None], for_want_of_key: bool) -> None:
+        self.run_id = run_id
+        self.calls: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._work, args=(init, class_names, say,
+                                                                for_want_of_key),
+                                       name="wandb", daemon=True)
+        self.thread.start()
+
+    def _work(self, init: Callable, class_names: tuple[str, ...], say: Callable[[str], None],
+              for_want_of_key: bool) -> None:
+        try:
+            run = init()
+        except Exception as error:
+            say(f"warning: W&B did not start ({type(error).__name__}: "
+                f"{str(error).splitlines()[0][:160] if str(error) else ''}); "
+                "training goes on without it")
+            run = None
+        if run is not None and for_want_of_key:
+            say(f"W&B is offline (no WANDB_API_KEY): sync it later with "
+                f"`wandb sync {Path(run.dir).parent}`")
+        tracker = WandbTracker(run, class_names, say) if run is not None else NullTracker()
+        while (call := self.calls.get()) is not None:
+            call(tracker)
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.calls.put(lambda tracker: tracker.log(metrics, step))
+
+    def log_evaluation(self, evaluation: Evaluation, step: int) -> None:
+        self.calls.put(lambda tracker: tracker.log_evaluation(evaluation, step))
+
+    def log_checkpoint(self, location: str, aliases: list[str], metadata: dict) -> None:
+        self.calls.put(lambda tracker: tracker.log_checkpoint(location, aliases, metadata))
+
+    def close(self, summary: dict | None) -> None:
+        """Finish the run (with the final summary, or as failed: None) and wait for W&B."""
+        if not self.thread.is_alive():
+            return
+        self.calls.put(lambda tracker: tracker.close(summary))
+        self.calls.put(None)
+        self.thread.join()

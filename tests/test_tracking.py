@@ -135,3 +135,50 @@ def test_uris_lose_their_credentials():
     assert strip_userinfo("https://user:pw@mirror.example/data") == "https://mirror.example/data"
     assert strip_userinfo("s3://bucket/prefix") == "s3://bucket/prefix"
     assert strip_userinfo(5) == 5
+
+
+def test_training_does_not_wait_for_wandb_to_start(monkeypatch, tmp_path):
+    """W&B starts on its own thread: calls made while it is still starting return at once and
+    reach the run in order once it is up; close() waits for it. (W&B is held up here until the
+    test has made its calls, so no timing is involved.)"""
+    import threading
+
+    import wandb
+
+    from job.tracking import BackgroundTracker
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    released, lines = threading.Event(), []
+
+    def held_init():
+        released.wait(timeout=120)
+        return wandb.init(project="p", id="held0001", mode="offline",
+                          settings=wandb.Settings(console="off", silent=True))
+
+    tracker = BackgroundTracker("held0001", held_init, (), lines.append, for_want_of_key=False)
+    for step in (1, 2, 3):
+        tracker.log({"train/loss": 1.0 / step}, step)
+    assert tracker.run_id == "held0001" and tracker.thread.is_alive() and not released.is_set()
+    released.set()
+    tracker.close({"final_val_acc": 0.5})
+    assert not tracker.thread.is_alive() and lines == []
+    (run,) = offline_runs(tmp_path)
+    assert run.run_id == "held0001"
+    assert [(row["_step"], row["train/loss"]) for row in run.history] == [(1, 1.0), (2, 0.5),
+                                                                           (3, 1 / 3)]
+    assert run.summary["final_val_acc"] == 0.5
+
+
+def test_a_wandb_that_fails_to_start_drops_the_calls_with_one_warning(tmp_path):
+    from job.tracking import BackgroundTracker
+
+    def failing_init():
+        raise ConnectionError("no route to the W&B server\nsecond line")
+
+    lines = []
+    tracker = BackgroundTracker("fail0001", failing_init, (), lines.append, for_want_of_key=False)
+    tracker.log({"train/loss": 1.0}, 1)
+    tracker.close({"final_val_acc": 0.5})
+    assert lines == ["warning: W&B did not start (ConnectionError: no route to the W&B server); "
+                     "training goes on without it"]
