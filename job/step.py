@@ -48,20 +48,19 @@ class TrainStep:
     """
 
     def __init__(self, model: torch.nn.Module, optimizer: Adam, autocast: Callable,
-                 graphed: bool, say: Callable[[str], None]) -> None:
+                 graphed: bool, say: Callable[[str], None], batch_size: int) -> None:
         self.model, self.optimizer, self.autocast = model, optimizer, autocast
         self.graphed, self.say = graphed, say
         self.mode = "cuda-graph" if graphed else "eager"
         self.warm_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.full_batch: int | None = None  # the batch size the graph holds
+        self.full_batch = batch_size  # the only batch size the graph holds
         self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, y, loss
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
         self.optimizer.set_lr(lr)
         if not self.graphed:
             return self.eager(images, labels)
-        self.full_batch = self.full_batch or len(labels)
         if len(labels) != self.full_batch:
             return self.eager(images, labels)
         if self.graph is None and self.warm_steps < WARMUP_STEPS:

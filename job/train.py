@@ -166,7 +166,8 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
     return Setup(
         model=model,
         step=TrainStep(DistributedDataParallel(model) if d.enabled else model, optimizer,
-                       autocast, graphed=step_mode == "cuda-graph", say=say_main),
+                       autocast, graphed=step_mode == "cuda-graph", say=say_main,
+                       batch_size=cfg.batch_size),
         train_batches=train_batches,
         test_batches=test_batches,
         autocast=autocast,

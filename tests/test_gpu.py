@@ -20,7 +20,7 @@ def trained(device: str, splits, *, steps: int, graphed: bool = False, bf16: boo
     model = build_model(dataset).to(device, memory_format=torch.channels_last)
     autocast = lambda **kw: torch.autocast(device, torch.bfloat16, enabled=bf16, **kw)  # noqa: E731
     step = TrainStep(model, Adam(model.parameters(), 1e-3), autocast, graphed=graphed,
-                     say=print)
+                     say=print, batch_size=batch_size)
     n = images or steps * batch_size
     batches = DeviceBatches(splits.train_images[:n], splits.train_labels[:n], preset(dataset),
                             torch.device(device), batch_size, shuffle=True, seed=0)

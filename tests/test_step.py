@@ -53,7 +53,7 @@ def test_the_eager_step_is_torch_adams_step(mnist):
     theirs_model.load_state_dict(ours_model.state_dict())
     autocast = lambda **kw: torch.autocast("cpu", torch.bfloat16, enabled=False, **kw)  # noqa: E731
     step = TrainStep(ours_model, Adam(ours_model.parameters(), 1e-3), autocast, graphed=False,
-                     say=print)
+                     say=print, batch_size=64)
     theirs = torch.optim.Adam(theirs_model.parameters(), lr=1e-3, fused=True)
     batches = DeviceBatches(mnist.train_images[:300], mnist.train_labels[:300], preset("mnist"),
                             CPU, 64, shuffle=True, seed=0)
