@@ -31,8 +31,13 @@ def test_dry_run_on_cpu_runs_every_step(data_dir, tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
     steps = {row["step"]: row for row in report["checks"]}
-    assert steps["train mnist"]["ok"] and steps["train mnist"]["val_acc"] > 0.5
-    assert steps["train cifar10"]["ok"] and steps["train cifar10"]["images_per_s"] > 0
+    assert steps["train mnist, eager"]["ok"] and steps["train mnist, eager"]["val_acc"] > 0.5
+    assert steps["train mnist, eager"]["compile"] == "off"  # no CUDA graph on the CPU
+    assert steps["train cifar10, eager"]["ok"] and steps["train cifar10, eager"]["images_per_s"] > 0
+    for dataset in ("mnist", "cifar10"):
+        cold, warm = steps[f"train {dataset}, cold cache, 1 epoch of 640"], steps[f"train {dataset}, eager"]
+        assert cold["ok"] and cold["epochs"] == 1
+        assert 0 < warm["first_step_s"] < warm["wall_s"]
     assert report["cifar10_data"].startswith("synthetic")
     assert steps["cpu → cpu checkpoint"]["ok"] and steps["SIGTERM on cpu"]["ok"]
     assert steps["single-rank gloo process group under torchrun"]["ok"]
