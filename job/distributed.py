@@ -21,6 +21,7 @@ import torch.distributed as dist
 from job.errors import JobError
 
 _joined_a_group = False  # this process was a rank of a process group (see exit_process)
+EXIT_HOOKS_WAIT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -131,11 +132,16 @@ def exit_process(status: int) -> NoReturn:
       frame left; compare pytorch/pytorch#179291 and #190489). That turned success into a
       failed pod, and left torchrun on the other pods waiting 5 minutes at its exit barrier.
     Everything of ours is closed by now (process group destroyed, W&B finished, checkpoints
-    written). A plain process still runs the atexit hooks (W&B's, logging's); a rank exits the
-    way a forked worker does, as it always has. Both streams, and C's, are flushed first.
+    written). A plain process still runs the atexit hooks (W&B's, logging's), for at most
+    EXIT_HOOKS_WAIT_S: W&B's waits for its service process, which waits out W&B's whole init
+    timeout when the server never answered, and a stopped job must leave within its grace
+    period. A rank exits the way a forked worker does, as it always has. Both streams, and
+    C's, are flushed first.
     """
     if not _joined_a_group:
-        atexit._run_exitfuncs()
+        hooks = threading.Thread(target=atexit._run_exitfuncs, name="atexit", daemon=True)
+        hooks.start()
+        hooks.join(EXIT_HOOKS_WAIT_S)
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     try:

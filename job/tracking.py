@@ -47,8 +47,9 @@ class NullTracker:
     def log_checkpoint(self, location: str, aliases: list[str], metadata: dict) -> None:
         pass
 
-    def close(self, summary: dict | None) -> None:
-        pass
+    def close(self, summary: dict | None, wait_s: float | None = None) -> None:
+        """Finish the run: with the final summary, or as failed (None); wait for W&B at most
+        `wait_s` seconds (None: as long as it takes)."""
 
 
 def resolve_mode(mode: str | None) -> tuple[str, bool]:
@@ -127,9 +128,7 @@ class WandbTracker(NullTracker):
 
         self._guard(log)
 
-    def close(self, summary: dict | None) -> None:
-        """Finish the run: with the final summary, or as failed (None)."""
-
+    def close(self, summary: dict | None, wait_s: float | None = None) -> None:
         def finish():
             if summary is not None:
                 self.run.summary.update(summary)
@@ -183,7 +182,7 @@ class BackgroundTracker(NullTracker):
 
     def __init__(self, run_id: str, init: Callable, class_names: tuple[str, ...],
                  say: Callable[[str], None], for_want_of_key: bool) -> None:
-        self.run_id = run_id
+        self.run_id, self.say = run_id, say
         self.calls: queue.Queue = queue.Queue()
         self.thread = threading.Thread(target=self._work, args=(init, class_names, say,
                                                                 for_want_of_key),
@@ -215,10 +214,12 @@ class BackgroundTracker(NullTracker):
     def log_checkpoint(self, location: str, aliases: list[str], metadata: dict) -> None:
         self.calls.put(lambda tracker: tracker.log_checkpoint(location, aliases, metadata))
 
-    def close(self, summary: dict | None) -> None:
-        """Finish the run (with the final summary, or as failed: None) and wait for W&B."""
+    def close(self, summary: dict | None, wait_s: float | None = None) -> None:
         if not self.thread.is_alive():
             return
         self.calls.put(lambda tracker: tracker.close(summary))
         self.calls.put(None)
-        self.thread.join()
+        self.thread.join(wait_s)
+        if self.thread.is_alive():  # W&B still starting or sending: the job does not wait
+            self.say(f"warning: W&B did not finish within {wait_s:g} s; its last records may "
+                     "be missing (the checkpoint and summary are written)")

@@ -182,3 +182,73 @@ def test_a_wandb_that_fails_to_start_drops_the_calls_with_one_warning(tmp_path):
     tracker.close({"final_val_acc": 0.5})
     assert lines == ["warning: W&B did not start (ConnectionError: no route to the W&B server); "
                      "training goes on without it"]
+
+
+def test_after_a_stop_signal_the_job_waits_for_wandb_only_so_long(tmp_path):
+    """A W&B that is still starting (held here, as a slow or absent server holds it) gets
+    `wait_s` at close, then the job goes on: one warning, nothing else waits."""
+    import threading
+
+    from job.tracking import BackgroundTracker
+
+    held, lines = threading.Event(), []
+
+    def slow_init():
+        held.wait(300)
+        raise ConnectionError("the W&B server did not answer")
+
+    tracker = BackgroundTracker("slow0001", slow_init, (), lines.append, for_want_of_key=False)
+    tracker.log({"train/loss": 1.0}, 1)
+    tracker.close({"final_val_acc": 0.5}, wait_s=0.2)
+    assert tracker.thread.is_alive()  # still held: close did not wait for it
+    assert lines == ["warning: W&B did not finish within 0.2 s; its last records may be missing "
+                     "(the checkpoint and summary are written)"]
+    held.set()
+    tracker.thread.join(60)
+    assert not tracker.thread.is_alive() and "W&B did not start" in lines[-1]
+
+
+def test_a_stop_signal_while_the_wandb_server_never_answers_still_exits_75_in_the_grace_period(
+        tmp_path, data_dir):
+    """W&B online against a server that accepts and never answers (init timeout 120 s): the
+    job trains meanwhile, and SIGTERM still ends it with its checkpoint and exit 75 well inside
+    Kubernetes' 30 s grace period (W&B gets 10 s, its exit hook 5 s), not after W&B's timeout."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import threading
+    import time
+
+    from tests.conftest import CNN_JOB
+
+    black_hole = socket.socket()
+    black_hole.bind(("127.0.0.1", 0))
+    black_hole.listen(64)
+    held = []
+    threading.Thread(target=lambda: [held.append(black_hole.accept()) for _ in iter(int, 1)],
+                     daemon=True).start()
+    env = {**os.environ, "WANDB_MODE": "online", "WANDB_API_KEY": "k" * 40,  # a well-formed key
+           "WANDB_BASE_URL": f"http://127.0.0.1:{black_hole.getsockname()[1]}",
+           "WANDB_INIT_TIMEOUT": "120", "WANDB_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    folder, log = tmp_path / "ckpt", tmp_path / "out.txt"
+    with open(log, "w") as out:  # a file, not a pipe: W&B's orphaned service would hold a pipe
+        process = subprocess.Popen(
+            [str(CNN_JOB), "train", "mnist", "--data-uri", str(data_dir), "--limit-train", "6400",
+             "--epochs", "3", "--device", "cpu", "--checkpoint-uri", str(folder),
+             "--checkpoint-every-steps", "5"], stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 120
+            while not (folder / "latest").exists() and process.poll() is None:
+                assert time.monotonic() < deadline, "no checkpoint: training waited for W&B"
+                time.sleep(0.05)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=60) == 75, log.read_text()[-2000:]
+        finally:
+            process.kill()
+            black_hole.close()
+    assert time.monotonic() - signalled < 30
+    output = log.read_text()
+    assert "preempted by SIGTERM" in output
+    assert "warning: W&B did not finish within 10 s" in output
