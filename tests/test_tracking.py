@@ -226,8 +226,15 @@ def test_a_stop_signal_while_the_wandb_server_never_answers_still_exits_75_in_th
     black_hole.bind(("127.0.0.1", 0))
     black_hole.listen(64)
     held = []
-    threading.Thread(target=lambda: [held.append(black_hole.accept()) for _ in iter(int, 1)],
-                     daemon=True).start()
+
+    def accept_and_never_answer():
+        while True:
+            try:
+                held.append(black_hole.accept()[0])
+            except OSError:  # closed at the end of the test
+                return
+
+    threading.Thread(target=accept_and_never_answer, daemon=True).start()
     env = {**os.environ, "WANDB_MODE": "online", "WANDB_API_KEY": "k" * 40,  # a well-formed key
            "WANDB_BASE_URL": f"http://127.0.0.1:{black_hole.getsockname()[1]}",
            "WANDB_INIT_TIMEOUT": "120", "WANDB_DIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
@@ -248,6 +255,8 @@ def test_a_stop_signal_while_the_wandb_server_never_answers_still_exits_75_in_th
         finally:
             process.kill()
             black_hole.close()
+            for connection in held:
+                connection.close()
     assert time.monotonic() - signalled < 30
     output = log.read_text()
     assert "preempted by SIGTERM" in output
