@@ -32,10 +32,6 @@ class Adam:
             if self.device.type == "cuda" else float(lr))
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]  # at the 1st step
 
-    @property
-    def param_groups(self) -> list[dict]:
-        return [self._group()]
-
     def set_lr(self, lr: float) -> None:
         """The rate of the next step; on CUDA an asynchronous fill, so no sync and graph-safe."""
         if isinstance(self.lr, torch.Tensor):
