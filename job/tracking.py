@@ -26,6 +26,9 @@ if TYPE_CHECKING:
     from job.evaluation import Evaluation
 
 DEFAULT_PROJECT = "cnn-job"
+# After a stop signal or a failure, W&B's last records get at most this long: a stopped pod has
+# a grace period (Kubernetes: 30 s by default) that a slow or absent W&B server must not eat.
+WAIT_AFTER_STOP_S = 10.0
 
 
 class NullTracker:
@@ -35,8 +38,8 @@ class NullTracker:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
-        if exc_type is not None:
-            self.close(None)  # the run failed; a finished run was closed with its summary
+        if exc_type is not None:  # the run failed; a finished run was closed with its summary
+            self.close(None, wait_s=WAIT_AFTER_STOP_S)
 
     def log(self, metrics: dict, step: int) -> None:
         pass

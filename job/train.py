@@ -28,8 +28,6 @@ from job.step import TrainStep, resolve_compile
 from job.storage import check_writable_folder
 from job.summary import build_summary, process_seconds, provenance, write_summary
 
-WANDB_WAIT_ON_STOP_S = 10.0  # at most this long for W&B's last records after a stop signal
-
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the summary (rank 0's is complete)."""
@@ -260,9 +258,7 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
                                    job.environment, first_step_s), **gpu_memory(d.device)}
         if d.is_main and cfg.summary_json and not preempted_by:
             write_summary(Path(cfg.summary_json), summary)
-        # A stop signal leaves a grace period (Kubernetes: 30 s by default) that W&B must not
-        # eat into while its server is slow or down.
-        tracker.close(summary, wait_s=WANDB_WAIT_ON_STOP_S if preempted_by else None)
+        tracker.close(summary, wait_s=tracking.WAIT_AFTER_STOP_S if preempted_by else None)
         # Leave together, still under StopRequest (a late signal cannot split the ranks' exit
         # statuses): rank 0 may still be writing, and a rank that tears its process group down
         # while a peer is mid-exchange can be aborted by Gloo.
