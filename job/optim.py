@@ -24,12 +24,12 @@ class Adam:
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float) -> None:
         self.params = list(params)
-        self.device = self.params[0].device
+        device = self.params[0].device
         # The fused CUDA kernel reads a float32 learning rate from device memory; the CPU one
         # takes a number.
         self.lr: torch.Tensor | float = (
-            torch.tensor(float(lr), dtype=torch.float32, device=self.device)
-            if self.device.type == "cuda" else float(lr))
+            torch.tensor(float(lr), dtype=torch.float32, device=device)
+            if device.type == "cuda" else float(lr))
         self.state: list[dict[str, torch.Tensor]] = [{} for _ in self.params]  # at the 1st step
 
     def set_lr(self, lr: float) -> None:

@@ -5,7 +5,7 @@ per step, each microseconds of CPU time), not by the GPU. A CUDA graph records t
 kernels once and replays them with one launch: the same kernels on the same memory, so a
 replay computes what the eager step would. It is chosen over torch.compile because it adds no
 compile time (tens of seconds, against a whole CIFAR-10 run of a few) and needs no compiler
-toolchain on the GPU box; both run the same kernels at this size.
+toolchain on the GPU box.
 """
 
 from __future__ import annotations
@@ -51,17 +51,20 @@ class TrainStep:
                  graphed: bool, say: Callable[[str], None], batch_size: int) -> None:
         self.model, self.optimizer, self.autocast = model, optimizer, autocast
         self.graphed, self.say = graphed, say
-        self.mode = "cuda-graph" if graphed else "eager"
         self.warm_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
         self.full_batch = batch_size  # the only batch size the graph holds
         self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, y, loss
 
+    @property
+    def mode(self) -> str:
+        """How steps run now, as --compile names it: "cuda-graph", or "off" (eager; also after a
+        failed capture)."""
+        return "cuda-graph" if self.graphed else "off"
+
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
         self.optimizer.set_lr(lr)
-        if not self.graphed:
-            return self.eager(images, labels)
-        if len(labels) != self.full_batch:
+        if not self.graphed or len(labels) != self.full_batch:
             return self.eager(images, labels)
         if self.graph is None and self.warm_steps < WARMUP_STEPS:
             self.warm_steps += 1
@@ -94,8 +97,9 @@ class TrainStep:
         return loss
 
     def _capture(self, images: torch.Tensor, labels: torch.Tensor) -> None:
-        static_images = torch.empty_like(images).copy_(images)  # keeps channels_last
-        static_labels = labels.clone()
+        # The input buffers: a capture runs nothing, so they are filled before each replay.
+        static_images = torch.empty_like(images)  # keeps channels_last
+        static_labels = torch.empty_like(labels)
         self.optimizer.zero_grad()  # backward allocates the gradients in the graph's memory
         graph = torch.cuda.CUDAGraph()
         try:
@@ -108,7 +112,7 @@ class TrainStep:
         except RuntimeError as error:  # an op this GPU or PyTorch cannot capture
             torch.cuda.synchronize()
             self.optimizer.zero_grad()
-            self.graphed, self.mode = False, "eager"
+            self.graphed = False
             self.say(f"CUDA graph capture failed ({str(error).splitlines()[0][:200]}): "
                      "training on eagerly, which computes the same")
             return

@@ -255,7 +255,9 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
                     f"(exit status {PREEMPTED_EXIT_CODE})")
         summary = {**build_summary(cfg.dataset, run, train_seconds, trained_images,
                                    checkpointer.location, preempted_by, tracker.run_id,
-                                   job.environment, first_step_s), **gpu_memory(d.device)}
+                                   # how steps ran in the end (a failed capture runs eagerly)
+                                   {**job.environment, "compile": job.step.mode}, first_step_s),
+                   **gpu_memory(d.device)}
         if d.is_main and cfg.summary_json and not preempted_by:
             write_summary(Path(cfg.summary_json), summary)
         tracker.close(summary, wait_s=tracking.WAIT_AFTER_STOP_S if preempted_by else None)
