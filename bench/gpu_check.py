@@ -136,9 +136,10 @@ def check_training(dataset: str, data: Path, work: Path, device: str, small: boo
     the archives into the cache), else a whole run at --compile compile_mode."""
     name = f"{dataset}-{compile_mode or 'cold'}"
     folder, summary = work / f"{name}-ckpt", work / f"{name}.json"
-    extra = ["--compile", compile_mode] if compile_mode else ["--epochs", "1", "--limit-train", "640"]
-    code, output, wall_s = job(*train_args(dataset, data, folder, device, small and bool(compile_mode),
-                                           *extra, "--summary-json", str(summary)))
+    extra = ["--compile", compile_mode] if compile_mode else []  # cold: train_args' small run
+    code, output, wall_s = job(*train_args(dataset, data, folder, device,
+                                           small or compile_mode is None, *extra,
+                                           "--summary-json", str(summary)))
     label = {None: "cold cache, 1 epoch of 640", "off": "eager"}.get(compile_mode, compile_mode)
     row = {"step": f"train {dataset}, {label}", "ok": code == 0, "wall_s": round(wall_s, 2)}
     if code != 0:
