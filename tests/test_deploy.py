@@ -530,7 +530,8 @@ def under(path: str, folder: str) -> bool:
 
 @pytest.mark.parametrize("name", FOLDERS)
 def test_pods_are_restricted_and_write_only_to_their_volumes(name):
-    job = the_job(load_folder(FOLDERS[name]))
+    objects = load_folder(FOLDERS[name])
+    job = the_job(objects)
     pod, container = job["spec"]["template"]["spec"], the_container(job)
     # Pod Security "restricted": what its admission check looks at, for this one container.
     settings = {**pod["securityContext"], **container["securityContext"]}  # the container's win
@@ -554,9 +555,10 @@ def test_pods_are_restricted_and_write_only_to_their_volumes(name):
     # A version tag, never latest, checked against the registry at every start.
     tag = container["image"].rpartition(":")[2]
     assert "/" not in tag and tag not in ("", "latest") and container["imagePullPolicy"] == "Always"
-    # Guaranteed QoS: limits equal to the requests.
+    # Guaranteed QoS: limits equal to the requests; as many torch threads as CPUs in the limit.
     resources = container["resources"]
     assert all(resources["limits"][kind] == resources["requests"][kind] for kind in ("cpu", "memory"))
+    assert pod_process(objects, {}, {}, 0)[1]["OMP_NUM_THREADS"] == resources["limits"]["cpu"]
 
 
 def test_every_manifest_runs_the_same_image_on_its_own_settings_and_checkpoints():
