@@ -11,6 +11,9 @@
 # and no CUDA toolkit beside the one torch was built against. For bit-identical rebuilds, also pin the
 # base by digest: --build-arg PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:...
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+# checkov (tests/test_deploy.py) passes on this file but for two checks that do not apply:
+# checkov:skip=CKV_DOCKER_2:A batch job has no health to probe; it exits with its status, which is what runs it watches
+# checkov:skip=CKV_DOCKER_7:FROM ${PYTHON_IMAGE} is the ARG above, a version tag; checkov does not read ARGs
 
 # ----------------------------------------------------------------------------------------------
 # build: a virtual environment in /opt/venv holding the locked dependencies and the job

@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install train test bench gpu-check clean docker-build docker-run
+.PHONY: install checkov train test bench gpu-check clean docker-build docker-run
 
 install: $(STAMP)
 
@@ -13,6 +13,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# checkov, which tests/test_deploy.py runs on k8s/ and the Dockerfile, pins boto3 and others at
+# versions the job's lock cannot share: it gets a venv of its own, from its own lock (~1 min).
+CHECKOV_VENV := .venv-checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+
+checkov: $(CHECKOV_STAMP)
+
+$(CHECKOV_STAMP): requirements/checkov.txt
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q -r requirements/checkov.txt
+	touch $(CHECKOV_STAMP)
 
 # The main job on embedded defaults: MNIST, 5 epochs. Data: CNN_JOB_DATA_URI if set, else the
 # ../shared/datasets copy beside a checkout when there is one (machines without internet),
@@ -24,7 +36,7 @@ export CNN_JOB_DATA_URI ?= $(SHARED_DATA)
 train: $(STAMP)
 	$(BIN)/cnn-job train $(DATASET)
 
-test: $(STAMP)
+test: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -51,4 +63,4 @@ docker-run:
 		-v cnn-job-cache:/cache -v cnn-job-runs:/work/runs $(IMAGE) $(ARGS)
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache

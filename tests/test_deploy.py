@@ -2,7 +2,9 @@
 
 Each passes its own linter or schema: the built-in Kubernetes objects (and the Jobs that a
 JobSet or a TrainJob makes) Kubernetes' schemas for every minor from 1.31 to 1.37, the JobSet
-and Kubeflow Trainer objects the models of their projects' published API. The failure handling
+and Kubeflow Trainer objects the models of their projects' published API; checkov passes on all
+of them and on the Dockerfile, and every pod meets Pod Security "restricted", with a read-only
+root and a volume wherever the image writes. The failure handling
 each manifest declares is then read the way its controllers read it. Last, the commands the
 pods would run are run here as plain processes on CPU, with the environment a pod would get
 (image ENV, ConfigMap, Secret, env, JOB_COMPLETION_INDEX, the Trainer's PET_* variables),
@@ -17,6 +19,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +64,10 @@ CUSTOM_RESOURCES = {
 WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
 LOCK = REPO / "requirements" / "constraints.txt"
 SECRET_NAME = "cnn-job-credentials"  # what the README's `kubectl create secret` makes
+CHECKOV = REPO / ".venv-checkov" / "bin" / "checkov"  # a venv of its own: `make checkov`
+# The checks that do not apply here, each skipped in the file it concerns with its reason, and
+# explained in k8s/README.md.
+CHECKOV_SKIPS = {"CKV_K8S_21", "CKV_K8S_35", "CKV_K8S_43", "CKV_DOCKER_2", "CKV_DOCKER_7"}
 
 
 def tool(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -204,6 +211,50 @@ def test_a_misspelt_or_mistyped_jobset_or_trainjob_is_rejected(file, field, miss
 def test_dockerfile_passes_hadolint():
     result = tool("hadolint", str(REPO / "Dockerfile"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_checkov_passes_on_the_manifests_and_the_dockerfile(tmp_path):
+    if not CHECKOV.exists():
+        pytest.skip(f"no checkov at {CHECKOV.relative_to(REPO)}: `make checkov` makes it (`make test` does)")
+    # One folder, so that checkov links every pod to its NetworkPolicy: k8s/ as it is, the
+    # Dockerfile, and the Jobs that the JobSet and the Trainer will make (checkov reads neither a
+    # JobSet nor a TrainingRuntime, so their pods are checked in these).
+    scanned = tmp_path / "scanned"
+    shutil.copytree(REPO / "k8s", scanned / "k8s")
+    shutil.copy(REPO / "Dockerfile", scanned)
+    for name, folder in FOLDERS.items():
+        for job in child_jobs(load_folder(folder)):
+            write(scanned / f"{name}-child-job.yaml", yaml.safe_dump(job))
+    result = subprocess.run(
+        [str(CHECKOV), "--directory", str(scanned), "--framework", "kubernetes", "dockerfile",
+         "--output", "json", "--compact", "--skip-download"],  # nothing from the internet
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "CKV_SKIP_PACKAGE_UPDATE_CHECK": "true", "BC_SKIP_MAPPING": "true"})
+    reports = {report["check_type"]: report["results"] for report in json.loads(result.stdout)}
+    assert set(reports) == {"kubernetes", "dockerfile"}, result.stderr
+    failed = [(check["check_id"], check["resource"])
+              for results in reports.values() for check in results["failed_checks"]]
+    assert failed == [] and result.returncode == 0, failed
+    assert not any(results["parsing_errors"] for results in reports.values())
+    # Every pod template was checked, and found behind a NetworkPolicy (CKV2_K8S_6).
+    jobs = {the_job(load_folder(folder))["metadata"]["name"] for folder in FOLDERS.values()}
+    passed = {(check["check_id"], check["resource"].split(".")[0], check["resource"].split(".")[2])
+              for check in reports["kubernetes"]["passed_checks"]}
+    for job in jobs:
+        assert {("CKV_K8S_22", "Job", job), ("CKV2_K8S_6", "Pod", job)} <= passed, job
+    # What is skipped is skipped for a reason, written where it applies, and explained.
+    skipped = [check for results in reports.values() for check in results["skipped_checks"]]
+    assert {check["check_id"] for check in skipped} == CHECKOV_SKIPS
+    readme = (REPO / "k8s" / "README.md").read_text()
+    for check in skipped:
+        assert check["check_result"]["suppress_comment"] not in ("", None, "No comment provided")
+        assert f"`{check['check_id']}`" in readme, check["check_id"]
+    # CKV_DOCKER_7's reason holds: every base is the ARG, and its default is a version tag.
+    dockerfile = (REPO / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM (\S+)(?: AS (\S+))?$", dockerfile, re.M | re.I)
+    assert {base for base, _ in stages} - {name for _, name in stages} == {"${PYTHON_IMAGE}"}
+    tag = re.search(r"^ARG PYTHON_IMAGE=[^:\s]+:(\S+)$", dockerfile, re.M)[1]
+    assert tag != "latest"
 
 
 def test_workflow_matches_github_schema():
@@ -466,6 +517,50 @@ def test_failures_are_handled_by_exit_code_and_pods_fit_a_gpu(name):
     assert {"secretRef": {"name": SECRET_NAME}} in container["envFrom"]
 
 
+# Pod Security Standards, the "restricted" profile: the volume types it allows.
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral",
+                      "persistentVolumeClaim", "projected", "secret"}
+# The image's ENV that names a folder the job writes to (the cache, W&B's and XDG folders).
+WRITTEN_FOLDER = re.compile(r"^(TMPDIR|XDG_\w+_HOME|\w+_DIR)$")
+
+
+def under(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_pods_are_restricted_and_write_only_to_their_volumes(name):
+    objects = load_folder(FOLDERS[name])
+    job = the_job(objects)
+    pod, container = job["spec"]["template"]["spec"], the_container(job)
+    # Pod Security "restricted": what its admission check looks at, for this one container.
+    settings = {**pod["securityContext"], **container["securityContext"]}  # the container's win
+    assert not any(pod.get(host) for host in ("hostNetwork", "hostPID", "hostIPC"))
+    assert {kind for volume in pod["volumes"] for kind in volume if kind != "name"} <= RESTRICTED_VOLUMES
+    assert not any(port.get("hostPort") for port in container.get("ports", []))
+    assert settings["runAsNonRoot"] is True and settings["allowPrivilegeEscalation"] is False
+    assert settings.get("runAsUser") == int(IMAGE["USER"])  # the image's user, not root
+    assert settings["seccompProfile"]["type"] == "RuntimeDefault" and not settings.get("privileged")
+    assert settings["capabilities"] == {"drop": ["ALL"]}
+    # Beyond it: no API token, and a read-only root, so every folder the image writes to (its
+    # WORKDIR, VOLUMEs, /tmp, the folders its ENV names) and /dev/shm must be a volume, bounded.
+    assert pod["automountServiceAccountToken"] is False and settings["readOnlyRootFilesystem"] is True
+    volumes = {volume["name"]: volume for volume in pod["volumes"]}
+    writable = [mount["mountPath"] for mount in container["volumeMounts"] if not mount.get("readOnly")]
+    written = [IMAGE["WORKDIR"], *IMAGE["VOLUME"], "/tmp", "/dev/shm",
+               *(value for key, value in IMAGE["ENV"].items() if WRITTEN_FOLDER.match(key))]
+    for folder in written:
+        assert any(under(folder, mount) for mount in writable), folder
+    assert all(volume["emptyDir"].get("sizeLimit") for volume in volumes.values() if "emptyDir" in volume)
+    # A version tag, never latest, checked against the registry at every start.
+    tag = container["image"].rpartition(":")[2]
+    assert "/" not in tag and tag not in ("", "latest") and container["imagePullPolicy"] == "Always"
+    # Guaranteed QoS: limits equal to the requests; as many torch threads as CPUs in the limit.
+    resources = container["resources"]
+    assert all(resources["limits"][kind] == resources["requests"][kind] for kind in ("cpu", "memory"))
+    assert pod_process(objects, {}, {}, 0)[1]["OMP_NUM_THREADS"] == resources["limits"]["cpu"]
+
+
 def test_every_manifest_runs_the_same_image_on_its_own_settings_and_checkpoints():
     images, settings, checkpoints = set(), set(), set()
     for folder in FOLDERS.values():
@@ -573,7 +668,26 @@ def pod_process(objects: dict, secret: dict, overrides: dict, index: int | None 
     return [expand(arg, env) for arg in argv], env
 
 
-def local_overrides(manifest_env: dict, s3, pod_dir: Path, run: str) -> dict:
+def pod_volumes(objects: dict, pod_dir: Path) -> dict[str, Path]:
+    """The training container's mount paths → a new empty folder each, standing in for its
+    volume (the root filesystem is read-only: these are the only places a pod can write)."""
+    container = the_container(the_job(objects))
+    volumes = {mount["mountPath"]: pod_dir / "volumes" / mount["name"]
+               for mount in container["volumeMounts"]}
+    for folder in volumes.values():
+        folder.mkdir(parents=True)
+    return volumes
+
+
+def on_volumes(path: str, volumes: dict[str, Path]) -> str:
+    """A path in the container → the same place here, if a volume holds it (the deepest one)."""
+    for mount in sorted(volumes, key=len, reverse=True):
+        if under(path, mount):
+            return str(volumes[mount]) + path[len(mount.rstrip("/")):]
+    return path
+
+
+def local_overrides(manifest_env: dict, s3, volumes: dict[str, Path], home: Path, run: str) -> dict:
     """What changes between a GPU cluster and this test, as env on top of the manifests'."""
     # The manifests train CIFAR-10 from s3:// through a configured endpoint: the overrides
     # below only point those same settings at this test's server and bucket.
@@ -582,6 +696,13 @@ def local_overrides(manifest_env: dict, s3, pod_dir: Path, run: str) -> dict:
         assert manifest_env[name].startswith("s3://"), name
     assert manifest_env["AWS_ENDPOINT_URL"]
     return {
+        # Every folder the settings name in the pod's volumes (the cache, ...) at its stand-in;
+        # /tmp's through TMPDIR (in the pod, /tmp itself is the volume).
+        **{name: on_volumes(value, volumes) for name, value in manifest_env.items()
+           if on_volumes(value, volumes) != value},
+        "TMPDIR": str(volumes["/tmp"]),
+        # The home of the image's user is on the read-only root: a folder that must stay empty.
+        "HOME": str(home),
         "AWS_ENDPOINT_URL": s3.endpoint,
         "CNN_JOB_DATA_URI": f"s3://{s3.bucket}/datasets",
         "CNN_JOB_CHECKPOINT_URI": f"s3://{s3.bucket}/runs/{run}",
@@ -589,11 +710,8 @@ def local_overrides(manifest_env: dict, s3, pod_dir: Path, run: str) -> dict:
         "CNN_JOB_DATASET": "mnist", "CNN_JOB_EPOCHS": "1", "CNN_JOB_LIMIT_TRAIN": "640",
         "CNN_JOB_DEVICE": "cpu",
         "CNN_JOB_WANDB_MODE": "disabled", "WANDB_MODE": "disabled",  # no W&B account here
-        # The image's venv, cache volume and home, per pod, and the base image's LANG; nothing
-        # else of this process's environment.
+        # The image's venv and the base image's LANG; nothing else of this process's environment.
         "PATH": f"{BIN}:{os.environ['PATH']}", "LANG": "C.UTF-8",
-        "CNN_JOB_CACHE_DIR": str(pod_dir / "cache"),
-        "HOME": str(pod_dir / "home"), "TMPDIR": str(pod_dir / "tmp"),
     }
 
 
@@ -607,20 +725,29 @@ class Pod:
         while (tmp_path / f"{name}-{attempt}").exists():
             attempt += 1
         self.dir = tmp_path / f"{name}-{attempt}"
-        for sub in ("home", "tmp"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        self.volumes, self.home = pod_volumes(objects, self.dir), self.dir / "home"
+        self.home.mkdir()
         _, manifest_env = pod_process(objects, secret, {}, index)
-        overrides = {**local_overrides(manifest_env, s3, self.dir, run), **extra_env}
+        overrides = {**local_overrides(manifest_env, s3, self.volumes, self.home, run), **extra_env}
         self.argv, self.env = pod_process(objects, secret, overrides, index)
         if self.argv[0] == "cnn-job":  # the image's console script is the venv's here
             self.argv[0] = str(CNN_JOB)
         self.log = self.dir / "log"
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen(self.argv, env=self.env, cwd=self.dir, stdout=log,
+            # The image's WORKDIR, a volume too.
+            self.process = subprocess.Popen(self.argv, env=self.env, stdout=log,
+                                            cwd=on_volumes(IMAGE["WORKDIR"], self.volumes),
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+    def check_it_wrote_only_to_volumes(self) -> None:
+        """It wrote into the volumes its settings name (the cache), and not into its home
+        folder, which is on the pod's read-only root."""
+        cache = Path(on_volumes(IMAGE["ENV"]["CNN_JOB_CACHE_DIR"], self.volumes))
+        assert any(cache.iterdir()), f"nothing in the cache volume {cache}"
+        assert not any(self.home.iterdir()), list(self.home.rglob("*"))
 
     def wait(self, timeout_s: float = 240, hint: str = "") -> int:
         try:
@@ -679,6 +806,7 @@ def test_single_job_trains_from_s3_and_checkpoints_to_s3(s3, secret, data_dir, t
     assert pod.argv[:2] == [str(CNN_JOB), "train"]
     assert pod.wait() == 0, pod.output()[-3000:]
     assert "training mnist on 1 × cpu" in pod.output()
+    pod.check_it_wrote_only_to_volumes()
     state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/single")
     assert state["world_size"] == 1 and state["epoch"] == 1 and state["step"] == 10  # 640 / 64
 
@@ -716,6 +844,8 @@ def test_multi_node_manifest_trains_as_two_ranks(name, s3, secret, data_dir, tmp
     for pod in started:
         assert pod.wait() == 0, pod.output()[-3000:]
     assert "training mnist on 2 × cpu" in started[0].output()
+    for pod in started:
+        pod.check_it_wrote_only_to_volumes()
     state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{name}")
     assert state["world_size"] == 2 and state["epoch"] == 1 and state["step"] == 5  # 320 / 64
 
