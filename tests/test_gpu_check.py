@@ -120,3 +120,21 @@ def test_a_visit_carries_the_data_in_calls_and_rebuilds_it_byte_for_byte(data_di
     assert (folder / gpu_check.CIFAR).read_bytes() == (data / gpu_check.CIFAR).read_bytes()
     assert (folder / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes() == (
         data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="runs the whole check on a GPU")
+def test_the_last_call_assembles_the_data_and_brings_back_what_it_has_without_a_gpu(
+        data_dir, tmp_path, capsys):
+    """`gpu_visit.py run` on a machine with no GPU: the data assembled, the box described, and
+    gpu_check.py's refusal in the log that comes back, with its exit status."""
+    data = tmp_path / "datasets"
+    (data / "cifar10").mkdir(parents=True)
+    (data / "mnist").symlink_to(data_dir / "mnist")
+    archive_like_the_shared_one(data / gpu_check.CIFAR, 9)
+    visit, out = tmp_path / "visit", tmp_path / "out"
+    gpu_visit.pack(data, visit, call_bytes=100_000)
+    assert gpu_visit.run(visit, out) == 2  # gpu_check.py: no CUDA GPU visible
+    assert "no CUDA GPU visible" in (out / "gpu-check.log").read_text()
+    assert "torch" in (out / "box.txt").read_text()
+    assert (visit / "data" / gpu_check.CIFAR).read_bytes() == (data / gpu_check.CIFAR).read_bytes()
+    assert "the archive, byte for byte" in capsys.readouterr().out
