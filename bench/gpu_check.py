@@ -6,10 +6,10 @@ run from a source checkout (`PYTHONPATH=.`), with the data from a folder brought
 
     PYTHONPATH=. python3 bench/gpu_check.py --data ../shared/datasets
 
-Files may have to travel in pieces of at most 64 MiB: MNIST (11 MB) goes whole; CIFAR-10's
-189 MB archive may come split (`split -b 60M -d cifar-10-python.tar.gz
-cifar-10-python.tar.gz.part-`) with the folder's SHA256SUMS: the parts are joined and checked
-against it on arrival. Without CIFAR-10 a synthetic CIFAR-shaped set, clearly labelled, measures
+Files may have to travel in pieces of at most 64 MiB: bench/gpu_visit.py packs both datasets
+into such calls and runs this script after the last. A CIFAR-10 archive split by hand (`split -b
+60M -d cifar-10-python.tar.gz cifar-10-python.tar.gz.part-`) with the folder's SHA256SUMS is
+joined and checked against it here. Without CIFAR-10 a synthetic CIFAR-shaped set, clearly labelled, measures
 throughput only.
 
 What it runs, each a real `python -m job ...` process (as a user would run it):
