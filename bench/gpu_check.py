@@ -42,6 +42,7 @@ import os
 import pickle
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -243,8 +244,14 @@ def check_gpu_tests(data: Path) -> dict:
 
 def check_launch(data: Path, work: Path, device: str) -> dict:
     """`cnn-job launch` (torchrun's agent in the job's own launcher) with one worker: its exit
-    status and status files on this device. One rank forms no process group (nccl_worker does)."""
-    code, output, wall_s = job("launch", "--standalone", "--nproc-per-node", "1",
+    status and status files on this device. One rank forms no process group (nccl_worker does).
+    The rendezvous is named in full: `launch` passes its options to torchrun's config_from_args,
+    which reads neither --standalone nor (on 2.15) a missing --master-port as torchrun does."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, output, wall_s = job("launch", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                               "--master-port", str(port),
                                *train_args("mnist", data, work / "launch", device, True))
     return {"step": f"cnn-job launch, 1 worker on {device}", "ok": code == 0, "wall_s": round(wall_s, 2),
             "detail": output[-500:]}
