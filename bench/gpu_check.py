@@ -6,10 +6,10 @@ run from a source checkout (`PYTHONPATH=.`), with the data from a folder brought
 
     PYTHONPATH=. python3 bench/gpu_check.py --data ../shared/datasets
 
-Files may have to travel in pieces of at most 64 MiB: MNIST (11 MB) goes whole; CIFAR-10's
-189 MB archive may come split (`split -b 60M -d cifar-10-python.tar.gz
-cifar-10-python.tar.gz.part-`) with the folder's SHA256SUMS: the parts are joined and checked
-against it on arrival. Without CIFAR-10 a synthetic CIFAR-shaped set, clearly labelled, measures
+Files may have to travel in pieces of at most 64 MiB: bench/gpu_visit.py packs both datasets
+into such calls and runs this script after the last. A CIFAR-10 archive split by hand (`split -b
+60M -d cifar-10-python.tar.gz cifar-10-python.tar.gz.part-`) with the folder's SHA256SUMS is
+joined and checked against it here. Without CIFAR-10 a synthetic CIFAR-shaped set, clearly labelled, measures
 throughput only.
 
 What it runs, each a real `python -m job ...` process (as a user would run it):
@@ -20,15 +20,21 @@ What it runs, each a real `python -m job ...` process (as a user would run it):
      seconds, images/s, accuracy, peak GPU memory;
   2. a checkpoint written on the GPU, resumed on the CPU, and resumed on the GPU again;
   3. SIGTERM on the GPU: exit status 75 with a checkpoint written;
-  4. a single-rank NCCL process group under torchrun (an all-reduce through it);
-  5. `pytest -m gpu` (the GPU-only tests), where pytest is installed.
-It prints one table and writes bench/results-cuda.json. `--device cpu --dry-run` runs the same
+  4. a single-rank NCCL process group under torchrun, joined by the job's own call, with an
+     all-reduce and a DDP step through it (NCCL refuses two ranks on one GPU);
+  5. `cnn-job launch` with one worker on the GPU (exit status 0);
+  6. `pytest -m gpu` (the GPU-only tests), where pytest is installed.
+Then it judges issue 12's H100 targets (TARGETS) and, where one is missed (or with
+--profile-always), writes the PyTorch profiler's table of that net's steps, graphed and eager, to
+--profile. It prints one Markdown table (also to --table) and writes bench/results-cuda.json
+after every check, so a run cut short still reports what it got. `--device cpu --dry-run` runs the same
 steps, small, on the CPU (Gloo instead of NCCL): the test suite does, so that it cannot rot.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -36,6 +42,7 @@ import os
 import pickle
 import platform
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -117,7 +124,7 @@ def job_env() -> dict:
     return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 
-def job(*args: str, timeout_s: float = 900) -> tuple[int, str, float]:
+def job(*args: str, timeout_s: float = 180) -> tuple[int, str, float]:
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True,
                             env=job_env(), timeout=timeout_s, cwd=REPO)
@@ -173,30 +180,39 @@ def check_sigterm(data: Path, work: Path, device: str) -> dict:
                                                         "--checkpoint-every-steps", "5")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True, env=job_env(), cwd=REPO)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 120
     while not (folder / "latest").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     signalled = time.perf_counter()
     process.send_signal(signal.SIGTERM)
-    output, _ = process.communicate(timeout=120)
+    output, _ = process.communicate(timeout=60)
     return {"step": f"SIGTERM on {device}", "ok": process.returncode == 75,
             "wall_s": round(time.perf_counter() - signalled, 2), "detail": output[-300:]}
 
 
 def nccl_worker(backend: str) -> None:
-    """Under torchrun: one all-reduce through a real process group."""
+    """Under torchrun, one rank: the job's own group join (NCCL bound to the GPU, or Gloo), an
+    all-reduce and one DDP step of the seed net through it (DDP's gradient buckets reduced by
+    NCCL), then the group torn down. Two ranks cannot share one GPU under NCCL."""
     import torch
-    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.nn.parallel import DistributedDataParallel
 
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else None
-    if device is not None:
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend)
-    value = torch.ones(4, device=device) * (dist.get_rank() + 1)
-    dist.all_reduce(value)
-    assert value.sum().item() == 4 * dist.get_world_size() * (dist.get_world_size() + 1) / 2
-    dist.destroy_process_group()
-    print(f"all_reduce over {backend}: ok")
+    from job.distributed import join_process_group
+    from job.models import build_model
+
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
+    join_process_group(device, timeout_s=60)
+    value = torch.ones(4, device=device) * (torch.distributed.get_rank() + 1)
+    torch.distributed.all_reduce(value)
+    world = torch.distributed.get_world_size()
+    assert value.sum().item() == 4 * world * (world + 1) / 2
+    model = DistributedDataParallel(build_model("mnist").to(device))
+    images, labels = torch.zeros(8, 1, 28, 28, device=device), torch.zeros(8, dtype=torch.long, device=device)
+    F.cross_entropy(model(images), labels).backward()
+    assert all(p.grad is not None for p in model.parameters())
+    torch.distributed.destroy_process_group()
+    print(f"all_reduce and a DDP step over {backend}: ok")
 
 
 def check_process_group(backend: str) -> dict:
@@ -204,8 +220,8 @@ def check_process_group(backend: str) -> dict:
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--standalone",
          str(Path(__file__).resolve()), "--process-group-worker", backend],
-        capture_output=True, text=True, env=job_env(), timeout=300, cwd=REPO)
-    return {"step": f"single-rank {backend} process group under torchrun",
+        capture_output=True, text=True, env=job_env(), timeout=120, cwd=REPO)
+    return {"step": f"single-rank {backend} process group and DDP step under torchrun",
             "ok": result.returncode == 0 and "ok" in result.stdout,
             "wall_s": round(time.perf_counter() - started, 2),
             "detail": (result.stdout + result.stderr)[-500:]}
@@ -220,10 +236,112 @@ def check_gpu_tests(data: Path) -> dict:
     result = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p",
                              "no:cacheprovider", "tests/test_gpu.py"], capture_output=True,
                             text=True, env={**job_env(), "CNN_JOB_TEST_DATA": str(data)},
-                            cwd=REPO, timeout=900)
+                            cwd=REPO, timeout=240)
     # 5: every GPU test was deselected or skipped (none apply here), which is not a failure.
     return {"step": "pytest -m gpu", "ok": result.returncode in (0, 5),
             "detail": result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""}
+
+
+def check_launch(data: Path, work: Path, device: str) -> dict:
+    """`cnn-job launch` (torchrun's agent in the job's own launcher) with one worker: its exit
+    status and status files on this device. One rank forms no process group (nccl_worker does).
+    The rendezvous is named in full: `launch` passes its options to torchrun's config_from_args,
+    which reads neither --standalone nor (on 2.15) a missing --master-port as torchrun does."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    code, output, wall_s = job("launch", "--nproc-per-node", "1", "--master-addr", "127.0.0.1",
+                               "--master-port", str(port),
+                               *train_args("mnist", data, work / "launch", device, True))
+    return {"step": f"cnn-job launch, 1 worker on {device}", "ok": code == 0, "wall_s": round(wall_s, 2),
+            "detail": output[-500:]}
+
+
+# ----------------------------------------------------------------------------------------------
+# issue 12's targets on an H100, and where the time goes when one is missed
+
+TARGETS = {  # row → (largest train seconds, largest wall seconds or None, smallest accuracy)
+    "train cifar10, cuda-graph": (3.0, 8.0, 0.73),
+    "train mnist, cuda-graph": (2.0, None, 0.99),
+}
+
+
+def judge_targets(rows: list[dict]) -> list[dict]:
+    """Each target row, met or not, with its wall time split into start-up (process start to the
+    first step), training, and the rest (per-epoch evaluation, checkpoints, exit)."""
+    verdicts = []
+    by_step = {row["step"]: row for row in rows}
+    for step, (train_s, wall_s, accuracy) in TARGETS.items():
+        row = by_step.get(step)
+        if not row or not row.get("ok"):
+            verdicts.append({"row": step, "met": False, "why": "the run failed or did not run"})
+            continue
+        misses = []
+        if row["train_s"] > train_s:
+            misses.append(f"train {row['train_s']} s > {train_s} s")
+        if wall_s is not None and row["wall_s"] > wall_s:
+            misses.append(f"wall {row['wall_s']} s > {wall_s} s")
+        if row["val_acc"] < accuracy:
+            misses.append(f"accuracy {row['val_acc']:.2%} < {accuracy:.0%}")
+        verdicts.append({"row": step, "met": not misses, "why": "; ".join(misses),
+                         "start_s": row["first_step_s"], "train_s": row["train_s"],
+                         "rest_s": round(row["wall_s"] - row["first_step_s"] - row["train_s"], 2)})
+    return verdicts
+
+
+def profile_steps(dataset: str, data: Path, cache: Path, device: str, graphed: bool,
+                  steps: int = 100) -> str:
+    """The PyTorch profiler's table of `steps` training steps, built as the job builds them
+    (bf16 autocast on CUDA, channels_last, the job's Adam and TrainStep), after the warm-up and
+    the capture; headed by the wall time per step against the device's busy time, which tells
+    a launch-bound step (device idle between kernels) from a kernel-bound one."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from job.config import preset, uses_bf16
+    from job.data import DeviceBatches, fetch_archives, load_splits
+    from job.models import build_model
+    from job.optim import Adam
+    from job.step import WARMUP_STEPS, TrainStep
+
+    p = preset(dataset)
+    splits = load_splits(p, fetch_archives(p, str(data), cache), cache)
+    target = torch.device(device)
+    model = build_model(dataset).to(target, memory_format=torch.channels_last)
+    autocast = functools.partial(torch.autocast, device, torch.bfloat16,
+                                 enabled=uses_bf16("auto", device))
+    step = TrainStep(model, Adam(model.parameters(), 1e-3), autocast, graphed=graphed,
+                     say=print, batch_size=64)
+    batches = DeviceBatches(splits.train_images, splits.train_labels, p, target, 64, shuffle=True,
+                            seed=0)
+    epoch = iter(batches.epoch(0))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(WARMUP_STEPS + 5):  # warm-up, capture and a few replays, unprofiled
+        step(*next(epoch), 1e-3)
+    sync()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        for _ in range(steps):
+            step(*next(epoch), 1e-3)
+        sync()
+        wall_us = (time.perf_counter() - started) * 1e6 / steps
+    events = profiler.key_averages()
+    busy_us = sum(e.self_device_time_total for e in events) / steps if device == "cuda" else None
+    head = (f"{dataset}, {'cuda-graph' if step.graph is not None else 'eager'}, batch 64, {steps} "
+            f"steps: {wall_us:.0f} us of wall time per step"
+            + (f", device busy {busy_us:.0f} us ({busy_us / wall_us:.0%})" if busy_us else ""))
+    sort_by = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return head + "\n" + events.table(sort_by=sort_by, row_limit=25) + "\n"
+
+
+def guarded(name: str, check, *args) -> dict:
+    """A check that raised (a timeout, a crash of this script's own code) is a failed row, so
+    the rows after it still run and the report is still written."""
+    try:
+        return check(*args)
+    except Exception as error:  # any failure is reported the same way
+        return {"step": name, "ok": False, "detail": f"{type(error).__name__}: {error}"[-800:]}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +353,11 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--dry-run", action="store_true", help="small runs (the CPU test does)")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--table", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="profiler tables go here: of each net whose target is missed, or "
+                             "of every net with --profile-always")
+    parser.add_argument("--profile-always", action="store_true")
     parser.add_argument("--process-group-worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.process_group_worker:
@@ -247,54 +370,90 @@ def main() -> int:
               file=sys.stderr)
         return 2
     out = args.out or REPO / "bench" / f"results-{'cuda' if args.device == 'cuda' else 'cpu-dry'}.json"
-    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
-        work = Path(scratch)
-        data, cifar_kind = prepare_data(args.data, work)
-        modes = [None, "cuda-graph", "off"] if args.device == "cuda" else [None, "off"]
-        rows = [check_training(dataset, data, work, args.device, args.dry_run, mode)
-                for dataset in ("mnist", "cifar10") for mode in modes]
-        for row in rows[len(modes):2 * len(modes)]:
-            row["data"] = cifar_kind
-        rows += [check_device_round_trip(data, work, args.device),
-                 check_sigterm(data, work, args.device),
-                 check_process_group("nccl" if args.device == "cuda" else "gloo"),
-                 check_gpu_tests(data)]
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
-        "torch": torch.__version__, "python": platform.python_version(), "dry_run": args.dry_run,
-        "cifar10_data": cifar_kind, "checks": rows,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+        "dry_run": args.dry_run, "checks": [],
     }
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print_table(report)
+
+    def record(row: dict) -> None:  # written after every check: a run cut short still reports
+        report["checks"].append(row)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"{row['step']}: {'ok' if row['ok'] else 'skipped' if row['ok'] is None else 'FAILED'}"
+              f"{'' if row['ok'] is not False else ' ' + str(row.get('detail', ''))[-300:]}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
+        work = Path(scratch)
+        data, report["cifar10_data"] = prepare_data(args.data, work)
+        modes = [None, "cuda-graph", "off"] if args.device == "cuda" else [None, "off"]
+        for dataset in ("mnist", "cifar10"):
+            for mode in modes:
+                row = guarded(f"train {dataset}", check_training, dataset, data, work, args.device,
+                              args.dry_run, mode)
+                if dataset == "cifar10":
+                    row["data"] = report["cifar10_data"]
+                record(row)
+        record(guarded("checkpoint round trip", check_device_round_trip, data, work, args.device))
+        record(guarded(f"SIGTERM on {args.device}", check_sigterm, data, work, args.device))
+        record(guarded("process group", check_process_group, "nccl" if args.device == "cuda" else "gloo"))
+        record(guarded("cnn-job launch", check_launch, data, work, args.device))
+        record(guarded("pytest -m gpu", check_gpu_tests, data))
+        if args.device == "cuda":
+            report["targets"] = judge_targets(report["checks"])
+            out.write_text(json.dumps(report, indent=2) + "\n")
+        if args.profile:
+            missed = {t["row"].split()[1] for t in report.get("targets", []) if not t["met"]}
+            profiled = ["mnist", "cifar10"] if args.profile_always else sorted(missed)
+            tables = []
+            for dataset, graphed in [(d, g) for d in profiled
+                                     for g in ([True, False] if args.device == "cuda" else [False])]:
+                try:
+                    tables.append(profile_steps(dataset, data, work / "cache", args.device, graphed,
+                                                steps=10 if args.dry_run else 100))
+                except Exception as error:  # the report still comes back
+                    tables.append(f"{dataset}: profiling failed: {type(error).__name__}: {error}\n")
+            args.profile.write_text("\n".join(tables) or "every target met: nothing profiled\n")
+    table = render_table(report)
+    print(table)
+    if args.table:
+        args.table.write_text(table + "\n")
     print(f"written: {out}")
-    return 0 if all(row["ok"] is not False for row in rows) else 1
+    return 0 if all(row["ok"] is not False for row in report["checks"]) else 1
 
 
-def print_table(report: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"gpu-check on {report['device']} (torch {report['torch']})")
+def render_table(report: dict) -> str:
+    """The report as a Markdown table (for the README as it is), then the CUDA graph's speed-up
+    and the targets, one line each."""
     columns = ("step", "ok", "wall_s", "first_step_s", "train_s", "images_per_s", "val_acc",
                "peak_gpu_gib")
-    for column in columns:
-        table.add_column(column.replace("_", " "), justify="left" if column == "step" else "right")
+    lines = [f"gpu-check on {report['device']} (torch {report['torch']}, CUDA {report.get('cuda')}, "
+             f"Python {report['python']}); CIFAR-10 data: {report['cifar10_data']}", "",
+             "| " + " | ".join(c.replace("_", " ") for c in columns) + " |",
+             "|---|" + "---:|" * (len(columns) - 1)]
     for row in report["checks"]:
         cells = []
         for column in columns:
             value = row.get(column)
             if column == "val_acc" and value is not None:
                 value = f"{value:.2%}"
+            elif column == "peak_gpu_gib" and value is not None:
+                value = f"{value:.2f}"
             cells.append("-" if value is None else str(value))
-        table.add_row(*cells)
-    Console(width=170).print(table)
-    print(f"CIFAR-10 data: {report['cifar10_data']}")
+        lines.append("| " + " | ".join(cells) + " |")
     rows = {row["step"]: row for row in report["checks"]}
+    lines.append("")
     for dataset in ("mnist", "cifar10"):
         graphed, eager = rows.get(f"train {dataset}, cuda-graph"), rows.get(f"train {dataset}, eager")
         if graphed and eager and graphed.get("images_per_s") and eager.get("images_per_s"):
-            print(f"{dataset}: CUDA graph {graphed['images_per_s'] / eager['images_per_s']:.2f}x "
-                  "the eager step's images/s")
+            lines.append(f"{dataset}: CUDA graph {graphed['images_per_s']:,} against eager "
+                         f"{eager['images_per_s']:,} images/s "
+                         f"({graphed['images_per_s'] / eager['images_per_s']:.2f}x)")
+    for target in report.get("targets", []):
+        split = (f" (start-up {target['start_s']} s + training {target['train_s']} s + the rest "
+                 f"{target['rest_s']} s)" if "rest_s" in target else "")
+        lines.append(f"target {target['row']}: {'met' if target['met'] else 'MISSED: ' + target['why']}"
+                     + split)
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -62,16 +62,24 @@ def setup(device_preference: str, timeout_s: float = 300) -> Dist:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
-        global _joined_a_group
-        _joined_a_group = True
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=timedelta(seconds=timeout_s),
-            device_id=device if device.type == "cuda" else None,
-        )
+        join_process_group(device, timeout_s)
     return Dist(rank, local_rank, world_size, device)
+
+
+def join_process_group(device: torch.device, timeout_s: float) -> None:
+    """NCCL on a GPU (bound to it: `device_id` makes NCCL set up its communicator now, not at
+    the first collective), Gloo on CPU; torchrun's environment names the peers. bench/gpu_check.py
+    calls this with one rank, as one GPU is all a box may have: NCCL refuses two ranks on one GPU
+    ("Duplicate GPU detected")."""
+    global _joined_a_group
+    _joined_a_group = True
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend="nccl" if device.type == "cuda" else "gloo",
+        timeout=timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
 
 
 def exit_with_the_launcher(poll_s: float = 1.0) -> None:

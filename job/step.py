@@ -101,7 +101,7 @@ class TrainStep:
         static_images = torch.empty_like(images)  # keeps channels_last
         static_labels = torch.empty_like(labels)
         self.optimizer.zero_grad()  # backward allocates the gradients in the graph's memory
-        graph = torch.cuda.CUDAGraph()
+        graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
                 # autocast's cache of bf16 weights would be captured stale: off in a graph
@@ -110,10 +110,14 @@ class TrainStep:
                 loss.backward()
                 self.optimizer.step()
         except RuntimeError as error:  # an op this GPU or PyTorch cannot capture
+            # torch.cuda.graph (2.11) leaves its capture stream current when ending the capture
+            # raises, and that error only says the capture was invalidated: the first one says why.
+            torch.cuda.set_stream(stream)
             torch.cuda.synchronize()
             self.optimizer.zero_grad()
             self.graphed = False
-            self.say(f"CUDA graph capture failed ({str(error).splitlines()[0][:200]}): "
+            cause = error.__context__ or error
+            self.say(f"CUDA graph capture failed ({str(cause).splitlines()[0][:200]}): "
                      "training on eagerly, which computes the same")
             return
         self.graph, self.static = graph, (static_images, static_labels, loss.detach())

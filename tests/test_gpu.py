@@ -1,5 +1,7 @@
 """GPU-only tests (`pytest -m gpu`, which `make gpu-check` runs): skipped where no CUDA GPU is."""
 
+import math
+
 import pytest
 import torch
 
@@ -77,3 +79,31 @@ def test_the_graphed_step_with_bf16_autocast_trains(mnist):
     losses, _, step = trained("cuda", mnist, steps=60, graphed=True, bf16=True)
     assert step.graph is not None
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10  # it learns
+
+
+def test_a_failed_capture_trains_on_eagerly_on_the_default_stream(mnist):
+    """A net that reads a value back to the host mid-step cannot be captured: the run says so in
+    one line and trains on eagerly, on the stream it trained on before (not the capture's)."""
+
+    class ReadsBack(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, images):
+            if not torch.isfinite(images.sum()).item():  # a sync: no graph can hold it
+                raise AssertionError("the images are not finite")
+            return self.net(images)
+
+    torch.manual_seed(0)
+    model = ReadsBack(build_model("mnist")).to("cuda", memory_format=torch.channels_last)
+    said = []
+    step = TrainStep(model, Adam(model.parameters(), 1e-3), lambda **kw: torch.autocast(
+        "cuda", torch.bfloat16, **kw), graphed=True, say=said.append, batch_size=64)
+    batches = DeviceBatches(mnist.train_images[:64 * 8], mnist.train_labels[:64 * 8],
+                            preset("mnist"), torch.device("cuda"), 64, shuffle=True, seed=0)
+    losses = [step(x, y, 1e-3).item() for x, y in batches.epoch(0)]
+    assert step.mode == "off" and step.graph is None
+    assert len(said) == 1 and said[0].startswith("CUDA graph capture failed (")
+    assert torch.cuda.current_stream() == torch.cuda.default_stream()
+    assert len(losses) == 8 and all(math.isfinite(loss) for loss in losses)

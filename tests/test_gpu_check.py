@@ -13,6 +13,7 @@ from tests.conftest import REPO
 GPU_CHECK = REPO / "bench" / "gpu_check.py"
 sys.path.insert(0, str(GPU_CHECK.parent))
 import gpu_check  # noqa: E402
+import gpu_visit  # noqa: E402
 
 
 def mnist_only(data_dir, tmp_path):
@@ -23,10 +24,11 @@ def mnist_only(data_dir, tmp_path):
 
 
 def test_dry_run_on_cpu_runs_every_step(data_dir, tmp_path):
-    out = tmp_path / "results.json"
+    out, table, profile = tmp_path / "results.json", tmp_path / "table.md", tmp_path / "profile.txt"
     result = subprocess.run(
         [sys.executable, str(GPU_CHECK), "--device", "cpu", "--dry-run", "--data",
-         str(mnist_only(data_dir, tmp_path)), "--out", str(out)],
+         str(mnist_only(data_dir, tmp_path)), "--out", str(out), "--table", str(table),
+         "--profile", str(profile), "--profile-always"],
         capture_output=True, text=True, timeout=600, cwd=REPO)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -40,9 +42,14 @@ def test_dry_run_on_cpu_runs_every_step(data_dir, tmp_path):
         assert 0 < warm["first_step_s"] < warm["wall_s"]
     assert report["cifar10_data"].startswith("synthetic")
     assert steps["cpu → cpu checkpoint"]["ok"] and steps["SIGTERM on cpu"]["ok"]
-    assert steps["single-rank gloo process group under torchrun"]["ok"]
+    assert steps["single-rank gloo process group and DDP step under torchrun"]["ok"]
+    assert steps["cnn-job launch, 1 worker on cpu"]["ok"]
     assert steps["pytest -m gpu"]["ok"] is not False
-    assert "gpu-check on" in result.stdout
+    assert "gpu-check on" in result.stdout and "| train mnist, eager | True |" in table.read_text()
+    # the profiler's tables of both nets' steps, each headed by its wall time per step
+    tables = profile.read_text()
+    assert "mnist, eager, batch 64, 10 steps" in tables and "cifar10, eager" in tables
+    assert "aten::_fused_adam_" in tables
 
 
 def test_split_cifar_archive_is_joined_and_checked(tmp_path):
@@ -60,3 +67,74 @@ def test_split_cifar_archive_is_joined_and_checked(tmp_path):
     (data / "SHA256SUMS").write_text(f"{'0' * 64}  {gpu_check.CIFAR}\n")
     with pytest.raises(SystemExit, match="do not join into the archive SHA256SUMS names"):
         gpu_check.prepare_data(data, tmp_path / "again")
+
+
+def archive_like_the_shared_one(path, level, os_byte=255):
+    """A CIFAR-shaped tar.gz made as the shared archive was (Python's gzip, name and time stamp
+    in the header), at `level`; another `os_byte` in its header, as another gzip writes."""
+    import gzip
+
+    tarball = path.parent / "synthetic.tar.gz"
+    gpu_check.write_synthetic_cifar(tarball, train=200, test=40)
+    with gzip.open(tarball) as tar, open(path, "wb") as raw, gzip.GzipFile(
+            filename="cifar-10-python.tar", mode="wb", fileobj=raw, compresslevel=level,
+            mtime=1795502933) as out:
+        out.write(tar.read())
+    blob = bytearray(path.read_bytes())
+    blob[9] = os_byte
+    path.write_bytes(bytes(blob))
+
+
+@pytest.mark.parametrize("level, os_byte, encoding", [
+    (9, 255, "xz of the tar"), (1, 255, "xz of the tar"),
+    (9, 3, "the archive split"),  # not remade byte for byte here: carried as it is
+])
+def test_a_visit_carries_the_data_in_calls_and_rebuilds_it_byte_for_byte(data_dir, tmp_path, level,
+                                                                        os_byte, encoding):
+    data = tmp_path / "datasets"
+    (data / "cifar10").mkdir(parents=True)
+    (data / "mnist").symlink_to(data_dir / "mnist")
+    archive_like_the_shared_one(data / gpu_check.CIFAR, level, os_byte)
+    visit = tmp_path / "visit"
+    plan = gpu_visit.pack(data, visit, call_bytes=100_000)
+    assert plan["encoding"].startswith(encoding)
+    assert len(plan["calls"]) >= 3 and plan["calls"][-1]["command"].startswith(
+        "PYTHONUNBUFFERED=1 python3 bench/gpu_visit.py run")
+    assert all(call["carry"] == [f".gpu-visit/call-{call['call']}"] for call in plan["calls"])
+    for call in range(2, len(plan["calls"]) + 1):  # each call's folder within its size
+        assert sum(f.stat().st_size for f in (visit / f"call-{call}").iterdir()) <= 100_000 + 2**12
+
+    # a call lost to a box gone cold is named; with every part here the archive comes back whole
+    lost = visit / plan["parts"][-1]["name"]
+    kept = lost.read_bytes()
+    lost.unlink()
+    _, problems = gpu_visit.arrived(visit)
+    assert problems == [f"{plan['parts'][-1]['name']} is not here: make call "
+                        f"{plan['parts'][-1]['call']} again (the box forgets what it was sent when "
+                        "it goes cold between calls)"]
+    lost.write_bytes(kept)
+    plan, problems = gpu_visit.arrived(visit)
+    assert problems == []
+    folder, kind = gpu_visit.assemble(visit, plan)
+    assert kind == "the archive, byte for byte"
+    assert (folder / gpu_check.CIFAR).read_bytes() == (data / gpu_check.CIFAR).read_bytes()
+    assert (folder / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes() == (
+        data_dir / "mnist" / "t10k-labels-idx1-ubyte.gz").read_bytes()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="runs the whole check on a GPU")
+def test_the_last_call_assembles_the_data_and_brings_back_what_it_has_without_a_gpu(
+        data_dir, tmp_path, capsys):
+    """`gpu_visit.py run` on a machine with no GPU: the data assembled, the box described, and
+    gpu_check.py's refusal in the log that comes back, with its exit status."""
+    data = tmp_path / "datasets"
+    (data / "cifar10").mkdir(parents=True)
+    (data / "mnist").symlink_to(data_dir / "mnist")
+    archive_like_the_shared_one(data / gpu_check.CIFAR, 9)
+    visit, out = tmp_path / "visit", tmp_path / "out"
+    gpu_visit.pack(data, visit, call_bytes=100_000)
+    assert gpu_visit.run(visit, out) == 2  # gpu_check.py: no CUDA GPU visible
+    assert "no CUDA GPU visible" in (out / "gpu-check.log").read_text()
+    assert "torch" in (out / "box.txt").read_text()
+    assert (visit / "data" / gpu_check.CIFAR).read_bytes() == (data / gpu_check.CIFAR).read_bytes()
+    assert "the archive, byte for byte" in capsys.readouterr().out

@@ -1,0 +1,312 @@
+"""The GPU visit: both datasets and this checkout carried to a GPU box in transfers of at most
+64 MiB, and bench/gpu_check.py run there, as one prepared sequence of device `run` calls.
+
+The box (README: "A GPU visit, step by step") has no network and no pip; files reach it only
+with a `run` call, at most 64 MiB each counting the checkout, and ignored files stay there only
+while it is warm (30 s after a call). So the data travels in as few calls as it can, back to back:
+
+    python3 bench/gpu_visit.py pack      # here, once: .gpu-visit/call-N/ and the calls to make
+    python3 bench/gpu_visit.py arrive    # there, in each call: what has arrived, checked
+    python3 bench/gpu_visit.py run --out "$OUT"   # there, in the last call: gpu_check.py
+
+CIFAR-10's archive (189 MB) is gzip of a 268 MB tar that gzip barely shrinks (JPEG-decoded
+pixels). xz (preset 6) brings the tar to about 150 MB, so MNIST (11 MB) and CIFAR-10 take 3 calls
+of at most 60 MiB, against 4 for the archive split as it is. On arrival the tar is gzipped again
+as the archive was made (Python's gzip, level 9, its name and time stamp in the header): the same
+bytes, checked against SHA256SUMS. Were the box's zlib to compress differently, the rebuilt
+archive would still hold the checked tar, and the report says so. Where the archive cannot be
+rebuilt here, `pack` splits the archive as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import json
+import lzma
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from gpu_check import CIFAR, sha256_of  # bench/ is this script's own folder on sys.path
+
+REPO = Path(__file__).resolve().parent.parent
+VISIT = REPO / ".gpu-visit"  # git-ignored: the parts travel as `carry` paths
+MNIST = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+CALL_BYTES = 60 * 2**20  # data per call: the checkout (~0.6 MiB) and room to spare fill the 64
+CHUNK = 2**20
+# device seconds, each call's command limit (a run outlasting it still brings $OUT back)
+ARRIVE_TIMEOUT_S, RUN_TIMEOUT_S = 120, 540
+
+
+def gzip_header(path: Path) -> dict:
+    """The name and time stamp in a gzip file's header (what rebuilding it byte for byte needs)."""
+    with open(path, "rb") as handle:
+        head = handle.read(512)
+    flags, mtime = head[3], struct.unpack("<I", head[4:8])[0]
+    name = head[10:head.index(b"\0", 10)].decode("latin-1") if flags & 8 else ""
+    level = {2: 9, 4: 1}.get(head[8], 6)  # XFL: the slowest or the fastest compression, else 6
+    return {"name": name, "mtime": mtime, "level": level}
+
+
+def regzip(chunks, out: Path, header: dict) -> str:
+    """Write `chunks` (the tar's bytes) gzipped as Python's tarfile/gzip made the archive; the
+    tar's sha256."""
+    tar_digest = hashlib.sha256()
+    with open(out, "wb") as raw, gzip.GzipFile(filename=header["name"], mode="wb", fileobj=raw,
+                                               compresslevel=header["level"],
+                                               mtime=header["mtime"]) as packed:
+        for chunk in chunks:
+            tar_digest.update(chunk)
+            packed.write(chunk)
+    return tar_digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# here: pack
+
+
+def xz_stream(tar_gz: Path, xz_out: Path) -> None:
+    """The archive's tar, xz-compressed: with the xz program on all cores where there is one
+    (minutes on 2 cores), else Python's lzma (one core)."""
+    xz = shutil.which("xz")
+    with gzip.open(tar_gz, "rb") as tar, open(xz_out, "wb") as out:
+        if xz:
+            process = subprocess.Popen([xz, "-6", "-T0", "-c"], stdin=subprocess.PIPE, stdout=out)
+            shutil.copyfileobj(tar, process.stdin, CHUNK)
+            process.stdin.close()
+            if process.wait() != 0:
+                sys.exit("error: xz failed")
+            return
+        compressor = lzma.LZMACompressor(preset=6)
+        while chunk := tar.read(CHUNK):
+            out.write(compressor.compress(chunk))
+        out.write(compressor.flush())
+
+
+def decompressed(parts: list[Path]):
+    """The tar's bytes out of the xz parts, joined in order."""
+    decompressor = lzma.LZMADecompressor()
+    for chunk in read_parts(parts):
+        while chunk:
+            yield decompressor.decompress(chunk)
+            chunk = decompressor.unused_data if decompressor.eof else b""
+            if decompressor.eof:  # another stream follows (xz files may be concatenated)
+                decompressor = lzma.LZMADecompressor()
+
+
+def read_parts(paths: list[Path]):
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK):
+                yield chunk
+
+
+def pack(data: Path, visit: Path, call_bytes: int = CALL_BYTES) -> dict:
+    """`visit`/call-N/ folders of at most `call_bytes` each, MNIST in the first, and the plan."""
+    archive = data / CIFAR
+    if visit.exists():
+        shutil.rmtree(visit)
+    work = visit / "work"
+    work.mkdir(parents=True)
+    header = gzip_header(archive)
+    xz_path = work / "cifar-10-python.tar.xz"
+    started = time.perf_counter()
+    xz_stream(archive, xz_path)
+    print(f"xz of CIFAR-10's tar: {xz_path.stat().st_size / 2**20:.1f} MiB in "
+          f"{time.perf_counter() - started:.0f} s", flush=True)
+    rebuilt, started = work / "rebuilt.tar.gz", time.perf_counter()
+    tar_sha256 = regzip(decompressed([xz_path]), rebuilt, header)
+    same = sha256_of(rebuilt) == sha256_of(archive)
+    print(f"the archive rebuilt from it (as on arrival) in {time.perf_counter() - started:.0f} s: "
+          f"{'the same bytes' if same else 'other bytes'}", flush=True)
+    if same:
+        encoding, payload = "xz of the tar, gzipped again on arrival", xz_path
+    else:  # this machine's gzip does not remake the archive: carry it as it is
+        encoding, payload = "the archive split as it is", archive
+    rebuilt.unlink()
+
+    plan = {"encoding": encoding, "gzip": header, "tar_sha256": tar_sha256,
+            "archive_sha256": sha256_of(archive), "mnist": {}, "parts": []}
+    used = [0]  # bytes per call
+    (visit / "call-1" / "mnist").mkdir(parents=True)
+    for name in MNIST:
+        shutil.copyfile(data / "mnist" / name, visit / "call-1" / "mnist" / name)
+        plan["mnist"][name] = sha256_of(data / "mnist" / name)
+        used[0] += (data / "mnist" / name).stat().st_size
+    with open(payload, "rb") as source:
+        while True:
+            room = call_bytes - used[-1]
+            if room < min(2**20, call_bytes // 4):  # no sliver of a part: the next call
+                used.append(0)
+                room = call_bytes
+            chunk = source.read(room)
+            if not chunk:
+                break
+            call = len(used)
+            part = visit / f"call-{call}" / f"cifar10.part-{len(plan['parts']) + 1}"
+            part.parent.mkdir(exist_ok=True)
+            part.write_bytes(chunk)
+            used[-1] += len(chunk)
+            plan["parts"].append({"call": call, "name": f"call-{call}/{part.name}",
+                                  "bytes": len(chunk),
+                                  "sha256": hashlib.sha256(chunk).hexdigest()})
+    shutil.rmtree(work)
+    plan["calls"] = calls(len(used))
+    for call in range(1, len(used) + 1):  # every call brings the plan: any one may find the box bare
+        (visit / f"call-{call}" / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    return plan
+
+
+def calls(count: int) -> list[dict]:
+    """The device `run` calls, in order, back to back."""
+    sequence = []
+    for call in range(1, count + 1):
+        last = call == count
+        command = ("PYTHONUNBUFFERED=1 python3 bench/gpu_visit.py run --out \"$OUT\"" if last
+                   else f"python3 bench/gpu_visit.py arrive{' --probe' if call == 1 else ''}")
+        sequence.append({"call": call, "carry": [f".gpu-visit/call-{call}"], "command": command,
+                         "timeout_s": RUN_TIMEOUT_S if last else ARRIVE_TIMEOUT_S})
+    return sequence
+
+
+# ----------------------------------------------------------------------------------------------
+# there: arrive and run
+
+
+def arrived(visit: Path) -> tuple[dict | None, list[str]]:
+    """The plan, and what of it is missing or damaged (empty when everything is here)."""
+    plans = sorted(visit.glob("call-*/plan.json"))
+    if not plans:
+        return None, ["no .gpu-visit/call-N/plan.json: make the calls as `pack` printed them"]
+    plan = json.loads(plans[-1].read_text())
+    problems = []
+    for part in plan["parts"]:
+        path = visit / part["name"]
+        if not path.is_file():
+            problems.append(f"{part['name']} is not here: make call {part['call']} again (the "
+                            "box forgets what it was sent when it goes cold between calls)")
+        elif path.stat().st_size != part["bytes"] or sha256_of(path) != part["sha256"]:
+            problems.append(f"{part['name']} is damaged: make call {part['call']} again")
+    for name, digest in plan["mnist"].items():
+        path = visit / "call-1" / "mnist" / name
+        if not path.is_file() or sha256_of(path) != digest:
+            problems.append(f"mnist/{name} missing or damaged: make call 1 again")
+    return plan, problems
+
+
+def assemble(visit: Path, plan: dict) -> tuple[Path, str]:
+    """A data folder as gpu_check.py reads it, and what its CIFAR-10 is."""
+    data = visit / "data"
+    (data / "cifar10").mkdir(parents=True, exist_ok=True)
+    if not (data / "mnist").exists():
+        (data / "mnist").symlink_to(visit / "call-1" / "mnist")
+    archive = data / CIFAR
+    parts = [visit / part["name"] for part in plan["parts"]]
+    started = time.perf_counter()
+    if not (archive.is_file() and sha256_of(archive) == plan["archive_sha256"]):
+        if plan["encoding"].startswith("xz"):
+            tar_sha256 = regzip(decompressed(parts), archive, plan["gzip"])
+            if tar_sha256 != plan["tar_sha256"]:
+                sys.exit("error: CIFAR-10's tar did not come out of its parts whole")
+        else:
+            with open(archive, "wb") as out:
+                for chunk in read_parts(parts):
+                    out.write(chunk)
+    digest = sha256_of(archive)
+    same = digest == plan["archive_sha256"]
+    if not same and not plan["encoding"].startswith("xz"):
+        sys.exit("error: CIFAR-10's parts do not join into the archive")
+    sums = {CIFAR: digest, **{f"mnist/{name}": sha for name, sha in plan["mnist"].items()}}
+    (data / "SHA256SUMS").write_text("".join(f"{d}  {n}\n" for n, d in sums.items()))
+    kind = ("the archive, byte for byte" if same else
+            "rebuilt: the archive's tar, sha256 checked; its gzip bytes differ from the archive's")
+    print(f"CIFAR-10 assembled from {len(parts)} parts in {time.perf_counter() - started:.1f} s: "
+          f"{kind}", flush=True)
+    return data, kind
+
+
+def probe() -> str:
+    """What the box is: GPU, driver, Python, torch (for the report and the README)."""
+    lines = []
+    for command in (["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
+                     "--format=csv,noheader"],
+                    [sys.executable, "-c", "import torch, sys; print('python', sys.version.split()[0],"
+                     " 'torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', "
+                     "torch.backends.cudnn.version(), 'nccl', torch.cuda.nccl.version(), "
+                     "'gpu', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"]):
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+            lines.append((result.stdout + result.stderr).strip())
+        except (OSError, subprocess.TimeoutExpired) as error:
+            lines.append(f"{command[0]}: {error}")
+    return "\n".join(lines)
+
+
+def run(visit: Path, out: Path) -> int:
+    """Assemble the data, then gpu_check.py on the GPU; its report, table, log, profiler tables
+    and the box's description land in `out` (the call's $OUT, which comes back)."""
+    plan, problems = arrived(visit)
+    if problems:
+        print("\n".join(problems), file=sys.stderr)
+        return 3
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "box.txt").write_text(probe() + "\n")
+    data, kind = assemble(visit, plan)
+    command = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--data", str(data),
+               "--out", str(out / "results-cuda.json"), "--table", str(out / "table.md"),
+               "--profile", str(out / "profile.txt")]
+    with open(out / "gpu-check.log", "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+        for line in process.stdout:
+            print(line, end="", flush=True)
+            log.write(line)
+            log.flush()
+        status = process.wait()
+    results = out / "results-cuda.json"
+    if results.is_file():  # how the data came, beside what was measured on it
+        report = json.loads(results.read_text())
+        report["carried"] = {"encoding": plan["encoding"], "cifar10": kind,
+                             "transfers": len(plan["calls"])}
+        results.write_text(json.dumps(report, indent=2) + "\n")
+    return status
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="verb", required=True)
+    packing = sub.add_parser("pack", help="here: build .gpu-visit/ and print the calls")
+    packing.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets")
+    arriving = sub.add_parser("arrive", help="there: check what has arrived")
+    arriving.add_argument("--probe", action="store_true", help="also say what the box is")
+    running = sub.add_parser("run", help="there: assemble the data and run gpu_check.py")
+    running.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    if args.verb == "pack":
+        plan = pack(args.data, VISIT)
+        print(f"CIFAR-10 carried as {plan['encoding']}, in {len(plan['parts'])} parts; "
+              f"the {len(plan['calls'])} device calls, back to back (README: 'A GPU visit'):")
+        for call in plan["calls"]:
+            print(json.dumps({"command": call["command"], "carry": call["carry"],
+                              "timeout_s": call["timeout_s"]}))
+        return 0
+    if args.verb == "arrive":
+        if args.probe:
+            print(probe())
+        plan, problems = arrived(VISIT)
+        here = sorted({p["call"] for p in (plan or {}).get("parts", [])
+                       if (VISIT / p["name"]).is_file()})
+        print(f"calls arrived: {here}; " + ("; ".join(problems) if problems else "all here"))
+        return 0
+    return run(VISIT, args.out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
