@@ -27,15 +27,7 @@ import pytest
 
 from job.preemption import PREEMPTED_EXIT_CODE
 from tests.conftest import CNN_JOB, REPO, _free_port
-from tests.test_deploy import (
-    FOLDERS,
-    IMAGE,
-    load_folder,
-    local_overrides,
-    pod_process,
-    the_container,
-    the_job,
-)
+from tests.test_deploy import FOLDERS, IMAGE, load_folder, pod_process, the_container, the_job
 from tests.test_preemption import assert_same_weights, read_checkpoint
 from tests.test_storage import push_mnist
 from tests.wandb_records import OfflineRun, offline_runs
@@ -189,9 +181,15 @@ def built(data_dir, tmp_path_factory, request) -> Image:
     # The first run after a build, before any other container of this session has run.
     figures["container_first_run"] = container_throughput(image, data_dir,
                                                           tmp_path_factory.mktemp("first"))
-    request.config.cache.set(FIGURES_KEY, figures)
+    save_figures(request, figures)
     yield image
     image.clean()
+
+
+def save_figures(request, figures: dict) -> None:
+    print(json.dumps(figures, indent=2))  # shown with -s, and with a failure
+    if hasattr(request.config, "cache"):  # not under -p no:cacheprovider
+        request.config.cache.set(FIGURES_KEY, figures)
 
 
 @pytest.fixture
@@ -458,11 +456,26 @@ def volume_flags(image: Image, pod: dict, container: dict) -> list[str]:
             if path == "/dev/shm":  # the engine's own /dev/shm, at the emptyDir's size
                 flags.append(f"--shm-size={size.replace('Gi', 'g').replace('Mi', 'm')}" if size
                              else "--shm-size=1g")
-            else:
-                flags.append(f"--tmpfs={path}:rw,exec,mode=1777{size_option}{read_only}")
+            else:  # an emptyDir is 0777; podman gives a tmpfs over a folder of the image that
+                # folder's mode and root as owner instead: its U hands it to the container's user
+                owner = ",U" if image.engine == "podman" else ""
+                flags.append(f"--tmpfs={path}:rw,exec,mode=0777{owner}{size_option}{read_only}")
         else:
             flags.append(f"--volume={image.volume()}:{path}{read_only and ':ro'}")
     return flags
+
+
+def cluster_to_here(manifest_env: dict, s3, run: str) -> dict:
+    """Only what must point here changes: the endpoint at the S3 server on the host's loopback,
+    data and checkpoints into this test's bucket, a short MNIST run on CPU, W&B off (rank 0's
+    address goes on loopback too). Everything else is the manifest's and the image's."""
+    assert manifest_env["CNN_JOB_DATASET"] == "cifar10" and manifest_env["AWS_ENDPOINT_URL"]
+    for name in ("CNN_JOB_DATA_URI", "CNN_JOB_CHECKPOINT_URI"):
+        assert manifest_env[name].startswith("s3://"), name
+    return {"AWS_ENDPOINT_URL": s3.endpoint, "CNN_JOB_DATA_URI": f"s3://{s3.bucket}/datasets",
+            "CNN_JOB_CHECKPOINT_URI": f"s3://{s3.bucket}/runs/{run}",
+            "CNN_JOB_DATASET": "mnist", "CNN_JOB_EPOCHS": "1", "CNN_JOB_LIMIT_TRAIN": "640",
+            "CNN_JOB_DEVICE": "cpu", "CNN_JOB_WANDB_MODE": "disabled", "WANDB_MODE": "disabled"}
 
 
 @pytest.fixture
@@ -473,19 +486,15 @@ def secret(s3):
 
 
 @pytest.mark.parametrize("name", list(FOLDERS))
-def test_every_manifests_pods_run_in_the_image(name, image, s3, secret, data_dir, tmp_path):
+def test_every_manifests_pods_run_in_the_image(name, image, s3, secret, data_dir):
     push_mnist(s3, data_dir)
     objects = load_folder(FOLDERS[name])
     job = the_job(objects)
     pod, container = job["spec"]["template"]["spec"], the_container(job)
-    indexes = [None] if job["spec"].get("completionMode") != "Indexed" else list(
-        range(job["spec"]["completions"]))
+    completions = job["spec"].get("completions", 1)  # a pod per node of a multi-node manifest
+    indexes = list(range(completions)) if completions > 1 else [None]
     _, manifest_env = pod_process(objects, secret, {}, indexes[0])
-    # Only what must point here changes: the endpoint at the S3 server on the host's loopback,
-    # data and checkpoints into this test's bucket, a short MNIST run on CPU, W&B off, and rank
-    # 0's address on loopback. The host-process stand-ins (PATH, HOME, cache) stay the image's.
-    overrides = {key: value for key, value in local_overrides(manifest_env, s3, tmp_path, name).items()
-                 if key not in ("PATH", "LANG", "HOME", "TMPDIR", "CNN_JOB_CACHE_DIR")}
+    overrides = cluster_to_here(manifest_env, s3, name)
     port = str(_free_port())
     for prefix in ("", "PET_"):
         if f"{prefix}MASTER_ADDR" in manifest_env:
@@ -501,9 +510,8 @@ def test_every_manifests_pods_run_in_the_image(name, image, s3, secret, data_dir
     for container_name in started:
         assert image.wait(container_name) == 0, image.logs(container_name)[-3000:]
     state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{name}")
-    world_size = len(indexes) if len(indexes) > 1 else state["world_size"]
-    assert state["world_size"] == world_size and state["epoch"] == 1
-    assert f"training mnist on {world_size} × cpu" in image.logs(started[0])
+    assert state["world_size"] == len(indexes) and state["epoch"] == 1
+    assert f"training mnist on {len(indexes)} × cpu" in image.logs(started[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -608,11 +616,10 @@ def test_container_and_host_throughput_side_by_side(image, data_dir, tmp_path, r
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, **NO_WANDB, "CNN_JOB_CACHE_DIR": str(tmp_path / "cache")})
     assert host.returncode == 0, host.stderr
-    figures = request.config.cache.get(FIGURES_KEY, {})
+    figures = request.config.cache.get(FIGURES_KEY, {}) if hasattr(request.config, "cache") else {}
     figures["host"] = speed(json.loads((tmp_path / "host.json").read_text()))
     figures["container"] = container_throughput(image, data_dir, tmp_path / "container")
-    request.config.cache.set(FIGURES_KEY, figures)
-    print(json.dumps(figures, indent=2))
+    save_figures(request, figures)
     assert figures["host"]["train_images_per_second"] > 0
     assert figures["container"]["train_images_per_second"] > 0
 
