@@ -15,6 +15,7 @@ import os
 import queue
 import secrets
 import string
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -154,6 +155,10 @@ def start(
     if mode == "disabled":
         return NullTracker()
     os.environ.setdefault("WANDB_SILENT", "true")  # our own lines say what matters
+    if not _wandb_folders_writable():
+        say("warning: W&B has no writable folder (WANDB_CACHE_DIR, WANDB_DATA_DIR, "
+            "WANDB_CONFIG_DIR, nor the temporary folder); training goes on without it")
+        return NullTracker()
     # The id is chosen here, before W&B is up, so that checkpoints written meanwhile name the
     # run a resume continues; resume="allow" makes a new run of a new id.
     run_id = run_id or new_run_id()
@@ -172,6 +177,36 @@ def start(
         )
 
     return BackgroundTracker(run_id, init, class_names, say, for_want_of_key)
+
+
+# Where W&B keeps its service log, artifact staging and settings unless told otherwise.
+_WANDB_FOLDERS = {"WANDB_CACHE_DIR": "~/.cache/wandb", "WANDB_DATA_DIR": "~/.local/share/wandb",
+                  "WANDB_CONFIG_DIR": "~/.config/wandb"}
+
+
+def _wandb_folders_writable() -> bool:
+    """Point each of W&B's folders that cannot be written (a read-only root, a HOME the UID does
+    not own) at the temporary folder, an emptyDir in a pod. Without this W&B fails to stage
+    artifacts, and its service, with no log file, logs onto the job's console. False when even
+    the temporary folder is not writable."""
+    for name, default in _WANDB_FOLDERS.items():
+        if not _writable(Path(os.environ.get(name) or default).expanduser()):
+            try:
+                fallback = Path(tempfile.gettempdir(), "wandb", name.lower())
+            except FileNotFoundError:  # no writable temporary folder at all
+                return False
+            if not _writable(fallback):
+                return False
+            os.environ[name] = str(fallback)
+    return True
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK)
 
 
 def new_run_id() -> str:

@@ -1,6 +1,7 @@
 """W&B, offline (no network here): run a short training, then read back what W&B recorded."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -261,3 +262,24 @@ def test_a_stop_signal_while_the_wandb_server_never_answers_still_exits_75_in_th
     output = log.read_text()
     assert "preempted by SIGTERM" in output
     assert "warning: W&B did not finish within 10 s" in output
+
+
+def test_wandb_folders_that_cannot_be_written_move_to_the_temporary_folder(tmp_path, data_dir):
+    # As under a read-only root: W&B's default folders cannot be made (a file stands in the way,
+    # which stops root too). Its staging and service log go to TMPDIR instead, and none of its
+    # service's own log lines reaches the job's console.
+    blocked = tmp_path / "read-only"
+    blocked.write_text("")
+    env = {"WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path), "TMPDIR": str(tmp_path / "tmp"),
+           **{name: str(blocked / name) for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR",
+                                                      "WANDB_CONFIG_DIR")}}
+    (tmp_path / "tmp").mkdir()
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--limit-train", "640",
+                     "--epochs", "1", "--device", "cpu", "--checkpoint-uri", str(tmp_path / "c"),
+                     env=env)
+    assert result.returncode == 0, result.stderr
+    output = result.stdout + result.stderr
+    assert "W&B" not in output and not re.search(r"^\d{4}/\d\d/\d\d .* INFO ", output, re.M), output
+    (run,) = offline_runs(tmp_path)
+    assert run.artifacts and run.summary["final_val_acc"] > 0.5
+    assert (tmp_path / "tmp" / "wandb" / "wandb_data_dir").is_dir()

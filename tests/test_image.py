@@ -1,0 +1,625 @@
+"""The image users run, built from the repo's Dockerfile and run in a real OCI runtime.
+
+`make image-test` (pytest -m image; `make test` leaves these out). The session builds the image
+once with `make image` (docker or podman, whichever answers; IMAGE_ENGINE= picks), on
+python:3.11-slim-bookworm or, where that cannot be pulled, on a stand-in base built with
+debootstrap and kept in the engine's store. Then each check runs containers as a user or a
+cluster would: real datasets mounted read-only, no network unless S3 or DDP needs the host's
+loopback, named volumes, a read-only root, an arbitrary UID, the manifests' own commands,
+environment and securityContext. Where no engine answers it skips, with one line saying why.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from job.preemption import PREEMPTED_EXIT_CODE
+from tests.conftest import CNN_JOB, REPO, _free_port
+from tests.test_deploy import FOLDERS, IMAGE, load_folder, pod_process, the_container, the_job
+from tests.test_preemption import assert_same_weights, read_checkpoint
+from tests.test_storage import push_mnist
+from tests.wandb_records import OfflineRun, offline_runs
+
+pytestmark = pytest.mark.image
+
+TAG = os.environ.get("IMAGE", "cnn-job:test")
+PYTHON_IMAGE = os.environ.get("PYTHON_IMAGE", "python:3.11-slim-bookworm")
+# Kept in the engine's store between runs: debootstrap takes minutes, importing it seconds.
+STANDIN_BASE = "localhost/cnn-job-python-standin:bookworm"
+STANDIN_PACKAGES = "python3,python3-venv,python-is-python3,ca-certificates"
+STOP_TIMEOUT_S = 60
+FIGURES_KEY = "cnn-job/image-figures"  # `pytest --cache-show 'cnn-job/*'` prints them
+# Lines of W&B's own service log ("2026/11/26 15:04:05 INFO handleInformTeardown ...") must
+# never reach the job's console.
+WANDB_SERVICE_LOG = re.compile(r"^\d{4}/\d\d/\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARN|ERROR)", re.M)
+
+
+# ----------------------------------------------------------------------------------------------
+# the engine, the base and the build
+
+
+def answering_engine() -> str | None:
+    wanted = os.environ.get("IMAGE_ENGINE")
+    for name in [wanted] if wanted else ["docker", "podman"]:
+        if shutil.which(name) and subprocess.run([name, "info"], capture_output=True,
+                                                 timeout=120).returncode == 0:
+            return name
+    return None
+
+
+def ulimits() -> list[str]:
+    # podman asks for 1048576 open files and processes by default, which a host with lower hard
+    # limits refuses ("setrlimit: Operation not permitted"; this one takes 20000 files and no more
+    # than 20000 processes). 4096 of each fits common hosts and is far more than the job needs.
+    return ["--ulimit=nofile=4096:4096", "--ulimit=nproc=4096:4096"]
+
+
+def has_image(engine: str, name: str) -> bool:
+    return subprocess.run([engine, "image", "inspect", name], capture_output=True).returncode == 0
+
+
+def python_base(engine: str) -> str:
+    """PYTHON_IMAGE when it is here or can be pulled; else the debootstrap stand-in."""
+    if has_image(engine, PYTHON_IMAGE) or subprocess.run(
+            [engine, "pull", PYTHON_IMAGE], capture_output=True, timeout=600).returncode == 0:
+        return PYTHON_IMAGE
+    if has_image(engine, STANDIN_BASE):
+        return STANDIN_BASE
+    if os.geteuid() != 0 or not shutil.which("debootstrap"):
+        pytest.skip(f"{PYTHON_IMAGE} cannot be pulled, and a stand-in base needs debootstrap as "
+                    "root (.ci/run installs it)")
+    # The stand-in trusts Debian's CA list only, as the real base does: a proxy's CA comes to the
+    # build as a secret (PIP_CA), never into an image.
+    with tempfile.TemporaryDirectory(dir="/var/tmp") as root:
+        subprocess.run(["debootstrap", "--variant=minbase", f"--include={STANDIN_PACKAGES}",
+                        "bookworm", root], check=True, capture_output=True, timeout=1800)
+        tar = subprocess.Popen(["tar", "-C", root, "-c", "."], stdout=subprocess.PIPE)
+        subprocess.run([engine, "import", "-", STANDIN_BASE], stdin=tar.stdout, check=True,
+                       capture_output=True, timeout=600)
+        tar.wait()
+    return STANDIN_BASE
+
+
+@dataclass
+class Image:
+    engine: str
+    tag: str
+    names: list[str] = field(default_factory=list)  # containers and volumes to remove
+
+    def name(self, what: str) -> str:
+        self.names.append(f"cnn-job-test-{what}-{uuid.uuid4().hex[:8]}")
+        return self.names[-1]
+
+    def command(self, *args: str, name: str | None = None, rm: bool = True,
+                network: str = "none", user: str | None = None, entrypoint: str | None = None,
+                env: dict | None = None, mounts: tuple[str, ...] = (), flags: tuple[str, ...] = (),
+                detach: bool = False) -> list[str]:
+        return [
+            self.engine, "run", *(["--rm"] if rm else []), *(["--detach"] if detach else []),
+            *(["--name", name] if name else []), f"--network={network}", *ulimits(),
+            *([f"--user={user}"] if user else []),
+            *([f"--entrypoint={entrypoint}"] if entrypoint else []),
+            *[f"--env={key}={value}" for key, value in (env or {}).items()],
+            *[f"--volume={mount}" for mount in mounts], *flags, self.tag, *args,
+        ]
+
+    def run(self, *args: str, timeout_s: float = 600, **options) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(*args, **options), capture_output=True, text=True,
+                              timeout=timeout_s)
+
+    def start(self, *args: str, what: str = "run", **options) -> str:
+        name = self.name(what)
+        subprocess.run(self.command(*args, name=name, rm=False, detach=True, **options),
+                       check=True, capture_output=True, text=True, timeout=120)
+        return name
+
+    def engine_output(self, *args: str) -> str:
+        result = subprocess.run([self.engine, *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def logs(self, name: str) -> str:
+        result = subprocess.run([self.engine, "logs", name], capture_output=True, text=True,
+                                timeout=60)
+        return result.stdout + result.stderr
+
+    def wait(self, name: str) -> int:
+        return int(self.engine_output("wait", name).split()[-1])
+
+    def stop(self, name: str) -> tuple[int, float]:
+        """`stop -t 60` (SIGTERM, then SIGKILL after 60 s): the exit status and seconds taken."""
+        started = time.monotonic()
+        self.engine_output("stop", "-t", str(STOP_TIMEOUT_S), name)
+        return self.wait(name), time.monotonic() - started
+
+    def is_running(self, name: str) -> bool:
+        return self.engine_output("inspect", "--format", "{{.State.Running}}", name).strip() == "true"
+
+    def volume(self) -> str:
+        name = self.name("volume")
+        self.engine_output("volume", "create", name)
+        return name
+
+    def volume_path(self, volume: str) -> Path:
+        """Where the (local) engine keeps a named volume's files: this test runs as root."""
+        return Path(self.engine_output("volume", "inspect", "--format", "{{.Mountpoint}}",
+                                       volume).strip())
+
+    def clean(self) -> None:
+        for name in reversed(self.names):
+            subprocess.run([self.engine, "rm", "--force", "--volumes", name], capture_output=True)
+            subprocess.run([self.engine, "volume", "rm", "--force", name], capture_output=True)
+        self.names.clear()
+
+
+@pytest.fixture(scope="session")
+def built(data_dir, tmp_path_factory, request) -> Image:
+    engine = answering_engine()
+    if engine is None:
+        pytest.skip("no container engine answers here (docker or podman; .ci/run installs podman "
+                    "from Debian as root)")
+    base = python_base(engine)
+    started = time.monotonic()
+    result = subprocess.run(["make", "-C", str(REPO), "image", f"IMAGE={TAG}",
+                             f"IMAGE_ENGINE={engine}", f"PYTHON_IMAGE={base}"],
+                            capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    image = Image(engine, TAG)
+    figures = {"engine": engine, "base": base, "build_minutes": (time.monotonic() - started) / 60}
+    # The first run after a build, before any other container of this session has run.
+    figures["container_first_run"] = container_throughput(image, data_dir,
+                                                          tmp_path_factory.mktemp("first"))
+    save_figures(request, figures)
+    yield image
+    image.clean()
+
+
+def save_figures(request, figures: dict) -> None:
+    print(json.dumps(figures, indent=2))  # shown with -s, and with a failure
+    if hasattr(request.config, "cache"):  # not under -p no:cacheprovider
+        request.config.cache.set(FIGURES_KEY, figures)
+
+
+@pytest.fixture
+def image(built) -> Image:
+    yield built
+    built.clean()  # this test's containers and volumes
+
+
+def writable_dir(path: Path) -> Path:
+    """A host folder the container's user (10001, or any UID) can write into."""
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o777)
+    return path
+
+
+def wait_until(what: str, condition, timeout_s: float = 300, still=lambda: True) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"no {what} within {timeout_s} s"
+        assert still(), f"stopped before {what}"
+        time.sleep(0.05)
+
+
+DATA = "/data"
+ENGINE_FILES = ("/etc/passwd", "/etc/group", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf",
+                "/run/.containerenv")
+MNIST = ("train", "mnist", "--device", "cpu", "--epochs", "1")
+NO_WANDB = {"CNN_JOB_WANDB_MODE": "disabled", "WANDB_MODE": "disabled"}
+
+
+def data_mount(data_dir: Path) -> str:
+    return f"{data_dir}:{DATA}:ro"
+
+
+def owners(folder: Path) -> set[int]:
+    return {path.stat().st_uid for path in [folder, *folder.rglob("*")]}
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. who runs, as which process, with no network
+
+
+def test_runs_as_uid_10001_with_cnn_job_as_pid_1_and_answers_help_offline(image, data_dir):
+    result = image.run("--help", env={"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert "train" in result.stdout and "launch" in result.stdout
+    ids = image.run("-c", "import os; print(os.getuid(), os.getgid(), os.getcwd())",
+                    entrypoint="python")
+    assert ids.stdout.split() == ["10001", "0", "/work"], ids.stderr
+    # A run in progress: PID 1 is the console script itself (no shell to swallow SIGTERM).
+    name = image.start(*MNIST, "--epochs", "50", "--data-uri", DATA, env=NO_WANDB,
+                       mounts=(data_mount(data_dir),))
+    pid_1 = image.engine_output("exec", name, "cat", "/proc/1/cmdline").split("\0")
+    assert pid_1[1:4] == ["/opt/venv/bin/cnn-job", "train", "mnist"], pid_1
+    status = image.engine_output("exec", name, "cat", "/proc/1/status")
+    assert re.search(r"^Uid:\s+10001\s", status, re.M), status
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. read-only data, no network, a named volume for checkpoints, the summary in a mounted folder
+
+
+def test_trains_from_read_only_data_to_a_named_volume_with_no_network(image, data_dir, tmp_path):
+    runs, out = image.volume(), writable_dir(tmp_path / "out")
+    name = image.name("train")
+    result = image.run(*MNIST, "--limit-train", "2000", "--data-uri", DATA,
+                       "--summary-json", "/out/summary.json", name=name, rm=False, env=NO_WANDB,
+                       mounts=(data_mount(data_dir), f"{runs}:/work/runs", f"{out}:/out"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    # The default checkpoint folder, runs/mnist/checkpoints, is relative to WORKDIR /work.
+    assert Path("/work", summary["checkpoint"]).parent == Path("/work/runs/mnist/checkpoints")
+    assert summary["final_val_acc"] > 0.8
+    checkpoints = image.volume_path(runs) / "mnist" / "checkpoints"
+    assert (checkpoints / "latest").read_text().strip() == Path(summary["checkpoint"]).name
+    assert owners(checkpoints) == {10001} and (out / "summary.json").stat().st_uid == 10001
+    # Nothing written outside the volumes but /tmp (a tmpfs or emptyDir on a cluster), beside
+    # what the engine itself makes: mount points, and the user and network files in /etc.
+    changed = image.engine_output("diff", name).split()[1::2]
+    engines = {"/data", "/out", "/work/runs", "/etc", "/run", *ENGINE_FILES}
+    assert [path for path in changed if path not in engines and not path.startswith("/tmp")] == []
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. stop mid-epoch, then the same command resumes, bit for bit
+
+
+def test_stop_mid_epoch_exits_75_and_the_same_run_resumes_bit_identical(image, data_dir, tmp_path):
+    # 94 steps (6000 / 64), a checkpoint every 10: stopped after the first, well before the end.
+    command = (*MNIST, "--limit-train", "6000", "--checkpoint-every-steps", "10", "--data-uri", DATA)
+    straight, split = writable_dir(tmp_path / "straight"), writable_dir(tmp_path / "split")
+    result = image.run(*command, env=NO_WANDB, mounts=(data_mount(data_dir), f"{straight}:/work/runs"))
+    assert result.returncode == 0, result.stderr
+
+    options = {"env": NO_WANDB, "mounts": (data_mount(data_dir), f"{split}:/work/runs")}
+    name = image.start(*command, **options)
+    checkpoints = split / "mnist" / "checkpoints"
+    wait_until("checkpoint", (checkpoints / "latest").exists, still=lambda: image.is_running(name))
+    status, seconds = image.stop(name)
+    log = image.logs(name)
+    assert status == PREEMPTED_EXIT_CODE, log
+    assert seconds < STOP_TIMEOUT_S and "preempted by SIGTERM" in log
+    stopped = read_checkpoint(None, checkpoints)
+    assert stopped["epoch"] == 0 and 0 < stopped["epoch_step"] < 94  # mid-epoch
+
+    resumed = image.run(*command, **options)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"step-{stopped['step']:09d}.pt" in resumed.stdout.replace("\n", "")
+    assert_same_weights(read_checkpoint(None, checkpoints),
+                        read_checkpoint(None, straight / "mnist" / "checkpoints"))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. a read-only root filesystem (readOnlyRootFilesystem, with an emptyDir at /tmp)
+
+
+def read_only_root(engine: str) -> tuple[str, ...]:
+    # podman's --read-only mounts its own tmpfs at /tmp, /var/tmp and /run unless told not to;
+    # Kubernetes mounts only what the pod declares: here an emptyDir at /tmp.
+    podman = ("--read-only-tmpfs=false",) if engine == "podman" else ()
+    return ("--read-only", *podman, "--tmpfs=/tmp:rw,exec,mode=1777")
+
+
+def assert_quiet_wandb(output: str) -> None:
+    assert not WANDB_SERVICE_LOG.search(output), output
+    assert "W&B did not" not in output and "W&B logging failed" not in output, output
+    assert "Error" not in output, output
+
+
+def test_read_only_root_trains_logs_to_wandb_offline_and_exports(image, data_dir, tmp_path):
+    runs = writable_dir(tmp_path / "runs")
+    options = {"mounts": (data_mount(data_dir), f"{runs}:/work/runs"),
+               "flags": read_only_root(image.engine)}
+    name = image.name("read-only")
+    result = image.run(*MNIST, "--limit-train", "2000", "--data-uri", DATA, name=name, rm=False,
+                       env={"WANDB_MODE": "offline", "WANDB_PROJECT": "image-test"}, **options)
+    assert result.returncode == 0, result.stderr
+    assert_quiet_wandb(result.stdout + result.stderr)
+    (run,) = offline_runs(runs)  # WANDB_DIR is /work/runs: in the volume
+    assert [row["_step"] for row in run.history if "train/loss" in row][:2] == [10, 20]
+    assert run.summary["final_val_acc"] > 0.8 and run.artifacts
+    assert [path for path in image.engine_output("diff", name).split()[1::2]
+            if path not in (DATA, "/etc", "/run", *ENGINE_FILES)] == []  # the mount point
+
+    exported = image.run("export", "/work/runs/mnist/checkpoints", "--format", "onnx",
+                         "--output", "/work/runs/mnist.onnx", **options)
+    assert exported.returncode == 0, exported.stderr
+    assert (runs / "mnist.onnx").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. an arbitrary UID in group 0, as OpenShift runs containers
+
+
+def test_an_arbitrary_uid_in_group_0_trains_with_a_writable_home(image, data_dir):
+    runs = image.volume()
+    options = {"user": "123456:0", "mounts": (data_mount(data_dir), f"{runs}:/work/runs")}
+    home = image.run("-c", "import pathlib; (pathlib.Path.home() / 'x').write_text('x'); "
+                     "print(pathlib.Path.home())", entrypoint="python", **options)
+    assert home.returncode == 0 and home.stdout.strip() == "/home/cnn", home.stderr
+    result = image.run(*MNIST, "--limit-train", "2000", "--data-uri", DATA,
+                       env={"WANDB_MODE": "offline"}, **options)
+    assert result.returncode == 0, result.stderr
+    assert_quiet_wandb(result.stdout + result.stderr)
+    folder = image.volume_path(runs)
+    assert (folder / "mnist" / "checkpoints" / "latest").exists()
+    assert owners(folder / "mnist") == {123456}
+    (run,) = offline_runs(folder)
+    assert run.summary["final_val_acc"] > 0.8
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. the README's `docker run --rm` keeps the W&B offline run, and its sync line works
+
+
+def readme_docker_run() -> list[str]:
+    """The README's documented command: docker run --rm ... cnn-job train cifar10."""
+    (line,) = re.findall(r"^docker run --rm .* cnn-job train cifar10$",
+                         (REPO / "README.md").read_text(), re.M)
+    return shlex.split(line)
+
+
+def test_a_wandb_offline_run_survives_rm_in_the_readmes_command(image, data_dir):
+    words = readme_docker_run()
+    assert "--rm" in words
+    gpus = words.index("--gpus")
+    del words[gpus:gpus + 2]  # no GPU here
+    volumes = {}
+    for index, word in enumerate(words):
+        if word == "-v":  # a named volume per test for each of the README's
+            target = words[index + 1].partition(":")[2]
+            volumes[target] = image.volume()
+            words[index + 1] = f"{volumes[target]}:{target}"
+    assert "/work/runs" in volumes, "the README's command must keep /work/runs in a volume"
+    options = words[2:words.index("cnn-job")]
+    command = [image.engine, "run", "--network=none", *ulimits(), "-v", data_mount(data_dir),
+               *options, image.tag, *MNIST, "--limit-train", "2000", "--data-uri", DATA]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    (sync,) = re.findall(r"sync it later with `(wandb sync (\S+))`", result.stdout)
+    folder = Path(sync[1])
+    assert folder.is_relative_to("/work/runs")
+    # The container is gone (--rm); its run is in the volume, whole, and `wandb sync` reads it.
+    run = OfflineRun(image.volume_path(volumes["/work/runs"]) / folder.relative_to("/work/runs"))
+    assert run.summary["final_val_acc"] > 0.8
+    listed = image.run(*shlex.split(sync[0])[1:], "--dry-run", entrypoint="wandb",
+                       mounts=(f"{volumes['/work/runs']}:/work/runs",))
+    assert listed.returncode == 0 and run.run_id in listed.stdout + listed.stderr, listed
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. the manifests' pods, as the YAML declares them, in the built image
+
+
+def security_flags(engine: str, pod: dict, container: dict) -> list[str]:
+    """Pod and container securityContext (the container's wins) as the engine's flags. A field
+    this does not know fails the test, rather than running the pod with less than it asks."""
+    context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
+    flags, user = [], {}
+    for key, value in context.items():
+        if key in ("runAsUser", "runAsGroup"):
+            user[key] = value
+        elif key == "runAsNonRoot":
+            assert value is True
+        elif key == "readOnlyRootFilesystem":  # /tmp and the rest: the pod's own emptyDirs
+            flags += ["--read-only", *(["--read-only-tmpfs=false"] if engine == "podman" else [])
+                      ] if value else []
+        elif key == "allowPrivilegeEscalation":
+            flags += ["--security-opt=no-new-privileges"] if value is False else []
+        elif key == "capabilities":
+            flags += [f"--cap-drop={cap}" for cap in value.get("drop", [])]
+            flags += [f"--cap-add={cap}" for cap in value.get("add", [])]
+        elif key == "seccompProfile":
+            assert value["type"] in ("RuntimeDefault", "Unconfined"), value  # no Localhost file
+            flags += ["--security-opt=seccomp=unconfined"] if value["type"] == "Unconfined" else []
+        elif key in ("fsGroup", "supplementalGroups"):
+            flags += [f"--group-add={group}" for group in (value if isinstance(value, list) else [value])]
+        elif key == "fsGroupChangePolicy":
+            pass  # how kubelet chowns volumes; these volumes are fresh
+        elif key == "privileged":
+            flags += ["--privileged"] if value else []
+        else:
+            pytest.fail(f"securityContext.{key} has no translation here: add one")
+    uid = user.get("runAsUser", IMAGE["USER"])
+    if context.get("runAsNonRoot"):  # kubelet refuses to start a root container
+        assert str(uid).isdigit() and int(uid) != 0, uid
+    if user:
+        flags.append(f"--user={uid}" + (f":{user['runAsGroup']}" if "runAsGroup" in user else ""))
+    return flags
+
+
+def volume_flags(image: Image, pod: dict, container: dict) -> list[str]:
+    """emptyDirs become tmpfs (a fresh pod starts with them empty), /dev/shm included; any
+    other volume (a PVC, ...) a fresh named volume."""
+    volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
+    flags = []
+    for mount in container.get("volumeMounts", []):
+        assert "subPath" not in mount, mount
+        volume, path = volumes[mount["name"]], mount["mountPath"]
+        read_only = ",ro" if mount.get("readOnly") else ""
+        if "emptyDir" in volume:
+            size = volume["emptyDir"].get("sizeLimit")
+            size_option = f",size={size.replace('Gi', 'g').replace('Mi', 'm')}" if size else ""
+            if path == "/dev/shm":  # the engine's own /dev/shm, at the emptyDir's size
+                flags.append(f"--shm-size={size.replace('Gi', 'g').replace('Mi', 'm')}" if size
+                             else "--shm-size=1g")
+            else:  # an emptyDir is 0777; podman gives a tmpfs over a folder of the image that
+                # folder's mode and root as owner instead: its U hands it to the container's user
+                owner = ",U" if image.engine == "podman" else ""
+                flags.append(f"--tmpfs={path}:rw,exec,mode=0777{owner}{size_option}{read_only}")
+        else:
+            flags.append(f"--volume={image.volume()}:{path}{read_only and ':ro'}")
+    return flags
+
+
+def cluster_to_here(manifest_env: dict, s3, run: str) -> dict:
+    """Only what must point here changes: the endpoint at the S3 server on the host's loopback,
+    data and checkpoints into this test's bucket, a short MNIST run on CPU, W&B off (rank 0's
+    address goes on loopback too). Everything else is the manifest's and the image's."""
+    assert manifest_env["CNN_JOB_DATASET"] == "cifar10" and manifest_env["AWS_ENDPOINT_URL"]
+    for name in ("CNN_JOB_DATA_URI", "CNN_JOB_CHECKPOINT_URI"):
+        assert manifest_env[name].startswith("s3://"), name
+    return {"AWS_ENDPOINT_URL": s3.endpoint, "CNN_JOB_DATA_URI": f"s3://{s3.bucket}/datasets",
+            "CNN_JOB_CHECKPOINT_URI": f"s3://{s3.bucket}/runs/{run}",
+            "CNN_JOB_DATASET": "mnist", "CNN_JOB_EPOCHS": "1", "CNN_JOB_LIMIT_TRAIN": "640",
+            "CNN_JOB_DEVICE": "cpu", "CNN_JOB_WANDB_MODE": "disabled", "WANDB_MODE": "disabled"}
+
+
+@pytest.fixture
+def secret(s3):
+    return {"AWS_ACCESS_KEY_ID": s3.env["AWS_ACCESS_KEY_ID"],
+            "AWS_SECRET_ACCESS_KEY": s3.env["AWS_SECRET_ACCESS_KEY"],
+            "WANDB_API_KEY": "unused-wandb-is-disabled-in-tests"}
+
+
+@pytest.mark.parametrize("name", list(FOLDERS))
+def test_every_manifests_pods_run_in_the_image(name, image, s3, secret, data_dir):
+    push_mnist(s3, data_dir)
+    objects = load_folder(FOLDERS[name])
+    job = the_job(objects)
+    pod, container = job["spec"]["template"]["spec"], the_container(job)
+    completions = job["spec"].get("completions", 1)  # a pod per node of a multi-node manifest
+    indexes = list(range(completions)) if completions > 1 else [None]
+    _, manifest_env = pod_process(objects, secret, {}, indexes[0])
+    overrides = cluster_to_here(manifest_env, s3, name)
+    port = str(_free_port())
+    for prefix in ("", "PET_"):
+        if f"{prefix}MASTER_ADDR" in manifest_env:
+            overrides.update({f"{prefix}MASTER_ADDR": "127.0.0.1", f"{prefix}MASTER_PORT": port})
+    started = []
+    for index in indexes:
+        argv, env = pod_process(objects, secret, overrides, index)
+        env = {key: value for key, value in env.items() if IMAGE["ENV"].get(key) != value}
+        started.append(image.start(*argv[1:], what=f"pod{index}", network="host",
+                                   entrypoint=argv[0], env=env,
+                                   flags=(*security_flags(image.engine, pod, container),
+                                          *volume_flags(image, pod, container))))
+    for container_name in started:
+        assert image.wait(container_name) == 0, image.logs(container_name)[-3000:]
+    state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{name}")
+    assert state["world_size"] == len(indexes) and state["epoch"] == 1
+    assert f"training mnist on {len(indexes)} × cpu" in image.logs(started[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. S3 from inside the container: data in, checkpoints out, SIGTERM → 75 → resume from S3
+
+
+def test_s3_from_the_container_stop_and_resume(image, s3, data_dir):
+    data_uri = push_mnist(s3, data_dir)
+    checkpoint_uri = f"s3://{s3.bucket}/runs/mnist"
+    command = (*MNIST, "--limit-train", "6000", "--checkpoint-every-steps", "10",
+               "--data-uri", data_uri, "--checkpoint-uri", checkpoint_uri)
+    options = {"network": "host", "env": {**s3.env, **NO_WANDB}}
+    name = image.start(*command, **options)
+
+    def checkpointed() -> bool:
+        return "Contents" in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="runs/mnist/latest")
+
+    wait_until("checkpoint in S3", checkpointed, still=lambda: image.is_running(name))
+    status, seconds = image.stop(name)
+    assert status == PREEMPTED_EXIT_CODE and seconds < STOP_TIMEOUT_S, image.logs(name)
+    stopped = read_checkpoint(s3, checkpoint_uri)
+    assert 0 < stopped["step"] < 94
+    resumed = image.run(*command, **options)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {checkpoint_uri}/step-{stopped['step']:09d}.pt" in resumed.stdout.replace("\n", "")
+    assert read_checkpoint(s3, checkpoint_uri)["step"] == 94
+    assert s3.env["AWS_SECRET_ACCESS_KEY"] not in resumed.stdout + resumed.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. `launch --nproc-per-node 2` in one container: stop ends every worker, exit 75 in time
+
+
+def test_launch_two_workers_then_stop_ends_every_one(image, data_dir, tmp_path):
+    runs = writable_dir(tmp_path / "runs")
+    # The rendezvous on the container's own loopback (`launch --standalone` fails on torch 2.15:
+    # "rendezvous endpoint '127.0.0.1:None'").
+    single_node = ("--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", "29500")
+    name = image.start("launch", *single_node, "--nproc-per-node", "2", "--", *MNIST,
+                       "--limit-train", "6000", "--checkpoint-every-steps", "5", "--data-uri", DATA,
+                       env=NO_WANDB,
+                       mounts=(data_mount(data_dir), f"{runs}:/work/runs"),
+                       flags=("--shm-size=1g",))
+    wait_until("checkpoint", (runs / "mnist" / "checkpoints" / "latest").exists,
+               still=lambda: image.is_running(name))
+    # The host's PIDs of the launcher and its workers, to look for after the stop.
+    processes = image.engine_output("top", name, "hpid", "args").splitlines()[1:]
+    host_pids = [int(line.split()[0]) for line in processes]
+    assert sum("job train" in line for line in processes) == 2, processes
+    status, seconds = image.stop(name)
+    assert status == PREEMPTED_EXIT_CODE, image.logs(name)[-3000:]
+    assert seconds < STOP_TIMEOUT_S
+    assert [pid for pid in host_pids if Path(f"/proc/{pid}").exists()] == []
+    assert 0 < read_checkpoint(None, runs / "mnist" / "checkpoints")["step"] < 47  # 3000 per rank
+
+
+# ----------------------------------------------------------------------------------------------
+# what the image leaves out, on purpose
+
+
+def dockerfile_omitted() -> list[str]:
+    (omitted,) = re.findall(r'^ARG OMITTED="([^"]*)"$', (REPO / "Dockerfile").read_text(), re.M)
+    return omitted.split()
+
+
+def test_pip_check_accepts_exactly_the_stated_omissions_and_torch_imports(image):
+    checked = image.run("check", entrypoint="pip")
+    lines = sorted(checked.stdout.splitlines())
+    version = re.search(r"^torch==(\S+)$", (REPO / "requirements" / "constraints.txt").read_text(), re.M)[1]
+    assert lines == sorted(f"torch {version} requires {name}, which is not installed."
+                           for name in dockerfile_omitted()), checked.stdout
+    imported = image.run("-c", "import torch, torchvision, onnxruntime, wandb, job.cli; "
+                         "print(torch.__version__, torch.version.cuda)", entrypoint="python")
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.split()[0].partition("+")[0] == version  # 2.15.0+cu132: CUDA's build
+
+
+# ----------------------------------------------------------------------------------------------
+# 10. container against host throughput, one after the other (a figure, not a timed test)
+
+
+THROUGHPUT = ("--limit-train", "6000", "--checkpoint-uri", "/tmp/runs")
+
+
+def container_throughput(image: Image, data_dir: Path, out: Path) -> dict:
+    writable_dir(out)
+    result = image.run(*MNIST, *THROUGHPUT, "--data-uri", DATA, "--summary-json", "/out/s.json",
+                       env=NO_WANDB, mounts=(data_mount(data_dir), f"{out}:/out"))
+    assert result.returncode == 0, result.stderr
+    return speed(json.loads((out / "s.json").read_text()))
+
+
+def speed(summary: dict) -> dict:
+    return {key: round(summary[key], 2) for key in
+            ("train_images_per_second", "seconds_to_first_step", "seconds_to_summary")}
+
+
+def test_container_and_host_throughput_side_by_side(image, data_dir, tmp_path, request):
+    host = subprocess.run([str(CNN_JOB), *MNIST, *THROUGHPUT[:2], "--checkpoint-uri",
+                           str(tmp_path / "host"), "--data-uri", str(data_dir), "--summary-json",
+                           str(tmp_path / "host.json")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **NO_WANDB, "CNN_JOB_CACHE_DIR": str(tmp_path / "cache")})
+    assert host.returncode == 0, host.stderr
+    figures = request.config.cache.get(FIGURES_KEY, {}) if hasattr(request.config, "cache") else {}
+    figures["host"] = speed(json.loads((tmp_path / "host.json").read_text()))
+    figures["container"] = container_throughput(image, data_dir, tmp_path / "container")
+    save_figures(request, figures)
+    assert figures["host"]["train_images_per_second"] > 0
+    assert figures["container"]["train_images_per_second"] > 0
+
