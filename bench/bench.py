@@ -112,7 +112,7 @@ def fast_net(data_uri: str, device: str, workdir: Path, limit: int | None, accur
     speed = cnn_job("cifar10", data_uri, device, workdir, "--net", "fast", "--epochs", "1",
                     "--no-tta", *limit_args)
     result = {"device": device, "images_per_second": speed["train_images_per_second"],
-              "speed_images": speed["history"][-1]["step"] * 1024 if limit is None else limit}
+              "speed_limit_train": limit}
     if not accuracy:
         return result
     runs = []
