@@ -72,7 +72,8 @@ class LoadedCheckpoint:
         try:
             model.load_state_dict(self.state["model"])
         except (RuntimeError, KeyError, TypeError) as error:
-            raise JobError(f"{self.location}: its weights do not fit the {self.preset.name} {self.net} net "
+            net = " (--net fast)" if self.net == "fast" else ""
+            raise JobError(f"{self.location}: its weights do not fit the {self.preset.name} net{net} "
                            f"({first_line(error, 100)})") from None
         model = model.to(device, memory_format=torch.channels_last if channels_last
                          else torch.contiguous_format)
