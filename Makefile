@@ -40,8 +40,9 @@ test: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+# BENCH_ARGS: e.g. "--nets fast" for --net fast's speed and its two full accuracy runs
 bench: $(STAMP)
-	$(BIN)/python bench/bench.py
+	$(BIN)/python bench/bench.py $(BENCH_ARGS)
 
 # On a machine with an NVIDIA GPU, even an air-gapped one: its own python3 with PyTorch, run from
 # this checkout (no venv, no pip, no boto3, no wandb). See bench/gpu_check.py.

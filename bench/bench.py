@@ -10,7 +10,12 @@ Accuracy: `cnn-job train DATASET` on defaults (5 epochs), its final validation a
 Start-up: `cnn-job train DATASET --epochs 1 --limit-train 64` on a warm cache, W&B disabled,
 three times: the median wall time of the process, and of its seconds from process start to the
 first training step (`seconds_to_first_step` in its summary).
-Results print as markdown tables and are written to bench/results-<device>.json.
+--net fast (CIFAR-10, `--nets fast`): images/s of one training epoch without test-time
+augmentation (evaluation is not timed), and with accuracy, full default runs (10 epochs) for
+seeds 0 and 1: each one's final accuracy with test-time augmentation (what training reports),
+and its final checkpoint's without (`cnn-job evaluate --no-tta`), their means and spreads.
+Results print as markdown tables and are written to bench/results-<device>.json (the fields
+of the nets not run this time are kept).
 """
 
 from __future__ import annotations
@@ -101,19 +106,54 @@ def start_up(dataset: str, data_uri: str, device: str, workdir: Path, runs: int 
             "seconds_to_first_step": statistics.median(r["seconds_to_first_step"] for r in results)}
 
 
+def fast_net(data_uri: str, device: str, workdir: Path, limit: int | None, accuracy: bool) -> dict:
+    """The fast net's figures (see the module's doc)."""
+    limit_args = ["--limit-train", str(limit)] if limit else []
+    speed = cnn_job("cifar10", data_uri, device, workdir, "--net", "fast", "--epochs", "1",
+                    "--no-tta", *limit_args)
+    result = {"device": device, "images_per_second": speed["train_images_per_second"],
+              "speed_limit_train": limit}
+    if not accuracy:
+        return result
+    runs = []
+    for seed in (0, 1):
+        full = cnn_job("cifar10", data_uri, device, workdir, "--net", "fast", "--seed", str(seed))
+        plain = subprocess.run(
+            [sys.executable, "-m", "job", "evaluate", full["checkpoint"], "--data-uri", data_uri,
+             "--device", device, "--no-tta", "--json", "-"],
+            check=True, capture_output=True, text=True)
+        runs.append({"seed": seed, "val_acc_tta": full["final_val_acc"],
+                     "val_acc_no_tta": json.loads(plain.stdout)["accuracy"],
+                     "train_seconds": full["train_seconds"], "epochs": full["epochs"],
+                     "train_images_per_second": full["train_images_per_second"]})
+    for key in ("val_acc_tta", "val_acc_no_tta"):
+        values = [run[key] for run in runs]
+        result[f"mean_{key}"] = statistics.mean(values)
+        result[f"spread_{key}"] = max(values) - min(values)
+    result["runs"] = runs
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=["mnist", "cifar10"])
     parser.add_argument("--data-uri", default=os.environ.get("CNN_JOB_DATA_URI", str(DEFAULT_DATA)))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--limit-train", type=int, default=None, help="images per speed epoch")
-    parser.add_argument("--no-accuracy", action="store_true", help="skip the 5-epoch runs")
+    parser.add_argument("--no-accuracy", action="store_true", help="skip the full-length runs")
+    parser.add_argument("--nets", nargs="+", default=["seed"], choices=["seed", "fast"],
+                        help="seed: the seed nets on --datasets; fast: --net fast on CIFAR-10 "
+                             "(2 full runs of ~1 hour each on a 2-core CPU)")
     args = parser.parse_args()
 
-    rows = []
+    rows, fast = [], None
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        for dataset in args.datasets:
+        if "fast" in args.nets:
+            fast = fast_net(args.data_uri, args.device, workdir, args.limit_train,
+                            not args.no_accuracy)
+            print(json.dumps({"fast": fast}), flush=True)
+        for dataset in args.datasets if "seed" in args.nets else ():
             limit = ["--limit-train", str(args.limit_train)] if args.limit_train else []
             seed = seed_style_images_per_second(dataset, args.data_uri, args.device, args.limit_train)
             ours = cnn_job(dataset, args.data_uri, args.device, workdir, "--epochs", "1", *limit)
@@ -148,9 +188,18 @@ def main() -> None:
     for r in rows:
         print(f"| {r['dataset']} | {r['start_up']['seconds_to_first_step']:.2f} | "
               f"{r['start_up']['wall_seconds']:.2f} |")
+    if fast:
+        print("\n| net | img/s (1 epoch) | val acc, TTA (mean of 2) | without TTA | spread (TTA) |")
+        print("|---|---:|---:|---:|---:|")
+        shown = [f"{fast[key]:.2%}" if key in fast else "-"
+                 for key in ("mean_val_acc_tta", "mean_val_acc_no_tta", "spread_val_acc_tta")]
+        print(f"| fast | {fast['images_per_second']:,.0f} | {' | '.join(shown)} |")
     out = REPO / "bench" / f"results-{args.device}.json"
-    out.write_text(json.dumps({"device": device_name, "torch": torch.__version__, "rows": rows},
-                              indent=2) + "\n")
+    results = json.loads(out.read_text()) if out.exists() else {}
+    results.update({"device": device_name, "torch": torch.__version__})
+    results.update({"rows": rows} if rows else {})
+    results.update({"fast": fast} if fast else {})
+    out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

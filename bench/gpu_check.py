@@ -13,11 +13,12 @@ joined and checked against it here. Without CIFAR-10 a synthetic CIFAR-shaped se
 throughput only.
 
 What it runs, each a real `python -m job ...` process (as a user would run it):
-  1. both nets, 5 epochs on CUDA (bf16 autocast, channels_last), each step a CUDA graph
-     (--compile cuda-graph, the default there) and eager (--compile off), on a warm dataset
-     cache (a first 1-epoch run parses the archives and is timed as the cold start): wall
-     seconds from process start to the final checkpoint, seconds to the first step, train
-     seconds, images/s, accuracy, peak GPU memory;
+  1. both seed nets, 5 epochs, and `--net fast` (10 epochs, TTA; no cold start), on CUDA (bf16
+     autocast, channels_last), each step a CUDA graph (--compile cuda-graph, the default
+     there) and eager (--compile off), on a warm dataset cache (a first 1-epoch run parses
+     the archives and is timed as the cold start): wall seconds from process start to the
+     final checkpoint, seconds to the first step, train seconds, images/s, accuracy, peak GPU
+     memory;
   2. a checkpoint written on the GPU, resumed on the CPU, and resumed on the GPU again;
   3. SIGTERM on the GPU: exit status 75 with a checkpoint written;
   4. a single-rank NCCL process group under torchrun, joined by the job's own call, with an
@@ -138,17 +139,23 @@ def train_args(dataset: str, data: Path, folder: Path, device: str, small: bool,
 
 
 def check_training(dataset: str, data: Path, work: Path, device: str, small: bool,
-                   compile_mode: str | None = None) -> dict:
+                   compile_mode: str | None = None, net: str = "seed") -> dict:
     """One run, timed: `compile_mode` None is the cold start (1 epoch on 640 images, parsing
-    the archives into the cache), else a whole run at --compile compile_mode."""
-    name = f"{dataset}-{compile_mode or 'cold'}"
+    the archives into the cache), else a whole run at --compile compile_mode. `net` fast: its
+    whole default run (10 epochs, TTA); small, in batches of 128 without TTA."""
+    name = f"{dataset}-{net}-{compile_mode or 'cold'}"
     folder, summary = work / f"{name}-ckpt", work / f"{name}.json"
     extra = ["--compile", compile_mode] if compile_mode else []  # cold: train_args' small run
+    if net != "seed":
+        extra += ["--net", net, *(["--batch-size", "128", "--no-tta"] if small else [])]
+        dataset_label = f"{dataset} --net {net}"
+    else:
+        dataset_label = dataset
     code, output, wall_s = job(*train_args(dataset, data, folder, device,
                                            small or compile_mode is None, *extra,
                                            "--summary-json", str(summary)))
     label = {None: "cold cache, 1 epoch of 640", "off": "eager"}.get(compile_mode, compile_mode)
-    row = {"step": f"train {dataset}, {label}", "ok": code == 0, "wall_s": round(wall_s, 2)}
+    row = {"step": f"train {dataset_label}, {label}", "ok": code == 0, "wall_s": round(wall_s, 2)}
     if code != 0:
         return {**row, "detail": output[-800:]}
     result = json.loads(summary.read_text())
@@ -263,6 +270,8 @@ def check_launch(data: Path, work: Path, device: str) -> dict:
 TARGETS = {  # row → (largest train seconds, largest wall seconds or None, smallest accuracy)
     "train cifar10, cuda-graph": (3.0, 8.0, 0.73),
     "train mnist, cuda-graph": (2.0, None, 0.99),
+    # issue 17: 94% in 3.0 s on the original images; the JPEG-derived copy's bar is 90.5%
+    "train cifar10 --net fast, cuda-graph": (3.0, None, 0.905),
 }
 
 
@@ -393,6 +402,11 @@ def main() -> int:
                 if dataset == "cifar10":
                     row["data"] = report["cifar10_data"]
                 record(row)
+        for mode in modes[1:]:  # --net fast on the warm cache (the cold start is the seed's above)
+            row = guarded("train cifar10 --net fast", check_training, "cifar10", data, work,
+                          args.device, args.dry_run, mode, "fast")
+            row["data"] = report["cifar10_data"]
+            record(row)
         record(guarded("checkpoint round trip", check_device_round_trip, data, work, args.device))
         record(guarded(f"SIGTERM on {args.device}", check_sigterm, data, work, args.device))
         record(guarded("process group", check_process_group, "nccl" if args.device == "cuda" else "gloo"))
@@ -402,7 +416,8 @@ def main() -> int:
             report["targets"] = judge_targets(report["checks"])
             out.write_text(json.dumps(report, indent=2) + "\n")
         if args.profile:
-            missed = {t["row"].split()[1] for t in report.get("targets", []) if not t["met"]}
+            missed = {t["row"].split()[1] for t in report.get("targets", [])  # profile_steps: seed nets
+                      if not t["met"] and "--net" not in t["row"]}
             profiled = ["mnist", "cifar10"] if args.profile_always else sorted(missed)
             tables = []
             for dataset, graphed in [(d, g) for d in profiled
@@ -442,7 +457,7 @@ def render_table(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     rows = {row["step"]: row for row in report["checks"]}
     lines.append("")
-    for dataset in ("mnist", "cifar10"):
+    for dataset in ("mnist", "cifar10", "cifar10 --net fast"):
         graphed, eager = rows.get(f"train {dataset}, cuda-graph"), rows.get(f"train {dataset}, eager")
         if graphed and eager and graphed.get("images_per_s") and eager.get("images_per_s"):
             lines.append(f"{dataset}: CUDA graph {graphed['images_per_s']:,} against eager "

@@ -54,6 +54,7 @@ FORMAT: dict[str, type | tuple[type, ...]] = {
     "wandb_run_id": (str, type(None)),  # the W&B run a resume continues
     "epoch_position": int,  # images of the epoch's permutation consumed (all ranks)
     "run": dict,  # {"id": hex, "started": ISO time}: the run this checkpoint continues
+    "lookahead": dict,  # --net fast: the lookahead's EMA copy of the model's float state
 }
 REQUIRED = ("model", "optimizer", "config", "rng", "epoch", "step", "metrics")
 
@@ -332,7 +333,8 @@ def first_line(error: BaseException, limit: int, fallback: str | None = None) ->
 
 # Settings that define a run: a resume that changes one would not continue the run it names.
 # (Batch size, world size and --epochs may change: see Checkpointer.resume and the README.)
-RUN_DEFINING = ("seed", "limit_train", "augment", "lr", "lr_schedule")
+RUN_DEFINING = ("net", "seed", "limit_train", "augment", "lr", "lr_schedule")
+RUN_DEFINING_BEFORE = {"net": "seed"}  # what checkpoints from before a setting existed had
 
 
 class Checkpointer:
@@ -344,11 +346,12 @@ class Checkpointer:
     """
 
     def __init__(self, manager: CheckpointManager, cfg, d: Dist, model, optimizer,
-                 data_sha256: dict, epoch_remaining: Callable[[int], int]) -> None:
+                 data_sha256: dict, epoch_remaining: Callable[[int], int], lookahead=None) -> None:
         self.manager, self.log = manager, manager.log
         self.cfg, self.d, self.model, self.optimizer = cfg, d, model, optimizer
         self.data_sha256 = data_sha256
         self.epoch_remaining = epoch_remaining  # images an epoch still serves after a position
+        self.lookahead = lookahead  # the fast net's EMA copy, saved and restored with the model
         self.every_steps = cfg.checkpoint_every_steps
         self.location: str | None = None  # the newest checkpoint written or resumed from
 
@@ -362,6 +365,8 @@ class Checkpointer:
         self._check_same_run(state, location)
         self.optimizer.load_state_dict(state["optimizer"])
         self.model.load_state_dict(state["model"])
+        if self.lookahead:
+            self.lookahead.load_state_dict(state["lookahead"])
         restore_rng_states(state["rng"], self.d.device)
         run = RunState.from_checkpoint(state)
         self.location = location
@@ -372,13 +377,16 @@ class Checkpointer:
 
     def _fits(self, state: dict) -> None:
         """ValueError unless the checkpoint's weights and optimizer state fit this net."""
-        if state["config"]["dataset"] != self.cfg.dataset:
+        if (state["config"]["dataset"] != self.cfg.dataset
+                or state["config"].get("net", "seed") != self.cfg.net):
             return  # refused with its own message once chosen (_check_same_run)
         expected = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
         found = {name: tuple(getattr(t, "shape", ())) for name, t in state["model"].items()}
         if found != expected:
             raise ValueError("its weights do not fit the net")
         self.optimizer.check(state["optimizer"])
+        if self.lookahead:
+            self.lookahead.check(state.get("lookahead", {}))
 
     def _check_same_run(self, state: dict, location: str) -> None:
         saved = state["config"]
@@ -389,7 +397,8 @@ class Checkpointer:
             )
         fix = "start a new run with --resume never and another --checkpoint-uri"
         for name in RUN_DEFINING:
-            ours, theirs = getattr(self.cfg, name), saved.get(name, getattr(self.cfg, name))
+            ours = getattr(self.cfg, name)
+            theirs = saved.get(name, RUN_DEFINING_BEFORE.get(name, ours))
             if ours != theirs:
                 option = "--" + name.replace("_", "-")
                 raise JobError(
@@ -450,4 +459,5 @@ class Checkpointer:
             "config": self.cfg.to_dict(), "rng": rng_states(self.d.device),
             "data_sha256": self.data_sha256, "world_size": self.d.world_size,
             "wandb_run_id": wandb_run_id, "epoch_position": run.epoch_position, "run": run.run,
+            **({"lookahead": self.lookahead.state_dict()} if self.lookahead else {}),
         }

@@ -55,10 +55,12 @@ def train(
     dataset: Annotated[str, typer.Argument(
         help=_FIELDS["dataset"].metadata["help"], envvar="CNN_JOB_DATASET", show_default=False,
     )],
-    epochs: Annotated[int, _option("epochs")] = _DEFAULTS["epochs"],
-    batch_size: Annotated[int, _option("batch_size")] = _DEFAULTS["batch_size"],
-    lr: Annotated[float, _option("lr")] = _DEFAULTS["lr"],
-    lr_schedule: Annotated[str, _option("lr_schedule")] = _DEFAULTS["lr_schedule"],
+    net: Annotated[str, _option("net")] = _DEFAULTS["net"],
+    # None: the net's default (config.NET_DEFAULTS), so that only options given override it
+    epochs: Annotated[int | None, _option("epochs")] = None,
+    batch_size: Annotated[int | None, _option("batch_size")] = None,
+    lr: Annotated[float | None, _option("lr")] = None,
+    lr_schedule: Annotated[str | None, _option("lr_schedule")] = None,
     seed: Annotated[int, _option("seed")] = _DEFAULTS["seed"],
     device: Annotated[str, _option("device")] = _DEFAULTS["device"],
     precision: Annotated[str, _option("precision")] = _DEFAULTS["precision"],
@@ -76,7 +78,8 @@ def train(
     = _DEFAULTS["collective_timeout_s"],
     keep_checkpoints: Annotated[int, _option("keep_checkpoints")] = _DEFAULTS["keep_checkpoints"],
     limit_train: Annotated[int | None, _option("limit_train")] = None,
-    augment: Annotated[bool, _option("augment", flag=True)] = _DEFAULTS["augment"],
+    augment: Annotated[bool | None, _option("augment", flag=True)] = None,
+    tta: Annotated[bool | None, _option("tta", flag=True)] = None,
     eval_batch_size: Annotated[int, _option("eval_batch_size")] = _DEFAULTS["eval_batch_size"],
     summary_json: Annotated[Path | None, _option("summary_json")] = None,
     log_every_steps: Annotated[int, _option("log_every_steps")] = _DEFAULTS["log_every_steps"],
@@ -84,7 +87,7 @@ def train(
     wandb_mode: Annotated[str | None, _option("wandb_mode")] = None,
     run_name: Annotated[str | None, _option("run_name")] = None,
 ) -> None:
-    """Train a seed CNN, checkpointing every epoch and resuming from the newest checkpoint.
+    """Train a CNN (--net seed or fast), checkpointing every epoch and resuming from the newest checkpoint.
 
     On SIGTERM or SIGINT it finishes the step, checkpoints and exits with status 75
     (preempted: run the same command again to resume). Bad input exits with status 2.
@@ -191,6 +194,9 @@ CheckpointArgument = Annotated[str, typer.Argument(
     help="A checkpoint file, or a checkpoint folder or s3://BUCKET/PREFIX (its `latest`); local "
          "or s3://.", show_default=False)]
 DeviceOption = Annotated[str, _option("device")]
+TtaOption = Annotated[bool | None, typer.Option(
+    "--tta/--no-tta", help="Test-time augmentation (6 views, logits weighted).", envvar="CNN_JOB_TTA",
+    show_default="as the run evaluated: on for --net fast")]
 
 
 def _note(message: str) -> None:
@@ -221,6 +227,7 @@ def evaluate(
         "--json", help="Also write the report as JSON to this file (- for stdout, instead of "
         "the tables).", show_default=False)] = None,
     s3_endpoint_url: EndpointOption = None,
+    tta: TtaOption = None,
 ) -> None:
     """Loss, accuracy, accuracy per class and the confusion matrix of a checkpoint on a test split.
 
@@ -239,7 +246,7 @@ def evaluate(
         report = evaluate_checkpoint(
             checkpoint, data_uri=data_uri, test_data=test_data or [], cache_dir=cache_dir,
             device=device, batch_size=batch_size, precision=precision,
-            endpoint_url=s3_endpoint_url, log=_note)
+            endpoint_url=s3_endpoint_url, log=_note, tta=tta)
         if report and output:
             output.write((json.dumps(report, indent=2) + "\n").encode())
         return report
@@ -262,6 +269,7 @@ def predict(
     = False,
     device: DeviceOption = _DEFAULTS["device"],
     s3_endpoint_url: EndpointOption = None,
+    tta: TtaOption = None,
 ) -> None:
     """The most likely classes of each image, with their probabilities.
 
@@ -273,7 +281,7 @@ def predict(
     from job.progress import print_predictions
 
     predictions = _run(lambda: classify(checkpoint, images, top_k=top_k, device=device,
-                                        endpoint_url=s3_endpoint_url, log=_note))
+                                        endpoint_url=s3_endpoint_url, log=_note, tta=tta))
     print_predictions(predictions, as_json)
 
 
@@ -286,6 +294,9 @@ def export(
     output: Annotated[str, typer.Option(help="File to write, local or s3://BUCKET/KEY.",
                                         show_default=False)],
     s3_endpoint_url: EndpointOption = None,
+    tta: Annotated[bool | None, typer.Option(
+        "--tta/--no-tta", help="ONNX and torch-export: the program's logits are the test-time "
+        "augmented ones (its metadata says which).", show_default="as the run evaluated")] = None,
 ) -> None:
     """Write the checkpoint's net as ONNX, a torch.export program or safetensors weights.
 
@@ -295,7 +306,7 @@ def export(
     from job.export import export_checkpoint
 
     result = _run(lambda: export_checkpoint(checkpoint, export_format, output, s3_endpoint_url,
-                                            log=_note))
+                                            log=_note, tta=tta))
     metadata = result["metadata"]
     print(f"{result['output']}  {result['format']}  {result['bytes']:,} bytes  {metadata['dataset']} "
           f"step {metadata['step']}  val_acc "

@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 import torch
 
 from job.errors import JobError
+from job.evaluation import TTA_WEIGHTS, WithTTA
 from job.inference import LoadedCheckpoint, load_checkpoint
 from job.objects import Output
 
@@ -35,12 +36,19 @@ SERVING_KEY = "cnn_job"  # ONNX metadata_props / safetensors metadata key; the .
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 
 
-def serving_metadata(checkpoint: LoadedCheckpoint, fmt: str) -> dict:
+def serving_metadata(checkpoint: LoadedCheckpoint, fmt: str, tta: bool = False) -> dict:
     """What a server needs to feed the net and read its answer, and where the weights come from."""
     p = checkpoint.preset
     return {
         "format": fmt,
         "dataset": p.name,
+        "net": checkpoint.net,
+        # Whether the file's logits are already the test-time augmented ones (6 views: identity,
+        # mirror, 1-pixel shifts up-left and down-right reflect-padded, each mirrored; weights
+        # below): then a server feeds plain images and does nothing more.
+        "test_time_augmentation": tta,
+        **({"tta_views": "identity, mirror, up-left, its mirror, down-right, its mirror",
+            "tta_weights": list(TTA_WEIGHTS)} if tta else {}),
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "input_shape": ["batch", p.channels, p.image_size, p.image_size],
@@ -59,9 +67,11 @@ def serving_metadata(checkpoint: LoadedCheckpoint, fmt: str) -> dict:
 
 
 def export_checkpoint(checkpoint_uri: str, fmt: str, output_uri: str, endpoint_url: str | None,
-                      log: Callable[[str], None]) -> dict:
+                      log: Callable[[str], None], tta: bool | None = None) -> dict:
     """Write the checkpoint's net to `output_uri` (a local path or s3://BUCKET/KEY) in `fmt`, in one
-    atomic step; returns where, how many bytes, and the metadata it carries."""
+    atomic step; returns where, how many bytes, and the metadata it carries. The ONNX and
+    torch-export programs carry test-time augmentation when `tta` says so (None: when the run
+    evaluated with it, so the file scores the val_acc it reports); safetensors holds weights only."""
     if fmt not in FORMATS:
         hint = (": torch.jit (TorchScript) is deprecated in torch 2.x; use --format torch-export, "
                 "its successor, loaded with torch.export.load" if fmt == "torchscript" else "")
@@ -69,8 +79,10 @@ def export_checkpoint(checkpoint_uri: str, fmt: str, output_uri: str, endpoint_u
     output = Output(output_uri, "--output", endpoint_url)
     output.check()  # before the work: an unwritable output fails in a second, not after export
     checkpoint = load_checkpoint(checkpoint_uri, endpoint_url, log)
-    metadata = serving_metadata(checkpoint, fmt)
+    tta = (checkpoint.tta if tta is None else tta) and fmt != "safetensors"
+    metadata = serving_metadata(checkpoint, fmt, tta)
     model = checkpoint.model(torch.device("cpu"), channels_last=False)
+    model = WithTTA(model).eval() if tta else model
     data = {"onnx": onnx_bytes, "torch-export": torch_export_bytes,
             "safetensors": safetensors_bytes}[fmt](model, metadata)
     return {"output": output.write(data), "format": fmt, "bytes": len(data), "metadata": metadata}
@@ -94,8 +106,8 @@ def onnx_bytes(model, metadata: dict) -> bytes:
                                 verbose=False)
     proto = program.model_proto  # weights inline: the net is ~1.5 MB, far below protobuf's 2 GB
     proto.producer_name = "cnn-job"
-    proto.doc_string = (f"{metadata['dataset']} seed CNN; metadata_props['{SERVING_KEY}'] holds its "
-                        "input, normalisation, class names and provenance as JSON")
+    proto.doc_string = (f"{metadata['dataset']} {metadata['net']} CNN; metadata_props['{SERVING_KEY}'] "
+                        "holds its input, normalisation, class names and provenance as JSON")
     entry = proto.metadata_props.add()
     entry.key, entry.value = SERVING_KEY, json.dumps(metadata)
     return proto.SerializeToString()

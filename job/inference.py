@@ -31,8 +31,8 @@ from job.checkpoint import NAME_PATTERN, CheckpointManager, RunState, first_line
 from job.config import PRESETS, DatasetPreset, default_cache_dir, uses_bf16
 from job.data import DeviceBatches, fetch_archives, load_splits, read_cifar10, read_idx, unpickle_batch
 from job.errors import JobError, strip_userinfo
-from job.evaluation import evaluate
-from job.models import SeedCNN, build_model
+from job.evaluation import evaluate, tta_logits
+from job.models import build_model
 from job.objects import read_object
 from job.storage import local_path, uri_kind
 
@@ -56,14 +56,24 @@ class LoadedCheckpoint:
         """The validation accuracy training reported for exactly these weights (an epoch end)."""
         return RunState.from_checkpoint(self.state).val_acc
 
-    def model(self, device: torch.device, channels_last: bool = True) -> SeedCNN:
+    @property
+    def net(self) -> str:
+        return self.state["config"].get("net", "seed")  # checkpoints from before --net: seed
+
+    @property
+    def tta(self) -> bool:
+        """Whether training evaluated (and reported val_acc) with test-time augmentation."""
+        return bool(self.state["config"].get("tta", False))
+
+    def model(self, device: torch.device, channels_last: bool = True) -> torch.nn.Module:
         """The net with the checkpoint's weights, in eval mode; channels_last as training runs it
         (so that evaluation computes exactly what training's did)."""
-        model = build_model(self.preset.name)
+        model = build_model(self.preset.name, self.net)
         try:
             model.load_state_dict(self.state["model"])
         except (RuntimeError, KeyError, TypeError) as error:
-            raise JobError(f"{self.location}: its weights do not fit the {self.preset.name} net "
+            net = " (--net fast)" if self.net == "fast" else ""
+            raise JobError(f"{self.location}: its weights do not fit the {self.preset.name} net{net} "
                            f"({first_line(error, 100)})") from None
         model = model.to(device, memory_format=torch.channels_last if channels_last
                          else torch.contiguous_format)
@@ -80,6 +90,7 @@ class LoadedCheckpoint:
             "step": self.state["step"],
             "epoch": self.state["epoch"],
             "val_acc": self.val_acc,
+            "val_acc_with_tta": self.tta,
             "data_sha256": self.state.get("data_sha256", {}),
             "git_commit": git_commit(),
         }
@@ -134,10 +145,11 @@ class TestSplit:
 def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data: list[str],
                         cache_dir: Path | None, device: str, batch_size: int | None,
                         precision: str | None, endpoint_url: str | None,
-                        log: Callable[[str], None]) -> dict | None:
+                        log: Callable[[str], None], tta: bool | None = None) -> dict | None:
     """Training's evaluation of a checkpoint over a test split: the report on rank 0, None on
     the other ranks. Under torchrun the split is sharded over the ranks and the sums
-    all-reduced, as after every training epoch."""
+    all-reduced, as after every training epoch. `tta` None: test-time augmentation as the run
+    evaluated."""
     d = distributed.setup(device)
     say = log if d.is_main else (lambda message: None)
     try:
@@ -160,7 +172,8 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
                                 rank=d.rank, world_size=d.world_size)
         bf16 = uses_bf16(precision, d.device.type)
         autocast = functools.partial(torch.autocast, d.device.type, torch.bfloat16, enabled=bf16)
-        result = evaluate(checkpoint.model(d.device), batches, d, autocast, len(p.class_names))
+        tta = checkpoint.tta if tta is None else tta
+        result = evaluate(checkpoint.model(d.device), batches, d, autocast, len(p.class_names), tta)
     finally:
         distributed.teardown(d)
     if not d.is_main:
@@ -188,6 +201,7 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
         "confusion_matrix": result.confusion.tolist(),  # rows: true class, columns: predicted
         "device": str(d.device),
         "precision": "bf16" if bf16 else "fp32",
+        "tta": tta,
         "world_size": d.world_size,
         "batch_size": batch_size,
         "step": checkpoint.state["step"],
@@ -329,9 +343,11 @@ def prepare_image(data: bytes, p: DatasetPreset, name: str) -> np.ndarray:
 
 
 def predict(checkpoint_uri: str, image_uris: list[str], *, top_k: int, device: str,
-            endpoint_url: str | None, log: Callable[[str], None], batch_size: int = 256) -> list[dict]:
+            endpoint_url: str | None, log: Callable[[str], None], batch_size: int = 256,
+            tta: bool | None = None) -> list[dict]:
     """The top-k classes and probabilities of each image, in the order given. Every image is
-    read and decoded before any is classified, so a bad one stops the command before output."""
+    read and decoded before any is classified, so a bad one stops the command before output.
+    `tta` None: test-time augmentation as the run evaluated."""
     if top_k < 1:
         raise JobError("--top-k must be at least 1")
     checkpoint = load_checkpoint(checkpoint_uri, endpoint_url, log)
@@ -343,10 +359,12 @@ def predict(checkpoint_uri: str, image_uris: list[str], *, top_k: int, device: s
     batches = DeviceBatches(images, torch.zeros(len(images), dtype=torch.long), p, target, batch_size,
                             shuffle=False)
     k = min(top_k, len(p.class_names))
+    tta = checkpoint.tta if tta is None else tta
     results = []
     with torch.no_grad():
         for batch, _ in batches.epoch(0):
-            probabilities, classes = F.softmax(model(batch).float(), dim=1).topk(k, dim=1)
+            logits = tta_logits(model, batch) if tta else model(batch)
+            probabilities, classes = F.softmax(logits.float(), dim=1).topk(k, dim=1)
             results += zip(probabilities.tolist(), classes.tolist())
     return [{"image": strip_userinfo(uri),
              "top": [{"class": p.class_names[c], "index": c, "probability": prob}

@@ -16,11 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from job.errors import JobError
-from job.optim import Adam
+from job.optim import SGD, Adam
 
 # Full batches run eagerly before the capture: cudnn picks its kernels (cudnn.benchmark) and
 # Adam allocates its state outside the graph. They are real steps of the run, not extra ones.
 WARMUP_STEPS = 3
+
+
+def mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
+    """The seed nets' loss: (what backward differentiates, the mean loss per image to report)."""
+    loss = F.cross_entropy(logits, labels)
+    return loss, loss
 
 
 def resolve_compile(mode: str, device: torch.device, distributed: bool) -> str:
@@ -47,9 +53,11 @@ class TrainStep:
     shapes are static. If the capture fails, the run says so in one line and goes on eagerly.
     """
 
-    def __init__(self, model: torch.nn.Module, optimizer: Adam, autocast: Callable,
-                 graphed: bool, say: Callable[[str], None], batch_size: int) -> None:
+    def __init__(self, model: torch.nn.Module, optimizer: Adam | SGD, autocast: Callable,
+                 graphed: bool, say: Callable[[str], None], batch_size: int,
+                 criterion: Callable = mean_cross_entropy) -> None:
         self.model, self.optimizer, self.autocast = model, optimizer, autocast
+        self.criterion = criterion  # (logits, labels) -> (loss to differentiate, mean to report)
         self.graphed, self.say = graphed, say
         self.warm_steps = 0
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -81,11 +89,11 @@ class TrainStep:
 
     def eager(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            loss = F.cross_entropy(self.model(images), labels)
+            loss, reported = self.criterion(self.model(images), labels)
         self.optimizer.zero_grad()
         loss.backward()
         self.optimizer.step()
-        return loss.detach()
+        return reported.detach()
 
     def _on_side_stream(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         # Warm-up before a capture belongs on a stream other than the default one (CUDA's rule).
@@ -106,7 +114,7 @@ class TrainStep:
             with torch.cuda.graph(graph):
                 # autocast's cache of bf16 weights would be captured stale: off in a graph
                 with self.autocast(cache_enabled=False):
-                    loss = F.cross_entropy(self.model(static_images), static_labels)
+                    loss, reported = self.criterion(self.model(static_images), static_labels)
                 loss.backward()
                 self.optimizer.step()
         except RuntimeError as error:  # an op this GPU or PyTorch cannot capture
@@ -120,4 +128,18 @@ class TrainStep:
             self.say(f"CUDA graph capture failed ({str(cause).splitlines()[0][:200]}): "
                      "training on eagerly, which computes the same")
             return
-        self.graph, self.static = graph, (static_images, static_labels, loss.detach())
+        self.graph, self.static = graph, (static_images, static_labels, reported.detach())
+
+
+LABEL_SMOOTHING = 0.2  # the fast net's
+
+
+def summed_smoothed_cross_entropy(world_size: int) -> Callable:
+    """The fast net's loss: cross-entropy with label smoothing 0.2, summed over the batch (its
+    lr is for the sum), times the world size, since DDP averages the ranks' gradients: the
+    gradient is the global batch's sum at any world size. It reports the mean per image."""
+    def criterion(logits: torch.Tensor, labels: torch.Tensor):
+        total = F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING, reduction="sum")
+        return total * world_size, total.detach() / len(labels)
+
+    return criterion

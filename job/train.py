@@ -16,15 +16,15 @@ from torch.nn.parallel import DistributedDataParallel
 from job import distributed, tracking
 from job.checkpoint import Checkpointer, CheckpointManager, RunState
 from job.config import TrainConfig, preset, uses_bf16
-from job.data import DeviceBatches, ImageSplits, fetch_archives, load_splits
+from job.data import DeviceBatches, FastBatches, ImageSplits, fetch_archives, load_splits
 from job.distributed import Dist
 from job.errors import JobError
 from job.evaluation import evaluate
-from job.models import build_model
-from job.optim import Adam
+from job.models import build_model, init_whitening
+from job.optim import WHITENING_BIAS_EPOCHS, Adam, Lookahead, fast_sgd
 from job.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from job.progress import EpochProgress, say
-from job.step import TrainStep, resolve_compile
+from job.step import TrainStep, mean_cross_entropy, resolve_compile, summed_smoothed_cross_entropy
 from job.storage import check_writable_folder
 from job.summary import build_summary, process_seconds, provenance, write_summary
 
@@ -60,6 +60,10 @@ def load_data(cfg: TrainConfig, d: Dist) -> ImageSplits:
     return splits
 
 
+TRIANGLE_PEAK = 0.23  # of the run, where the triangle schedule peaks
+WHITENING_IMAGES = 5000  # the fast net's whitening filters come from the first this many images
+
+
 def lr_at(cfg: TrainConfig, done: int, total: int) -> float:
     """Learning rate for the step about to run: a pure function of the run's progress, `done`
     of `total` (images, so that it means the same at any batch size or world size)."""
@@ -68,6 +72,10 @@ def lr_at(cfg: TrainConfig, done: int, total: int) -> float:
         return cfg.lr * (1 - progress)
     if cfg.lr_schedule == "cosine":
         return cfg.lr * 0.5 * (1 + math.cos(math.pi * progress))
+    if cfg.lr_schedule == "triangle":  # airbench94's: 0.2 → 1 over the first 23%, then → 0.07
+        rise = progress / TRIANGLE_PEAK
+        fall = (progress - TRIANGLE_PEAK) / (1 - TRIANGLE_PEAK)
+        return cfg.lr * (0.2 + 0.8 * rise if progress < TRIANGLE_PEAK else 1 - 0.93 * fall)
     return cfg.lr
 
 
@@ -108,6 +116,7 @@ class Setup:
     environment: dict  # provenance: world size, device, precision, data sha256, versions, commit
     class_names: tuple[str, ...]
     say: Callable[[str], None]  # a line on rank 0's console
+    lookahead: Lookahead | None = None  # the fast net's EMA copy (None for the seed nets)
 
 
 def claim_outputs(cfg: TrainConfig, checkpoints: CheckpointManager) -> None:
@@ -148,13 +157,16 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
     if d.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = build_model(cfg.dataset).to(d.device, memory_format=torch.channels_last)
+    model = build_model(cfg.dataset, cfg.net).to(d.device, memory_format=torch.channels_last)
     # fused: one kernel for all parameters, on CUDA and CPU alike (+5-15% images/s on CPU here)
-    optimizer = Adam(model.parameters(), cfg.lr)
-    train_batches = DeviceBatches(
+    optimizer = Adam(model.parameters(), cfg.lr) if cfg.net == "seed" else None
+    train_batches = (FastBatches if cfg.net == "fast" else DeviceBatches)(
         splits.train_images, splits.train_labels, p, d.device, cfg.batch_size, shuffle=True,
         augment=cfg.augment, seed=cfg.seed, rank=d.rank, world_size=d.world_size,
     )
+    lookahead, criterion = None, mean_cross_entropy
+    if cfg.net == "fast":
+        optimizer, lookahead, criterion = set_up_fast(cfg, d, model, train_batches)
     test_batches = DeviceBatches(
         splits.test_images, splits.test_labels, p, d.device, cfg.eval_batch_size,
         shuffle=False, rank=d.rank, world_size=d.world_size,
@@ -167,16 +179,30 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
         model=model,
         step=TrainStep(DistributedDataParallel(model) if d.enabled else model, optimizer,
                        autocast, graphed=step_mode == "cuda-graph", say=say_main,
-                       batch_size=cfg.batch_size),
+                       batch_size=cfg.batch_size, criterion=criterion),
         train_batches=train_batches,
         test_batches=test_batches,
         autocast=autocast,
         checkpointer=Checkpointer(checkpoints, cfg, d, model, optimizer, splits.sha256,
-                                  train_batches.remaining),
+                                  train_batches.remaining, lookahead),
         environment=provenance(d.world_size, d.device, bf16, splits.sha256, step_mode),
         class_names=p.class_names,
         say=say_main,
+        lookahead=lookahead,
     )
+
+
+def set_up_fast(cfg: TrainConfig, d: Dist, model: torch.nn.Module, train_batches: FastBatches):
+    """The fast net's whitening filters (from the first normalised training images, on the
+    device), its SGD, lookahead and loss."""
+    if not train_batches.remaining(0):
+        raise JobError(f"--batch-size {cfg.batch_size} × {d.world_size} processes is more than the "
+                       f"{len(train_batches.images)} training images: --net fast drops an epoch's "
+                       "last partial batch, so no step would run; lower --batch-size")
+    first = train_batches.images[:WHITENING_IMAGES].permute(0, 3, 1, 2).float()
+    init_whitening(model, first * train_batches.scale + train_batches.shift)
+    optimizer = fast_sgd(model, cfg.lr, cfg.batch_size * d.world_size)
+    return optimizer, Lookahead(model), summed_smoothed_cross_entropy(d.world_size)
 
 
 def start_tracker(cfg: TrainConfig, d: Dist, job: Setup, run_id: str | None):
@@ -205,6 +231,8 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
     with tracker, StopRequest() as stop:
         while run.epoch < cfg.epochs and not stop.decided(d):  # all ranks, after each epoch
             run.begin_epoch(d)
+            if job.lookahead:  # the fast net: its whitening bias trains in the first epochs only
+                job.step.optimizer.set_lr_scale("whitening_bias", run.epoch < WHITENING_BIAS_EPOCHS)
             description = f"epoch {run.epoch + 1}/{cfg.epochs}"
             started, throughput = time.perf_counter(), Throughput()
             with EpochProgress(description, batches.per_rank, d.is_main, d.world_size,
@@ -215,6 +243,9 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
                     first_step_s = first_step_s or process_seconds()  # start-up, measured
                     loss = job.step(images, labels, lr)  # a device tensor: no sync here
                     run.advance(loss, labels.numel(), d.world_size)
+                    if job.lookahead:
+                        job.lookahead.after_step(run.step, (run.epoch * epoch_images + run.epoch_position)
+                                                 / (cfg.epochs * epoch_images))
                     trained_images += labels.numel() * d.world_size
                     throughput.images += labels.numel() * d.world_size
                     status = None
@@ -238,7 +269,10 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
                 checkpointer.save(run, tracker, force=True)
                 break
             run.sync_epoch_loss(d)
-            evaluation = evaluate(job.model, job.test_batches, d, job.autocast, len(job.class_names))
+            if job.lookahead and run.epoch + 1 == cfg.epochs:
+                job.lookahead.finish()  # the run's final weights are the EMA's, BN statistics too
+            evaluation = evaluate(job.model, job.test_batches, d, job.autocast, len(job.class_names),
+                                  cfg.tta)
             run.end_epoch(evaluation)
             tracker.log({"train/epoch_loss": run.history[-1]["train_loss"], "val/loss": evaluation.loss,
                          "val/acc": evaluation.accuracy, "epoch": run.epoch,
@@ -257,7 +291,7 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
                                    checkpointer.location, preempted_by, tracker.run_id,
                                    # how steps ran in the end (a failed capture runs eagerly)
                                    {**job.environment, "compile": job.step.mode}, first_step_s),
-                   **gpu_memory(d.device)}
+                   "net": cfg.net, "tta": cfg.tta, **gpu_memory(d.device)}
         if d.is_main and cfg.summary_json and not preempted_by:
             write_summary(Path(cfg.summary_json), summary)
         tracker.close(summary, wait_s=tracking.WAIT_AFTER_STOP_S if preempted_by else None)

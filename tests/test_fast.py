@@ -1,0 +1,362 @@
+"""--net fast (airbench94): its parts against their definitions, and the job's guarantees for it.
+
+Runs train on a small CIFAR-10 archive cut from ../shared/datasets' real one (512 training and
+100 test images), so that a whole run with test-time augmentation takes seconds on CPU."""
+
+import io
+import json
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from job.config import FAST_LR, TrainConfig, preset
+from job.data import FastBatches, reflect
+from job.errors import JobError
+from job.evaluation import TTA_WEIGHTS, tta_logits, tta_views
+from job.models import FastNet, build_model, dirac_init, whitening_filters
+from job.optim import SGD, Lookahead, fast_sgd
+from job.train import train
+from tests.conftest import run_cli
+from tests.test_cli import assert_one_line_error
+from tests.trained_runs import write_cifar_batch
+
+TRAIN_IMAGES, TEST_IMAGES = 512, 100
+
+
+@pytest.fixture(scope="module")
+def small_cifar(cifar10, tmp_path_factory):
+    """A folder laid out like ../shared/datasets holding a cifar-10-python.tar.gz of the first
+    512 training and 100 test images of the real one."""
+    root = tmp_path_factory.mktemp("small-cifar")
+    (root / "cifar10").mkdir()
+    work = tmp_path_factory.mktemp("batches")
+    per_batch = TRAIN_IMAGES // 5
+    with tarfile.open(root / "cifar10" / "cifar-10-python.tar.gz", "w:gz") as tar:
+        for index in range(5):
+            part = slice(index * per_batch, (index + 1) * per_batch + (TRAIN_IMAGES % 5) * (index == 4))
+            path = write_cifar_batch(cifar10.train_images[part], cifar10.train_labels[part],
+                                     work / f"data_batch_{index + 1}")
+            tar.add(path, f"cifar-10-batches-py/data_batch_{index + 1}")
+        path = write_cifar_batch(cifar10.test_images[:TEST_IMAGES], cifar10.test_labels[:TEST_IMAGES],
+                                 work / "test_batch")
+        tar.add(path, "cifar-10-batches-py/test_batch")
+        meta = pickle.dumps({"label_names": list(preset("cifar10").class_names)})
+        info = tarfile.TarInfo("cifar-10-batches-py/batches.meta")
+        info.size = len(meta)
+        tar.addfile(info, io.BytesIO(meta))
+    return root
+
+
+def fast_config(tmp_path, data, **overrides) -> TrainConfig:
+    settings = dict(dataset="cifar10", net="fast", data_uri=str(data), device="cpu",
+                    checkpoint_uri=str(tmp_path / "ckpt"), cache_dir=tmp_path / "cache",
+                    batch_size=64, epochs=4)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def normalised(images: torch.Tensor) -> torch.Tensor:
+    p = preset("cifar10")
+    mean, std = torch.tensor(p.mean).view(1, 3, 1, 1), torch.tensor(p.std).view(1, 3, 1, 1)
+    return (images.permute(0, 3, 1, 2).float() / 255 - mean) / std
+
+
+# ----------------------------------------------------------------------------------------------
+# the net
+
+
+def test_whitening_filters_whiten_the_patches(cifar10):
+    images = normalised(cifar10.train_images[:2000])
+    filters = whitening_filters(images)
+    assert filters.shape == (24, 3, 2, 2)
+    assert torch.equal(filters[12:], -filters[:12])  # the negations, for GELU's sake
+    # The covariance of the 12 whitened values at every 2×2 patch position is the identity, but
+    # for the 5e-4 added to each eigenvalue: eigenvalue / (eigenvalue + 5e-4) on the diagonal.
+    def whitened_covariance(filters):
+        whitened = F.conv2d(images.double(), filters[:12].double()).permute(0, 2, 3, 1).reshape(-1, 12)
+        return whitened.T @ whitened / len(whitened)
+
+    exact = whitened_covariance(whitening_filters(images, eps=0.0))
+    assert (exact - torch.eye(12, dtype=torch.float64)).abs().max() < 1e-4
+    covariance = whitened_covariance(filters)
+    off_diagonal = covariance - torch.diag(covariance.diagonal())
+    assert off_diagonal.abs().max() < 1e-4
+    eigenvalues = covariance.diagonal() * 5e-4 / (1 - covariance.diagonal())
+    assert torch.all(eigenvalues[:-1] >= eigenvalues[1:])  # largest first
+    assert covariance.diagonal()[:6].min() > 0.99  # the 6 strongest directions: white
+    # The raw patches are far from white (neighbouring pixels and colours correlate).
+    raw = images.unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12).double()
+    assert (raw.T @ raw / len(raw) - torch.eye(12, dtype=torch.float64)).abs().max() > 0.5
+    # Deterministic: the same images give the same filters, bit for bit.
+    assert torch.equal(whitening_filters(images), filters)
+
+
+def test_dirac_init_makes_a_square_conv_the_identity():
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    dirac_init(conv.weight)
+    x = torch.randn(2, 16, 9, 9)
+    assert torch.equal(conv(x), x)
+    wider = torch.nn.Conv2d(8, 24, 3, padding=1, bias=False)
+    dirac_init(wider.weight)
+    assert torch.equal(wider(x[:, :8])[:, :8], x[:, :8])  # the first in_channels filters only
+    net = FastNet()
+    convs = [m for m in net.blocks.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [tuple(c.weight.shape[:2]) for c in convs] == [(64, 24), (64, 64), (256, 64), (256, 256),
+                                                         (256, 256), (256, 256)]
+    assert all(torch.equal(c(torch.ones(1, c.in_channels, 5, 5))[:, : c.in_channels],
+                           torch.ones(1, c.in_channels, 5, 5)) for c in convs)
+
+
+def test_fast_net_shape_and_frozen_parts():
+    net = build_model("cifar10", "fast")
+    assert sum(p.numel() for p in net.parameters()) == 1_972_792  # the published ~1.97 M
+    assert net(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
+    frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
+    assert "whiten.weight" in frozen and all(n.endswith(".weight") for n in frozen)
+    norms = [m for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert len(norms) == 6 and all(m.eps == 1e-12 and m.momentum == 0.4 for m in norms)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
+
+
+def test_fast_is_refused_for_mnist_in_one_line():
+    with pytest.raises(JobError, match="--net fast is the CIFAR-10 recipe"):
+        TrainConfig(dataset="mnist", net="fast")
+
+
+def test_each_net_brings_its_defaults_and_options_override_them():
+    seed, fast = TrainConfig(dataset="cifar10"), TrainConfig(dataset="cifar10", net="fast")
+    assert (seed.epochs, seed.batch_size, seed.lr, seed.lr_schedule, seed.augment, seed.tta) == (
+        5, 64, 1e-3, "linear", False, False)
+    assert (fast.epochs, fast.batch_size, fast.lr, fast.lr_schedule, fast.augment, fast.tta) == (
+        10, 1024, FAST_LR, "triangle", True, True)
+    assert abs(FAST_LR - 1.4648e-3) < 1e-6
+    given = TrainConfig(dataset="cifar10", net="fast", epochs=3, augment=False, tta=False)
+    assert (given.epochs, given.augment, given.tta, given.batch_size) == (3, False, False, 1024)
+
+
+# ----------------------------------------------------------------------------------------------
+# augmentation
+
+
+def test_alternating_flip_and_reflected_crops(cifar10):
+    images, labels = cifar10.train_images[:500], cifar10.train_labels[:500]
+    batches = FastBatches(images, labels, preset("cifar10"), torch.device("cpu"), 100, shuffle=True,
+                          augment=True, seed=3)
+    flips = [batches.flips(epoch) for epoch in range(4)]
+    assert 200 < int(flips[0].sum()) < 300  # a random half in epoch 0
+    assert torch.equal(flips[1], 1 - flips[0]) and torch.equal(flips[2], flips[0])
+    assert torch.equal(flips[3], flips[1])
+    # The flip travels with the image through the epoch's permutation.
+    for epoch in (0, 1):
+        crops = batches._crops(epoch)
+        assert torch.equal(crops[2], flips[epoch][batches._permutation(epoch)])
+        assert crops[:2].min() >= 0 and crops[:2].max() <= 4
+    # Offsets (2, 2) without a flip are the image itself; (0, 0) reflects the top-left border.
+    one = images[:1]
+    centre = batches._crop_and_flip(one, torch.tensor([2]), torch.tensor([2]), torch.tensor([0]))
+    assert torch.equal(centre, one)
+    mirrored = batches._crop_and_flip(one, torch.tensor([2]), torch.tensor([2]), torch.tensor([1]))
+    assert torch.equal(mirrored, one.flip(2))
+    corner = batches._crop_and_flip(one, torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    padded = F.pad(one.permute(0, 3, 1, 2).float(), (2, 2, 2, 2), mode="reflect")
+    assert torch.equal(corner, padded[..., :32, :32].permute(0, 2, 3, 1).to(torch.uint8))
+    assert reflect(torch.tensor([-2, -1, 0, 31, 32, 33]), 32).tolist() == [2, 1, 0, 31, 30, 29]
+    # The last partial batch is dropped: 500 images in batches of 100 × 2 processes serve 400.
+    two = FastBatches(images, labels, preset("cifar10"), torch.device("cpu"), 100, shuffle=True,
+                      augment=True, rank=1, world_size=2)
+    assert (two.remaining(0), two.steps(0), two.per_rank) == (400, 2, 200)
+
+
+# ----------------------------------------------------------------------------------------------
+# test-time augmentation
+
+
+def test_tta_views_and_weights():
+    images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
+    views = tta_views(images)
+    assert len(views) == len(TTA_WEIGHTS) == 6 and sum(TTA_WEIGHTS) == 1.0
+    assert TTA_WEIGHTS == (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
+    identity, mirror, up_left, up_left_mirror, down_right, down_right_mirror = views
+    assert torch.equal(identity, images) and torch.equal(mirror, images.flip(-1))
+    # Shifted by one pixel, the border reflected: up-left takes (y+1, x+1), down-right (y-1, x-1).
+    assert torch.equal(up_left[..., :4, :4], images[..., 1:, 1:])
+    assert torch.equal(up_left[..., 4, :4], images[..., 3, 1:])  # row 5 reflects to row 3
+    assert torch.equal(down_right[..., 1:, 1:], images[..., :4, :4])
+    assert torch.equal(down_right[..., 0, 1:], images[..., 1, :4])  # row -1 reflects to row 1
+    assert torch.equal(up_left_mirror, up_left.flip(-1))
+    assert torch.equal(down_right_mirror, down_right.flip(-1))
+
+    def model(x):  # a stand-in whose logits are easy to compute by hand: per-image pixel sums
+        return x.flatten(1)[:, :4]
+
+    expected = sum(w * model(v) for w, v in zip(TTA_WEIGHTS, views))
+    assert torch.allclose(tta_logits(model, images), expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# the optimizer
+
+
+def test_lookahead_update_against_a_hand_computation():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    lookahead = Lookahead(net)
+    ema_before = {k: v.clone() for k, v in lookahead.ema.items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+        net[1].running_mean.add_(2.0)
+    live = {k: v.clone() for k, v in net.state_dict().items()}
+    progress = 0.6
+    decay = 0.95**5 * progress**3
+    assert lookahead.decay_at(progress) == pytest.approx(decay)
+    lookahead.after_step(4, progress)  # not a multiple of 5: nothing moves
+    assert all(torch.equal(net.state_dict()[k], live[k]) for k in live)
+    lookahead.after_step(5, progress)
+    for name, before in ema_before.items():
+        by_hand = decay * before + (1 - decay) * live[name]
+        assert torch.allclose(lookahead.ema[name], by_hand, atol=1e-6), name
+        assert torch.equal(net.state_dict()[name], lookahead.ema[name])  # live reset to the EMA
+    assert "1.num_batches_tracked" not in lookahead.ema  # counters are not averaged
+    with torch.no_grad():
+        net[0].weight.add_(5.0)
+    lookahead.finish()  # decay 1: the EMA stays, the live net becomes it
+    assert torch.equal(net[0].weight, lookahead.ema["0.weight"])
+
+
+def test_sgd_matches_torch_sgd_with_nesterov_and_weight_decay():
+    torch.manual_seed(0)
+    ours, theirs = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    theirs.load_state_dict(ours.state_dict())
+    sgd = SGD([{"name": "all", "params": ours.parameters(), "lr_scale": 2.0, "weight_decay": 0.3}],
+              lr=0.05)
+    reference = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.85, nesterov=True,
+                                weight_decay=0.3)
+    for _ in range(4):
+        x = torch.randn(8, 4)
+        for net, opt in ((ours, sgd), (theirs, reference)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+            opt.step()
+    for a, b in zip(ours.parameters(), theirs.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    sgd.set_lr_scale("all", 0.0)  # frozen: neither updated nor decayed
+    sgd.set_lr(0.05)
+    before = [p.clone() for p in ours.parameters()]
+    ours(torch.randn(8, 4)).sum().backward()
+    sgd.step()
+    assert all(torch.equal(a, b) for a, b in zip(ours.parameters(), before))
+
+
+def test_fast_sgd_groups_and_decay():
+    net = build_model("cifar10", "fast")
+    sgd = fast_sgd(net, FAST_LR, 1024)
+    names = [g["name"] for g in sgd.groups]
+    assert names == ["bn_biases", "whitening_bias", "weights"]
+    groups = {g["name"]: g for g in sgd.groups}
+    assert len(groups["bn_biases"]["params"]) == 6 and groups["bn_biases"]["lr_scale"] == 64
+    trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    assert sum(p.numel() for p in sgd.params) == trainable
+    # Decoupled: the decay per step (rate × weight_decay) is the same ~2.0e-3 for every group.
+    decays = [FAST_LR * g["lr_scale"] * g["weight_decay"] for g in sgd.groups]
+    assert all(d == pytest.approx(0.0153 * 1024 / (1024 * (1 + 1 / 0.15))) for d in decays)
+    assert decays[0] == pytest.approx(1.996e-3, rel=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# runs: resume, refused changes, export
+
+
+def read(path) -> dict:
+    return torch.load(path, weights_only=True)
+
+
+def test_a_fast_run_resumed_inside_an_epoch_ends_bit_exact(tmp_path, small_cifar):
+    """Stopped in epoch 2 (whitening bias still training, lookahead mid-cycle), resumed, and on
+    through the bias freeze at epoch 4: the same weights, lookahead copy and optimizer state."""
+    straight = train(fast_config(tmp_path / "a", small_cifar, checkpoint_every_steps=3,
+                                 keep_checkpoints=100))
+    assert straight["steps"] == 32  # 512 images in batches of 64, 4 epochs
+    folder = tmp_path / "a" / "ckpt"
+    resumed_folder = tmp_path / "b" / "ckpt"
+    resumed_folder.mkdir(parents=True)
+    (resumed_folder / "step-000000012.pt").write_bytes((folder / "step-000000012.pt").read_bytes())
+    (resumed_folder / "latest").write_text("step-000000012.pt\n")
+    middle = read(resumed_folder / "step-000000012.pt")
+    assert (middle["epoch"], middle["epoch_step"]) == (1, 4) and "lookahead" in middle
+    assert [g["lr_scale"] for g in middle["optimizer"]["param_groups"]] == [64, 1, 1]
+
+    resumed = train(fast_config(tmp_path / "b", small_cifar))
+    end, again = read(straight["checkpoint"]), read(resumed["checkpoint"])
+    assert [g["lr_scale"] for g in end["optimizer"]["param_groups"]] == [64, 0, 1]  # frozen
+    for key in ("model", "lookahead"):
+        assert end[key].keys() == again[key].keys()
+        for name, tensor in end[key].items():
+            assert torch.equal(tensor, again[key][name]), (key, name)
+    for index, state in end["optimizer"]["state"].items():
+        assert torch.equal(state["momentum_buffer"], again["optimizer"]["state"][index]["momentum_buffer"])
+    assert resumed["history"] == straight["history"]
+    # The whitening bias trained in epochs 1-3; in epoch 4 (steps 25-32) SGD leaves it, so once the
+    # lookahead at step 25 has set it to the EMA's, it stays. Its filters never moved.
+    fourth = read(folder / "step-000000027.pt")
+    assert torch.equal(fourth["model"]["whiten.bias"], end["model"]["whiten.bias"])
+    assert not torch.equal(middle["model"]["whiten.bias"], end["model"]["whiten.bias"])
+    assert torch.equal(middle["model"]["whiten.weight"], end["model"]["whiten.weight"])
+    # The final weights are the lookahead's.
+    assert all(torch.equal(end["model"][name], end["lookahead"][name]) for name in end["lookahead"])
+
+
+def test_a_net_change_on_resume_is_refused_in_one_line(tmp_path, small_cifar):
+    folder = tmp_path / "ckpt"
+    train(fast_config(tmp_path, small_cifar, net="seed", epochs=1, batch_size=None, augment=None,
+                      tta=None, lr=None, lr_schedule=None))
+    command = ["train", "cifar10", "--net", "fast", "--data-uri", str(small_cifar),
+               "--checkpoint-uri", str(folder), "--cache-dir", str(tmp_path / "cache"),
+               "--device", "cpu", "--epochs", "2", "--batch-size", "64"]
+    assert_one_line_error(run_cli(*command), "--net fast differs from the run", "(--net seed)")
+    # A checkpoint from before --net existed is a seed run's.
+    latest = folder / (folder / "latest").read_text().strip()
+    state = read(latest)
+    del state["config"]["net"]
+    torch.save(state, latest)
+    assert_one_line_error(run_cli(*command), "--net fast differs from the run", "(--net seed)")
+
+
+def test_onnx_export_of_a_fast_run_carries_tta_and_matches_pytorch(tmp_path, small_cifar, cifar10):
+    import onnx
+    import onnxruntime
+
+    summary = train(fast_config(tmp_path, small_cifar, epochs=1, batch_size=128))
+    result = run_cli("export", str(tmp_path / "ckpt"), "--format", "onnx", "--output",
+                     str(tmp_path / "net.onnx"))
+    assert result.returncode == 0, result.stderr
+    model = onnx.load(str(tmp_path / "net.onnx"))
+    metadata = json.loads({p.key: p.value for p in model.metadata_props}["cnn_job"])
+    assert metadata["net"] == "fast" and metadata["test_time_augmentation"] is True
+    assert metadata["tta_weights"] == list(TTA_WEIGHTS)
+    assert metadata["val_acc"] == summary["final_val_acc"] and metadata["val_acc_with_tta"] is True
+
+    net = build_model("cifar10", "fast").eval()
+    net.load_state_dict(read(summary["checkpoint"])["model"])
+    images = normalised(cifar10.test_images[:64]).contiguous()
+    with torch.no_grad():
+        expected = tta_logits(net, images)
+    session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
+    (got,) = session.run(["logits"], {"images": images.numpy()})
+    assert np.abs(got - expected.numpy()).max() <= 1e-4
+    assert np.array_equal(got.argmax(1), expected.argmax(1).numpy())
+    (one,) = session.run(["logits"], {"images": images[:1].numpy()})  # the batch is dynamic
+    assert np.abs(one - expected[:1].numpy()).max() <= 1e-4
+
+    # Evaluate defaults to what training reported (with TTA); --no-tta is the plain net.
+    report = run_cli("evaluate", str(tmp_path / "ckpt"), "--data-uri", str(small_cifar),
+                     "--cache-dir", str(tmp_path / "cache"), "--json", "-")
+    assert report.returncode == 0, report.stderr
+    with_tta = json.loads(report.stdout)
+    assert with_tta["tta"] is True and with_tta["accuracy"] == summary["final_val_acc"]
+    plain = run_cli("evaluate", str(tmp_path / "ckpt"), "--data-uri", str(small_cifar),
+                    "--cache-dir", str(tmp_path / "cache"), "--json", "-", "--no-tta")
+    assert plain.returncode == 0 and json.loads(plain.stdout)["tta"] is False
