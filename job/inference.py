@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from job import distributed
 from job.checkpoint import NAME_PATTERN, CheckpointManager, RunState, first_line, from_bytes
 from job.config import PRESETS, DatasetPreset, default_cache_dir, uses_bf16
-from job.data import DeviceBatches, fetch_archives, load_splits, read_cifar10, read_idx, unpickle_batch
+from job.data import (
+    DeviceBatches,
+    fetch_archives,
+    labels_outside,
+    load_splits,
+    read_cifar10,
+    read_idx,
+    unpickle_batch,
+)
 from job.errors import JobError, strip_userinfo
 from job.evaluation import evaluate
 from job.models import SeedCNN, build_model
@@ -242,8 +250,8 @@ def read_test_files(p: DatasetPreset, uris: list[str], checkpoint: str,
     if len(images) != len(labels):
         raise JobError(f"--test-data: {len(images)} images but {len(labels)} labels; the files do "
                        "not belong together")
-    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(p.class_names):
-        raise JobError(f"--test-data: labels outside 0..{len(p.class_names) - 1}")
+    if bad := labels_outside(labels, len(p.class_names)):
+        raise JobError(f"--test-data {' '.join(uris)}: {bad}")
     return TestSplit(images, labels, " ".join(uris), sha256)
 
 
