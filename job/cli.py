@@ -155,10 +155,11 @@ def data_pull(
     s3_endpoint_url: EndpointOption = None,
 ) -> None:
     """Fetch a dataset's archives into the cache and check that they parse."""
-    from job.data import fetch_archives, load_splits
+    from job.data import check_cache_dir, fetch_archives, load_splits
 
     def pull():
         p = preset(dataset)
+        check_cache_dir(cache_dir or default_cache_dir())
         paths = fetch_archives(p, uri, cache_dir or default_cache_dir(), s3_endpoint_url)
         splits = load_splits(p, paths)
         return paths, splits

@@ -32,6 +32,7 @@ from job.storage import (
     S3Store,
     atomic_output,
     atomic_write_bytes,
+    check_writable_folder,
     file_digest,
     file_lock,
     http_download,
@@ -72,6 +73,12 @@ def fetch_archives(
             f"--data-uri {data_uri}: no {p.name}/{missing[0]} there; point it at {LAYOUT_HINT}"
         )
     return paths
+
+
+def check_cache_dir(cache_dir: Path) -> None:
+    """Before any work: the cache folder can be made and written (a bad --cache-dir, or an
+    XDG_CACHE_HOME it defaults from, is one line, not a traceback at the first download)."""
+    check_writable_folder(cache_dir, "cache folder", "--cache-dir (or CNN_JOB_CACHE_DIR)")
 
 
 def _dataset_store(p: DatasetPreset, uri: str, endpoint_url: str | None) -> S3Store:
@@ -339,27 +346,32 @@ def _load_parsed(folder: Path, sha256: dict[str, str], classes: int) -> ImageSpl
     return ImageSplits(**arrays, sha256=sha256)
 
 
-def _corrupt(path: Path, detail: object) -> JobError:
+def _corrupt(path: Path, detail: object, user_file: str | None = None) -> JobError:
+    """A damaged archive: a fetched one is fetched again; a user's own file (`user_file`, as
+    they named it, not the copy read) is theirs to check."""
+    if user_file:
+        return JobError(f"--test-data {user_file} is corrupt or truncated ({detail}); check that file")
     return JobError(
         f"{path} is corrupt or truncated ({detail}); delete it and fetch the dataset again"
     )
 
 
-def read_idx(path: Path) -> torch.Tensor:
+def read_idx(path: Path, user_file: str | None = None) -> torch.Tensor:
     """An MNIST IDX file (gzip-compressed, unsigned bytes) as a uint8 tensor of its shape."""
     try:
         with gzip.open(path, "rb") as handle:
             raw = handle.read()
     except (OSError, EOFError, zlib.error) as error:
-        raise _corrupt(path, error) from None
+        raise _corrupt(path, error, user_file) from None
     if len(raw) < 4 or raw[0:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
-        raise _corrupt(path, "no IDX header for unsigned bytes")
+        raise _corrupt(path, "no IDX header for unsigned bytes", user_file)
     ndim = raw[3]
     header = 4 + 4 * ndim
     dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     expected = int(np.prod(dims))
     if len(raw) - header != expected:
-        raise _corrupt(path, f"header promises {expected} bytes, file holds {len(raw) - header}")
+        raise _corrupt(path, f"header promises {expected} bytes, file holds {len(raw) - header}",
+                       user_file)
     return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy())
 
 
@@ -395,9 +407,11 @@ def unpickle_batch(data: bytes) -> tuple[np.ndarray, np.ndarray]:
     return images.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-def read_cifar10(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def read_cifar10(path: Path, user_file: str | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The CIFAR-10 python tarball, read member by member in memory: nothing is extracted to
-    disk, and a member whose name would escape the archive's folder is refused."""
+    disk, and a member whose name would escape the archive's folder is refused. Errors name
+    `user_file` (a user's own --test-data) where given."""
     wanted = {*CIFAR_TRAIN, CIFAR_TEST}
     batches = {}
     try:
@@ -406,18 +420,19 @@ def read_cifar10(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
                 name = posixpath.normpath(member.name)
                 if name.startswith(("/", "..")) or member.name.startswith("/"):
                     raise JobError(
-                        f"{path} holds a member that escapes its folder ({member.name!r}); "
-                        "refusing the archive: fetch a genuine copy"
+                        f"{user_file or path} holds a member that escapes its folder "
+                        f"({member.name!r}); refusing the archive: "
+                        f"{'check that file' if user_file else 'fetch a genuine copy'}"
                     )
                 base = posixpath.basename(name)
                 if member.isfile() and posixpath.dirname(name) == CIFAR_FOLDER and base in wanted:
                     batches[base] = unpickle_batch(tar.extractfile(member).read())
     except (tarfile.TarError, OSError, EOFError, zlib.error, pickle.UnpicklingError,
             ValueError, KeyError) as error:
-        raise _corrupt(path, error) from None
+        raise _corrupt(path, error, user_file) from None
     missing = sorted(wanted - batches.keys())
     if missing:
-        raise _corrupt(path, f"no {CIFAR_FOLDER}/{missing[0]} inside")
+        raise _corrupt(path, f"no {CIFAR_FOLDER}/{missing[0]} inside", user_file)
 
     def stack(names):
         images = np.concatenate([batches[n][0] for n in names])
