@@ -238,6 +238,8 @@ def _parse(p: DatasetPreset, paths: dict[str, Path], sha256: dict[str, str]) -> 
                                f"{len(labels[split])} labels; the archives do not belong together")
             if bad := labels_outside(labels[split], len(p.class_names)):
                 raise JobError(f"{paths[f'{split}-labels-idx1-ubyte.gz']}: {bad}; not MNIST labels")
+            if not len(images[split]):  # training would divide by it after an epoch
+                raise JobError(f"{paths[f'{split}-images-idx3-ubyte.gz']} holds no images")
         return ImageSplits(
             images["train"].unsqueeze(-1), labels["train"].long(),
             images["t10k"].unsqueeze(-1), labels["t10k"].long(), sha256,

@@ -428,6 +428,16 @@ def test_archive_label_out_of_range_is_one_clear_error(data_dir, tmp_path):
             load_splits(preset("mnist"), paths, cache)
 
 
+def test_archive_of_zero_images_is_one_clear_error(data_dir, tmp_path):
+    paths = _mnist_copy(data_dir, tmp_path)
+    # valid IDX headers that promise 0 images (of 28×28) and 0 labels
+    header = b"\0\0\x08\x03" + bytes(4) + b"\0\0\0\x1c" * 2
+    paths["t10k-images-idx3-ubyte.gz"].write_bytes(gzip.compress(header))
+    paths["t10k-labels-idx1-ubyte.gz"].write_bytes(gzip.compress(b"\0\0\x08\x01" + bytes(4)))
+    with pytest.raises(JobError, match=r"t10k-images-idx3-ubyte.gz holds no images"):
+        load_splits(preset("mnist"), paths)
+
+
 def test_sha256_memo_sees_a_same_size_rewrite_with_its_mtime_put_back(data_dir, tmp_path):
     paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
     archive = paths["t10k-labels-idx1-ubyte.gz"]
