@@ -74,6 +74,10 @@ def from_bytes(data: bytes) -> dict:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, not a torch file, or objects beyond plain data
+        if needs := re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error)):
+            # torch's own message is a page of advice on loading it anyway (running its code)
+            raise ValueError(f"it needs code to load ({needs[1]} is not plain data), and a "
+                             "checkpoint is never loaded by running code") from None
         raise ValueError(f"not a loadable torch file: {first_line(error, 100)}") from None
     if not isinstance(state, dict):
         raise ValueError(f"not a cnn-job checkpoint (a {type(state).__name__}, not a dict)")
@@ -260,9 +264,12 @@ class CheckpointManager:
             self.store.write(name, to_bytes(state))
             self.store.write(POINTER, f"{name}\n".encode())
         except OSError as error:
+            earlier = [old for old in self.names() if old < name]
+            kept = (f"the previous checkpoint {earlier[0]} is intact" if earlier
+                    else "this run has no checkpoint yet")
             raise JobError(
                 f"could not write checkpoint {self.location(name)} ({error.strerror or error}); "
-                "the previous checkpoint is intact: free space or pass another --checkpoint-uri"
+                f"{kept}: free space or pass another --checkpoint-uri"
             ) from None
         earlier = [old for old in self.names() if old < name]
         for old in earlier[self.keep - 1:]:

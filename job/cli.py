@@ -108,8 +108,25 @@ def launch(ctx: typer.Context) -> None:
     crashed or lost worker (no launcher traceback).
     """
     from job.launch import launch as launch_workers
+    from job.launch import split_command
 
-    raise typer.Exit(_run(lambda: launch_workers(list(ctx.args))))
+    def run() -> int:
+        torchrun_args, job_args = split_command(list(ctx.args))
+        _check_train_args(job_args[1:])  # once, here, not once per worker
+        return launch_workers(torchrun_args, job_args)
+
+    raise typer.Exit(_run(run))
+
+
+def _check_train_args(args: list[str]) -> None:
+    """What `train ARGS` would refuse before any work (a missing dataset, a bad value) is one
+    line from the launcher, as from `cnn-job train`, instead of the same line from every worker."""
+    command = typer.main.get_command(app).get_command(None, "train")
+    try:  # a usage error propagates: _main prints it as it does for `cnn-job train`
+        params = command.make_context("cnn-job train", list(args)).params
+    except typer.Exit:  # --help, printed: no workers to start
+        raise typer.Exit(0) from None
+    TrainConfig(**{name: value for name, value in params.items() if value is not None})
 
 
 def run_training(cfg: TrainConfig) -> dict:
@@ -158,10 +175,11 @@ def data_pull(
     s3_endpoint_url: EndpointOption = None,
 ) -> None:
     """Fetch a dataset's archives into the cache and check that they parse."""
-    from job.data import fetch_archives, load_splits
+    from job.data import check_cache_dir, fetch_archives, load_splits
 
     def pull():
         p = preset(dataset)
+        check_cache_dir(cache_dir or default_cache_dir())
         paths = fetch_archives(p, uri, cache_dir or default_cache_dir(), s3_endpoint_url)
         splits = load_splits(p, paths)
         return paths, splits

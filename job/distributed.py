@@ -48,6 +48,19 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+def _env_int(name: str, default: int) -> int:
+    """torchrun's own variables; set by hand to something else, one line (exit 2)."""
+    text = os.environ.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < (1 if name == "WORLD_SIZE" else 0):
+        raise JobError(f"{name}={text!r} is not a {'process count' if name == 'WORLD_SIZE' else 'rank'}; "
+                       "torchrun sets it: unset it to run one process")
+    return value
+
+
 def setup(device_preference: str, timeout_s: float = 300) -> Dist:
     """Read torchrun's environment; join the process group when there is more than one rank.
 
@@ -57,9 +70,8 @@ def setup(device_preference: str, timeout_s: float = 300) -> Dist:
     """
     if os.environ.get("TORCHELASTIC_RUN_ID"):
         exit_with_the_launcher()
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank, local_rank = (_env_int(name, default) for name, default in
+                                    (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
         join_process_group(device, timeout_s)

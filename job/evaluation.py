@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from job import distributed
 from job.data import DeviceBatches
 from job.distributed import Dist
+from job.errors import JobError
 
 MISCLASSIFIED_PANEL = 16  # test images kept per evaluation with their true and predicted labels
 
@@ -89,5 +90,7 @@ def evaluate(model, batches: DeviceBatches, d: Dist, autocast, num_classes: int,
     loss_sum, count = distributed.all_reduce_sum(d, totals).tolist()
     confusion = distributed.all_reduce_sum(d, confusion).view(num_classes, num_classes).cpu()
     model.train()
+    if not count:  # every rank knows it (summed): they all stop, none waits in a collective
+        raise JobError("the test split holds no images: there is nothing to evaluate")
     return Evaluation(loss_sum / count, confusion.diagonal().sum().item() / count, confusion,
                       misclassified)

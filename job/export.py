@@ -30,6 +30,7 @@ from job.errors import JobError
 from job.evaluation import TTA_WEIGHTS, WithTTA
 from job.inference import LoadedCheckpoint, load_checkpoint
 from job.objects import Output
+from job.preemption import Interrupted, StopRequest
 
 FORMATS = ("onnx", "torch-export", "safetensors")
 SERVING_KEY = "cnn_job"  # ONNX metadata_props / safetensors metadata key; the .pt2 has cnn_job.json
@@ -83,8 +84,16 @@ def export_checkpoint(checkpoint_uri: str, fmt: str, output_uri: str, endpoint_u
     metadata = serving_metadata(checkpoint, fmt, tta)
     model = checkpoint.model(torch.device("cpu"), channels_last=False)
     model = WithTTA(model).eval() if tta else model
-    data = {"onnx": onnx_bytes, "torch-export": torch_export_bytes,
-            "safetensors": safetensors_bytes}[fmt](model, metadata)
+    convert = {"onnx": onnx_bytes, "torch-export": torch_export_bytes,
+               "safetensors": safetensors_bytes}[fmt]
+    # The exporters import torch._dynamo, onnxscript, ... as they go (seconds). A stop signal
+    # raised in the middle of that can half-initialise a module or be swallowed by a finalizer,
+    # and torch then fails with an error of its own: the signal waits for the conversion, and
+    # then stops the command (exit 75) before anything is written.
+    with StopRequest() as stop:
+        data = convert(model, metadata)
+    if stop.signal_name:
+        raise Interrupted(stop.signal_name)
     return {"output": output.write(data), "format": fmt, "bytes": len(data), "metadata": metadata}
 
 

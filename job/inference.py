@@ -29,7 +29,16 @@ import torch.nn.functional as F
 from job import distributed
 from job.checkpoint import NAME_PATTERN, CheckpointManager, RunState, first_line, from_bytes
 from job.config import PRESETS, DatasetPreset, default_cache_dir, uses_bf16
-from job.data import DeviceBatches, fetch_archives, load_splits, read_cifar10, read_idx, unpickle_batch
+from job.data import (
+    DeviceBatches,
+    check_cache_dir,
+    fetch_archives,
+    labels_outside,
+    load_splits,
+    read_cifar10,
+    read_idx,
+    unpickle_batch,
+)
 from job.errors import JobError, strip_userinfo
 from job.evaluation import evaluate, tta_logits
 from job.models import build_model
@@ -215,6 +224,7 @@ def load_test_split(p: DatasetPreset, data_uri: str | None, cache_dir: Path | No
     """The test split of the dataset's archives at `data_uri` (as `train --data-uri` takes it).
     Each archive's download lock lets one process per machine fetch it while the others wait."""
     cache_dir = cache_dir or default_cache_dir()
+    check_cache_dir(cache_dir)
     paths = fetch_archives(p, data_uri, cache_dir, endpoint_url)
     splits = load_splits(p, paths, cache_dir)  # mapped from training's parsed cache when there
     test_archives = [name for name in paths if p.name != "mnist" or name.startswith("t10k")]
@@ -256,8 +266,10 @@ def read_test_files(p: DatasetPreset, uris: list[str], checkpoint: str,
     if len(images) != len(labels):
         raise JobError(f"--test-data: {len(images)} images but {len(labels)} labels; the files do "
                        "not belong together")
-    if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < len(p.class_names):
-        raise JobError(f"--test-data: labels outside 0..{len(p.class_names) - 1}")
+    if not len(images):
+        raise JobError(f"--test-data {' '.join(uris)} holds no images: pass labelled test images")
+    if bad := labels_outside(labels, len(p.class_names)):
+        raise JobError(f"--test-data {' '.join(uris)}: {bad}")
     return TestSplit(images, labels, " ".join(uris), sha256)
 
 
@@ -278,8 +290,8 @@ def _parse_test_file(path: Path, data: bytes, uri: str):
     if data[:2] == b"\x1f\x8b":
         with contextlib.suppress(tarfile.TarError, OSError, EOFError, zlib.error):
             if tarfile.is_tarfile(path):
-                return "both", read_cifar10(path)[2:]
-        tensor = read_idx(path)
+                return "both", read_cifar10(path, uri)[2:]
+        tensor = read_idx(path, uri)
         if tensor.ndim == 3:
             return "images", tensor.unsqueeze(-1)
         if tensor.ndim == 1:

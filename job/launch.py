@@ -18,6 +18,7 @@ import os
 import shutil
 import signal
 import tempfile
+import uuid
 from pathlib import Path
 
 from job.errors import JobError
@@ -36,19 +37,14 @@ def split_command(args: list[str]) -> tuple[list[str], list[str]]:
     return args[:at], args[at:]
 
 
-def launch(args: list[str]) -> int:
+def launch(torchrun_args: list[str], job_args: list[str]) -> int:
     """Run `train ...` on this node's workers under torchrun's launcher; the node's status."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
-    from torch.distributed.run import config_from_args, get_args_parser
 
-    torchrun_args, job_args = split_command(args)
-    try:
-        parsed = get_args_parser().parse_args([*torchrun_args, "-m", "job", *job_args])
-    except SystemExit:  # argparse has printed what is wrong with the torchrun options
-        raise JobError(f"bad torchrun options {' '.join(torchrun_args)!r}: {USAGE}") from None
-    config, command, command_args = config_from_args(parsed)
+    quiet_torch_logs()
+    config, command, command_args = torchrun_config(torchrun_args, job_args)
     status_dir = Path(tempfile.mkdtemp(prefix="cnn-job-status-"))
     os.environ[STATUS_DIR_ENV] = str(status_dir)  # the workers inherit it
     failures = {}
@@ -66,6 +62,50 @@ def launch(args: list[str]) -> int:
         statuses = read_statuses(status_dir)
         shutil.rmtree(status_dir, ignore_errors=True)
     return node_status(statuses, failures)
+
+
+def torchrun_config(torchrun_args: list[str], job_args: list[str]):
+    """torchrun's launch config for these options, as `torchrun` itself makes it: without a
+    rendezvous on one node (or with --standalone), a c10d store of its own on a free port. A
+    bad option is one JobError line, not argparse's usage or an AssertionError."""
+    from torch.distributed.run import config_from_args, get_args_parser, parse_min_max_nnodes
+
+    parser = get_args_parser()
+
+    def refuse(message: str):
+        raise JobError(f"bad launcher option: {message}: {USAGE}")
+
+    parser.error = refuse  # argparse would print its usage, then two lines, then exit
+    parsed = parser.parse_args([*torchrun_args, "-m", "job", *job_args])
+    try:
+        # What torchrun's run() does before config_from_args (torch/distributed/run.py).
+        one_node = parse_min_max_nnodes(parsed.nnodes)[1] == 1
+        if parsed.standalone or (one_node and parsed.rdzv_backend == "static"
+                                 and not parsed.rdzv_endpoint and parsed.master_port is None):
+            parsed.rdzv_backend, parsed.rdzv_endpoint = "c10d", "localhost:0"  # port 0: a free one
+            parsed.rdzv_id = str(uuid.uuid4())
+        if parsed.master_port is None:
+            parsed.master_port = 29500  # torchrun's default, for the static rendezvous
+        config, command, command_args = config_from_args(parsed)
+    except (AssertionError, ValueError, RuntimeError) as error:
+        refuse(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)
+    if config.nproc_per_node < 1:
+        refuse(f"--nproc-per-node {parsed.nproc_per_node}: at least 1 worker")
+    return config, command, command_args
+
+
+def quiet_torch_logs() -> None:
+    """torch's launcher logs W…/E… lines (the OMP_NUM_THREADS banner, each failed worker, the
+    agent's own state) that the job's one-line report already covers. They stay off the
+    console unless asked for with torchrun's own LOGLEVEL (LOGLEVEL=INFO or WARNING)."""
+    import logging
+
+    if os.environ.get("LOGLEVEL"):
+        return
+    # torch._logging gives "torch.distributed" a stderr handler of its own and stops propagation;
+    # a NullHandler in its place also keeps logging's last-resort handler from printing them.
+    logging.getLogger("torch.distributed").handlers = [logging.NullHandler()]
+    logging.getLogger("torch.distributed").propagate = False
 
 
 def read_statuses(status_dir: Path) -> dict[int, int]:

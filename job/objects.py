@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from job.errors import JobError
-from job.storage import S3Store, atomic_write_bytes, check_writable_folder, local_path, uri_kind
+from job.storage import S3Store, atomic_write_bytes, check_output_file, local_path, uri_kind
 
 
 def split_s3(uri: str, endpoint_url: str | None = None) -> tuple[S3Store, str]:
@@ -54,9 +54,7 @@ class Output:
         if self.s3:
             self.store.check_bucket(self.uri)
             return
-        if self.path.is_dir():
-            raise JobError(f"{self.option} {self.uri} is a folder; name a file to write")
-        check_writable_folder(self.path.parent, "output folder", self.option)
+        check_output_file(self.path, self.option)
 
     def write(self, data: bytes) -> str:
         """Replace the output with `data` in one step; returns where it went."""

@@ -113,10 +113,25 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
-def check_writable_folder(folder: Path, what: str, option: str) -> None:
-    """Fail fast, before any work, if `folder` cannot take new files."""
+def check_output_file(path: Path, option: str) -> None:
+    """Fail fast, before any work and creating nothing, if a file cannot be written at `path`.
+    The one rule for every file a user names for output (--summary-json, --json, --output,
+    CNN_JOB_RECORD_INDICES): its folder must already exist, as for a shell's `>` (a typo in a
+    path is refused, not made into folders), `path` must not be a folder or a device, and the
+    folder must take a new file. Folders the job owns (--checkpoint-uri, --cache-dir) are made."""
+    if path.exists() and not path.is_file():
+        raise JobError(f"{option} {path} is not a regular file; name a file to write")
+    if not path.parent.is_dir():
+        raise JobError(f"{option} {path}: there is no folder {path.parent}; create it first, or "
+                       "name a file in a folder that exists")
+    check_writable_folder(path.parent, "output folder", option, create=False)
+
+
+def check_writable_folder(folder: Path, what: str, option: str, create: bool = True) -> None:
+    """Fail fast, before any work, if `folder` cannot take new files (made first if `create`)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(prefix=".write-probe.", dir=folder):
             pass
     except OSError as error:

@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from job import distributed, tracking
 from job.checkpoint import Checkpointer, CheckpointManager, RunState
 from job.config import TrainConfig, preset, uses_bf16
-from job.data import DeviceBatches, FastBatches, ImageSplits, fetch_archives, load_splits
+from job.data import DeviceBatches, FastBatches, ImageSplits, check_cache_dir, fetch_archives, load_splits
 from job.distributed import Dist
 from job.errors import JobError
 from job.evaluation import evaluate
@@ -25,8 +25,10 @@ from job.optim import WHITENING_BIAS_EPOCHS, Adam, Lookahead, fast_sgd
 from job.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from job.progress import EpochProgress, say
 from job.step import TrainStep, mean_cross_entropy, resolve_compile, summed_smoothed_cross_entropy
-from job.storage import check_writable_folder
+from job.storage import check_output_file
 from job.summary import build_summary, process_seconds, provenance, write_summary
+
+RECORD_INDICES_ENV = "CNN_JOB_RECORD_INDICES"  # PATH: each rank appends its batches' indices
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -121,13 +123,14 @@ class Setup:
 
 def claim_outputs(cfg: TrainConfig, checkpoints: CheckpointManager) -> None:
     """Before any work, never after an epoch: the outputs can be written, this job is the run's
-    one writer, and --resume never does not silently mix two runs in one folder."""
-    checkpoints.check_writable()
+    one writer, and --resume never does not silently mix two runs in one folder. The files first,
+    which create nothing, so that a refused one leaves no checkpoint folder behind."""
     if cfg.summary_json:
-        summary = Path(cfg.summary_json)
-        if summary.exists() and not summary.is_file():
-            raise JobError(f"--summary-json {summary} is not a regular file; name a file to write")
-        check_writable_folder(summary.parent, "summary folder", "--summary-json")
+        check_output_file(Path(cfg.summary_json), "--summary-json")
+    if record := os.environ.get(RECORD_INDICES_ENV):
+        check_output_file(Path(f"{record}.rank0"), RECORD_INDICES_ENV)
+    check_cache_dir(cfg.cache_dir)
+    checkpoints.check_writable()
     checkpoints.hold(cfg.lease_seconds)
     if cfg.resume == "never" and checkpoints.holds_a_run():
         if not cfg.overwrite:
@@ -172,7 +175,7 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
         shuffle=False, rank=d.rank, world_size=d.world_size,
     )
     # An audit trail of which images each rank trained on, in order (tests read it).
-    train_batches.record_to = os.environ.get("CNN_JOB_RECORD_INDICES") or None
+    train_batches.record_to = os.environ.get(RECORD_INDICES_ENV) or None
     bf16 = uses_bf16(cfg.precision, d.device.type)
     autocast = functools.partial(torch.autocast, d.device.type, torch.bfloat16, enabled=bf16)
     return Setup(

@@ -135,3 +135,37 @@ def test_save_rule(tmp_path):
                          model, optimizer, {}, epoch_remaining=lambda position: 640 - position)
     assert not any(never.save(RunState(step=s, epoch_step=s, epoch_position=64 * s), NullTracker())
                    for s in range(1, 10))
+
+
+class NeedsCode:
+    """Any class: a pickle of it can only be loaded by importing and running code."""
+
+
+def test_a_checkpoint_that_needs_code_is_named_in_one_whole_sentence(tmp_path):
+    state = todays_checkpoint()
+    state["metrics"] = NeedsCode()
+    with pytest.raises(ValueError) as refused:
+        from_bytes(to_bytes(state))
+    assert str(refused.value) == ("it needs code to load (tests.test_checkpoint.NeedsCode is not plain "
+                                  "data), and a checkpoint is never loaded by running code")
+
+
+def test_a_full_disk_says_what_is_intact(tmp_path, monkeypatch):
+    manager = CheckpointManager(str(tmp_path / "run"))
+    manager.store.folder.mkdir(parents=True)
+    original = manager.store.write
+
+    def full(name, data):
+        if name.startswith("step-000000020"):
+            raise OSError(28, "No space left on device")
+        original(name, data)
+
+    monkeypatch.setattr(manager.store, "write", full)
+    with pytest.raises(JobError) as first:
+        manager.save(todays_checkpoint(step=20), step=20)  # the run's very first checkpoint
+    assert "(No space left on device); this run has no checkpoint yet: free space" in str(first.value)
+    manager.save(todays_checkpoint(step=10), step=10)
+    with pytest.raises(JobError) as later:
+        manager.save(todays_checkpoint(step=20), step=20)
+    assert "; the previous checkpoint step-000000010.pt is intact: free space" in str(later.value)
+    assert manager.pointer() == "step-000000010.pt"

@@ -194,6 +194,26 @@ def test_checkpoint_folder_without_write_permission(tmp_path, data_dir):
     assert list(folder.iterdir()) == []
 
 
+@pytest.mark.parametrize("env, option, fragments", [
+    ({"CNN_JOB_RECORD_INDICES": "/nonexistent/dir/x"}, [],
+     ["CNN_JOB_RECORD_INDICES /nonexistent/dir/x.rank0: there is no folder /nonexistent/dir"]),
+    ({"CNN_JOB_RECORD_INDICES": "/proc/version"}, [],
+     ["output folder /proc is not writable", "CNN_JOB_RECORD_INDICES"]),
+    ({}, ["--summary-json", "{tmp}/missing/s.json"], ["--summary-json", "there is no folder {tmp}/missing"]),
+    ({}, ["--cache-dir", "/proc/cache"], ["cache folder /proc/cache is not writable", "--cache-dir"]),
+    ({"XDG_CACHE_HOME": "/proc/x"}, [], ["cache folder /proc/x/cnn-job is not writable"]),
+    ({"WORLD_SIZE": "two"}, [], ["WORLD_SIZE='two' is not a process count", "unset it"]),
+])
+def test_environment_and_output_paths_are_checked_before_any_work(env, option, fragments, tmp_path,
+                                                                  data_dir):
+    """One line, exit 2, and nothing left behind: not even the checkpoint folder."""
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--checkpoint-uri",
+                     str(tmp_path / "c"), "--limit-train", "64", "--epochs", "1",
+                     *(arg.format(tmp=tmp_path) for arg in option), env=env)
+    assert_one_line_error(result, *(fragment.format(tmp=tmp_path) for fragment in fragments))
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_piped_checkpoint_list_keeps_whole_names_and_the_latest_marker(tmp_path):
     from job.checkpoint import CheckpointManager
 

@@ -1,6 +1,8 @@
 import dataclasses
 import gzip
+import hashlib
 import io
+import json
 import os
 import pickle
 import shutil
@@ -339,6 +341,129 @@ def test_parsed_cache_repairs_a_truncated_file(data_dir, tmp_path, monkeypatch, 
     assert len(parses) == 1
     _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
     assert len(parses) == 1  # repaired: mapped again
+
+
+def _cached(cache: Path, name: str) -> Path:
+    (path,) = (cache / "parsed").glob(f"mnist-*/{name}.npy")
+    return path
+
+
+def _rewrite_in_place(path: Path, change) -> None:
+    """Change a cached array's values, same shape and size, as a disk fault or a hand would."""
+    array = np.load(path)
+    change(array)
+    with open(path, "r+b") as handle:  # same inode, same size: only the bytes differ
+        np.save(handle, array)
+
+
+def test_parsed_cache_with_changed_image_bytes_is_parsed_again(data_dir, tmp_path, monkeypatch,
+                                                               mnist, capsys):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    load_splits(preset("mnist"), paths, cache)
+    for name in ("train_images", "test_images"):
+        size = _cached(cache, name).stat().st_size
+        _rewrite_in_place(_cached(cache, name), lambda a: a.__setitem__(slice(0, 500), 255 - a[:500]))
+        assert _cached(cache, name).stat().st_size == size
+    capsys.readouterr()
+    parses = _count_parses(monkeypatch)
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert len(parses) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "train_images.npy does not match its checksum" in line and "parsing the archives again" in line
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert len(parses) == 1  # repaired: mapped again, without a word
+    assert not capsys.readouterr().out
+
+
+def test_parsed_cache_with_other_labels_is_parsed_again(data_dir, tmp_path, monkeypatch, mnist, capsys):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    load_splits(preset("mnist"), paths, cache)
+    _rewrite_in_place(_cached(cache, "train_labels"),
+                      lambda a: a.__setitem__(slice(0, 667), (a[:667] + 1) % 10))  # still 0..9
+    parses = _count_parses(monkeypatch)
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert len(parses) == 1 and "train_labels.npy does not match its checksum" in capsys.readouterr().out
+
+
+def test_parsed_cache_label_out_of_range_is_caught_even_with_a_matching_checksum(
+        data_dir, tmp_path, monkeypatch, mnist, capsys):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    load_splits(preset("mnist"), paths, cache)
+    labels = _cached(cache, "test_labels")
+    _rewrite_in_place(labels, lambda a: a.__setitem__(7, 32515))
+    manifest_path = labels.parent / job.data.MANIFEST  # a hand that also "fixed" the manifest
+    manifest = json.loads(manifest_path.read_text())
+    manifest["arrays"]["test_labels"][2] = job.data.array_digest(np.load(labels))
+    manifest_path.write_text(json.dumps(manifest))
+    capsys.readouterr()
+    parses = _count_parses(monkeypatch)
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert len(parses) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    assert "test_labels.npy holds labels outside 0..9 (from 0 to 32515)" in line
+
+
+def test_parsed_cache_without_xxhash_proves_its_arrays_with_blake2b(data_dir, tmp_path, monkeypatch,
+                                                                   mnist, capsys):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    load_splits(preset("mnist"), paths, cache)  # written with xxh3
+    monkeypatch.setattr(job.data, "ARRAY_DIGEST", "blake2b_128")  # a python3 without xxhash
+    parses = _count_parses(monkeypatch)
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert len(parses) == 1 and not capsys.readouterr().out  # another hash: parsed again, quietly
+    _rewrite_in_place(_cached(cache, "test_images"), lambda a: a.__setitem__(0, 255 - a[0]))
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert len(parses) == 2 and "test_images.npy does not match its checksum" in capsys.readouterr().out
+
+
+def test_archive_label_out_of_range_is_one_clear_error(data_dir, tmp_path):
+    paths = _mnist_copy(data_dir, tmp_path)
+    labels = paths["train-labels-idx1-ubyte.gz"]
+    content = bytearray(gzip.decompress(labels.read_bytes()))
+    content[8 + 123] = 200  # the 124th training label
+    labels.write_bytes(gzip.compress(bytes(content), mtime=0))
+    for cache in (None, tmp_path / "cache"):
+        with pytest.raises(JobError, match=r"train-labels-idx1-ubyte.gz: labels outside 0..9 "
+                                           r"\(from 0 to 200\); not MNIST labels"):
+            load_splits(preset("mnist"), paths, cache)
+
+
+def test_archive_of_zero_images_is_one_clear_error(data_dir, tmp_path):
+    paths = _mnist_copy(data_dir, tmp_path)
+    # valid IDX headers that promise 0 images (of 28×28) and 0 labels
+    header = b"\0\0\x08\x03" + bytes(4) + b"\0\0\0\x1c" * 2
+    paths["t10k-images-idx3-ubyte.gz"].write_bytes(gzip.compress(header))
+    paths["t10k-labels-idx1-ubyte.gz"].write_bytes(gzip.compress(b"\0\0\x08\x01" + bytes(4)))
+    with pytest.raises(JobError, match=r"t10k-images-idx3-ubyte.gz holds no images"):
+        load_splits(preset("mnist"), paths)
+
+
+def test_sha256_memo_sees_a_same_size_rewrite_with_its_mtime_put_back(data_dir, tmp_path):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    archive = paths["t10k-labels-idx1-ubyte.gz"]
+    content = bytearray(gzip.decompress(archive.read_bytes()))
+    # gzip's stored (level 0) blocks: the file's size is its contents' size plus a fixed frame
+    archive.write_bytes(gzip.compress(bytes(content), compresslevel=0, mtime=0))
+    first = load_splits(preset("mnist"), paths, cache)
+    before = archive.stat()
+    # The file system's clock moves in ticks: wait (on the clock, not a sleep) until a change now
+    # would get another ctime than the archive's, as any rewrite a person makes does.
+    probe = tmp_path / "probe"
+    while probe.touch() or probe.stat().st_ctime_ns <= before.st_ctime_ns:
+        probe.unlink()
+    assert content[8] != content[9]
+    content[8], content[9] = content[9], content[8]  # two test labels swap: same size
+    other = gzip.compress(bytes(content), compresslevel=0, mtime=0)
+    assert len(other) == before.st_size
+    with open(archive, "r+b") as handle:  # in place: the inode stays
+        handle.write(other)
+    os.utime(archive, ns=(before.st_atime_ns, before.st_mtime_ns))  # touch -r
+    after = archive.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size,
+                                                               before.st_mtime_ns)
+    changed = load_splits(preset("mnist"), paths, cache)
+    assert changed.sha256[archive.name] == hashlib.sha256(other).hexdigest() != first.sha256[archive.name]
+    assert changed.test_labels[0] == first.test_labels[1]
 
 
 def test_sha256_is_remembered_by_path_size_and_mtime(data_dir, tmp_path, monkeypatch):

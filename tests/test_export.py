@@ -4,8 +4,10 @@ metadata each carries, S3 in and out, and outputs that land whole or not at all.
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -166,3 +168,62 @@ def test_bad_exports_are_one_line_and_leave_nothing(mnist_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "old.onnx", "readonly"]
     result = run_cli("export", str(mnist_run.folder), "--format", "torchscript", "--output", "m.pt")
     assert_one_line_error(result, "--format torchscript is not one of", "use --format torch-export")
+
+
+# The export, started from python with an import hook that holds the first import of a
+# torch._dynamo submodule (torch._dynamo itself half initialised) until the test says go. It
+# holds inside an object's finalizer: Python ignores an exception raised there, as it does for a
+# signal handler's exception that lands in any finalizer while torch imports, which is how a
+# SIGTERM used to leave torch._dynamo half imported and the export failing with torch's error.
+HELD_EXPORT = """
+import sys, time
+from pathlib import Path
+held, go = Path(sys.argv[1]), Path(sys.argv[2])
+
+class Waiter:
+    def __del__(self):
+        while not go.exists():
+            time.sleep(0.01)
+
+class HoldDynamo:
+    def find_spec(self, name, path=None, target=None):
+        if name.startswith("torch._dynamo.") and not held.exists():
+            held.touch()
+            Waiter()  # collected at once: __del__ waits for the test's go
+        return None
+
+sys.meta_path.insert(0, HoldDynamo())
+sys.argv = ["cnn-job", *sys.argv[3:]]
+from job.cli import main
+main()
+"""
+
+
+def test_sigterm_while_torch_dynamo_is_imported_stops_the_export_with_75(mnist_run, tmp_path):
+    held, go, output = tmp_path / "held", tmp_path / "go", tmp_path / "m.onnx"
+    command = [sys.executable, "-c", HELD_EXPORT, str(held), str(go), "export", str(mnist_run.folder),
+               "--format", "onnx", "--output", str(output)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        while not held.exists():  # a state, not a sleep: the import of torch._dynamo has begun
+            assert process.poll() is None, process.communicate()
+            time.sleep(0.01)  # (a polling interval: the wait is on the file)
+        process.send_signal(signal.SIGTERM)
+        # The handler runs in the main thread, which is in the finalizer's loop: it has run once
+        # the process shows no pending SIGTERM (SigPnd/ShdPnd clear of bit 15).
+        while _pending_signals(process.pid) & (1 << (signal.SIGTERM - 1)):
+            time.sleep(0.001)
+        go.touch()
+        stdout, stderr = process.communicate(timeout=300)
+    finally:
+        process.kill()
+    assert process.returncode == 75, stderr
+    assert stderr == ("error: stopped by SIGTERM before it finished, leaving nothing half-written: run "
+                      "the same command again (exit status 75)\n") and stdout == ""
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["go", "held"]  # no output, no temp
+
+
+def _pending_signals(pid: int) -> int:
+    fields = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
+    return int(fields["SigPnd"], 16) | int(fields["ShdPnd"], 16)

@@ -2,6 +2,7 @@
 accuracy training reported, exactly; the same classes from images as from the archives; S3 in
 and out; torchrun; and every bad input as one line with exit status 2."""
 
+import gzip
 import hashlib
 import json
 import os
@@ -245,6 +246,58 @@ def test_unwritable_report_is_refused_before_evaluating(mnist_run, tmp_path):
     (tmp_path / "file").write_text("x")
     result = run_cli("evaluate", str(mnist_run.folder), "--json", str(tmp_path / "file" / "r.json"),
                      "--data-uri", "/nonexistent")
-    assert_one_line_error(result, "output folder", "is not writable", "--json")
+    assert_one_line_error(result, "--json", f"there is no folder {tmp_path / 'file'}")
+    # the one rule for every output file: its folder must exist (as --summary-json's must)
+    result = runner.invoke(app, ["evaluate", str(mnist_run.folder), "--json",
+                                 str(tmp_path / "new" / "r.json"), "--data-uri", "/nonexistent"])
+    assert result.exit_code == 2 and not (tmp_path / "new").exists()
+    assert result.stderr == (f"error: --json {tmp_path / 'new' / 'r.json'}: there is no folder "
+                             f"{tmp_path / 'new'}; create it first, or name a file in a folder that exists\n")
     result = run_cli("evaluate", str(mnist_run.folder), "--json", str(tmp_path))
-    assert_one_line_error(result, "is a folder")
+    assert_one_line_error(result, "is not a regular file")
+
+
+def test_test_data_errors_name_the_users_file_and_give_advice_that_applies(mnist_run, mnist, tmp_path):
+    images, labels = write_mnist_idx(mnist.test_images[:10], mnist.test_labels[:10], tmp_path)
+    bad_magic = tmp_path / "badmagic-images.gz"
+    bad_magic.write_bytes(gzip.compress(b"\x00\x00\x09\x03" + bytes(100)))
+    truncated = tmp_path / "cut-images.gz"
+    truncated.write_bytes(images.read_bytes()[:200])
+    for bad, reason in ((bad_magic, "no IDX header"), (truncated, "corrupt or truncated")):
+        result = runner.invoke(app, ["evaluate", str(mnist_run.folder), "--test-data", str(bad),
+                                     "--test-data", str(labels)])
+        assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert result.stderr.startswith(f"error: --test-data {bad} is corrupt or truncated (")
+        assert reason in result.stderr and "check that file" in result.stderr
+        assert "cnn-job-test-data" not in result.stderr and "fetch" not in result.stderr
+
+
+def test_test_data_with_zero_images_is_one_line(mnist_run, mnist, tmp_path):
+    files = write_mnist_idx(mnist.test_images[:0], mnist.test_labels[:0], tmp_path)
+    result = run_cli("evaluate", str(mnist_run.folder), *[a for f in files for a in ("--test-data", str(f))])
+    assert_one_line_error(result, f"--test-data {files[0]} {files[1]} holds no images")
+    assert result.stdout == ""
+
+
+def test_test_data_label_out_of_range_is_one_line(mnist_run, mnist, tmp_path):
+    labels = mnist.test_labels[:10].clone()
+    labels[3] = 12
+    files = write_mnist_idx(mnist.test_images[:10], labels, tmp_path)
+    result = runner.invoke(app, ["evaluate", str(mnist_run.folder), "--test-data", str(files[0]),
+                                 "--test-data", str(files[1])])
+    assert result.exit_code == 2
+    assert result.stderr.endswith("labels outside 0..9 (from 1 to 12)\n") and result.stderr.count("\n") == 1
+
+
+def test_evaluation_of_an_empty_split_is_a_job_error_not_a_division_by_zero():
+    from job.data import DeviceBatches
+    from job.distributed import Dist
+    from job.evaluation import evaluate
+    from job.models import build_model
+
+    cpu = torch.device("cpu")
+    empty = DeviceBatches(torch.zeros(0, 28, 28, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
+                          preset("mnist"), cpu, 100, shuffle=False)
+    with pytest.raises(JobError, match="the test split holds no images"):
+        evaluate(build_model("mnist"), empty, Dist(0, 0, 1, cpu),
+                 lambda: torch.autocast("cpu", enabled=False), 10)

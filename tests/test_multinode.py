@@ -5,6 +5,7 @@ bounded time with the status the manifests act on, and the run continues from it
 Every wait is on a state (a file, an object, a relay holding a write), bounded."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -13,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CNN_JOB, Relay
+from tests.conftest import CNN_JOB, Relay, run_cli
+from tests.test_cli import assert_one_line_error
 from tests.test_preemption import assert_same_weights, read_checkpoint
 
 WAIT_S = 120
@@ -239,3 +241,55 @@ def test_elastic_scale_down_continues_on_the_survivor_at_the_same_position(data_
     assert "batch 64 × 1 processes (the run had 64 × 2): continuing epoch 1 at image" in out
     final = read_checkpoint(None, folder)
     assert final["epoch"] == 1 and final["world_size"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# `cnn-job launch` on one node, as `torchrun --nproc-per-node N` is used
+
+
+@pytest.mark.parametrize("rendezvous", [(), ("--standalone",)])
+def test_one_node_launch_needs_no_rendezvous_and_prints_no_torch_log_lines(data_dir, tmp_path, rendezvous,
+                                                                           monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # torchrun's banner would be about it
+    monkeypatch.delenv("LOGLEVEL", raising=False)
+    result = run_cli("launch", *rendezvous, "--nproc-per-node", "2", "train", "mnist", "--data-uri",
+                     str(data_dir), "--checkpoint-uri", str(tmp_path / "ckpt"), "--device", "cpu",
+                     "--epochs", "1", "--limit-train", "256", "--cache-dir", str(tmp_path / "cache"),
+                     timeout=WAIT_S)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert "training mnist on 2 × cpu: 256 images/epoch" in output
+    assert not re.search(r"^[WE]\d{4} ", output, re.MULTILINE) and "OMP_NUM_THREADS" not in output
+    assert "val_acc" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("launcher_args, fragment", [
+    (["--nproc-per-node", "0"], "bad launcher option: --nproc-per-node 0: at least 1 worker"),
+    (["--bogus-flag"], "bad launcher option: unrecognized arguments: --bogus-flag"),
+    (["--nnodes", "0"], "bad launcher option: min_nodes must be > 0"),
+    (["--nproc-per-node", "many"], "bad launcher option: Unsupported nproc_per_node value: many"),
+])
+def test_bad_launcher_options_are_one_line(launcher_args, fragment, tmp_path):
+    result = run_cli("launch", *launcher_args, "train", "mnist", "--checkpoint-uri", str(tmp_path / "c"))
+    assert_one_line_error(result, fragment, "cnn-job launch [TORCHRUN OPTIONS] train DATASET")
+    assert result.stdout == "" and not (tmp_path / "c").exists()
+
+
+def test_launch_checks_the_train_command_once_before_starting_workers(tmp_path):
+    result = run_cli("launch", "--nproc-per-node", "2", "train", "--checkpoint-uri", str(tmp_path / "c"))
+    assert_one_line_error(result, "Missing argument", "cnn-job train --help")
+    result = run_cli("launch", "--nproc-per-node", "2", "train", "mnist", "--epochs", "0",
+                     "--checkpoint-uri", str(tmp_path / "c"))
+    assert_one_line_error(result, "--epochs must be at least 1")
+    assert not (tmp_path / "c").exists()
+
+
+def test_torch_log_lines_come_back_with_torchruns_loglevel(data_dir, tmp_path, monkeypatch):
+    """Asked for with LOGLEVEL: the OMP_NUM_THREADS banner and the agent's line per failed worker."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    result = run_cli("launch", "--nproc-per-node", "2", "train", "mnist", "--data-uri", str(data_dir),
+                     "--checkpoint-uri", str(tmp_path / "ckpt"), "--device", "cpu", "--limit-train", "1",
+                     "--cache-dir", str(tmp_path / "cache"), env={"LOGLEVEL": "WARNING"}, timeout=WAIT_S)
+    assert result.returncode == 2
+    assert "Setting OMP_NUM_THREADS environment variable" in result.stderr
+    assert re.search(r"^E\d{4} .*failed \(exitcode: 2\)", result.stderr, re.MULTILINE), result.stderr
