@@ -18,7 +18,8 @@ What it runs, each a real `python -m job ...` process (as a user would run it):
      there) and eager (--compile off), on a warm dataset cache (a first 1-epoch run parses
      the archives and is timed as the cold start): wall seconds from process start to the
      final checkpoint, seconds to the first step, train seconds, images/s, accuracy, peak GPU
-     memory;
+     memory; `fast` graphed again with seed 1, and each full `fast` run's accuracy without
+     TTA (`evaluate --no-tta` of its checkpoint);
   2. a checkpoint written on the GPU, resumed on the CPU, and resumed on the GPU again;
   3. SIGTERM on the GPU: exit status 75 with a checkpoint written;
   4. a single-rank NCCL process group under torchrun, joined by the job's own call, with an
@@ -139,18 +140,22 @@ def train_args(dataset: str, data: Path, folder: Path, device: str, small: bool,
 
 
 def check_training(dataset: str, data: Path, work: Path, device: str, small: bool,
-                   compile_mode: str | None = None, net: str = "seed") -> dict:
+                   compile_mode: str | None = None, net: str = "seed", seed: int = 0) -> dict:
     """One run, timed: `compile_mode` None is the cold start (1 epoch on 640 images, parsing
     the archives into the cache), else a whole run at --compile compile_mode. `net` fast: its
-    whole default run (10 epochs, TTA); small, in batches of 128 without TTA."""
-    name = f"{dataset}-{net}-{compile_mode or 'cold'}"
+    whole default run (10 epochs, TTA), then `evaluate --no-tta` of its checkpoint (issue 17
+    asks for both accuracies); small, in batches of 128 without TTA."""
+    name = f"{dataset}-{net}-{compile_mode or 'cold'}-{seed}"
     folder, summary = work / f"{name}-ckpt", work / f"{name}.json"
     extra = ["--compile", compile_mode] if compile_mode else []  # cold: train_args' small run
+    extra += ["--seed", str(seed)] if seed else []
     if net != "seed":
         extra += ["--net", net, *(["--batch-size", "128", "--no-tta"] if small else [])]
         dataset_label = f"{dataset} --net {net}"
     else:
         dataset_label = dataset
+    if seed:
+        dataset_label += f" --seed {seed}"
     code, output, wall_s = job(*train_args(dataset, data, folder, device,
                                            small or compile_mode is None, *extra,
                                            "--summary-json", str(summary)))
@@ -159,12 +164,22 @@ def check_training(dataset: str, data: Path, work: Path, device: str, small: boo
     if code != 0:
         return {**row, "detail": output[-800:]}
     result = json.loads(summary.read_text())
+    if net != "seed" and not small:
+        row["val_acc_no_tta"] = no_tta_accuracy(folder, data, work, device)
     return {**row, "first_step_s": round(result["seconds_to_first_step"], 2),
             "train_s": round(result["train_seconds"], 2),
             "images_per_s": round(result["train_images_per_second"] or 0),
             "val_acc": result["final_val_acc"], "precision": result["precision"],
             "compile": result["compile"], "epochs": result["epochs"],
             "peak_gpu_gib": result.get("gpu/max_memory_allocated_gib"), "device": result["device"]}
+
+
+def no_tta_accuracy(folder: Path, data: Path, work: Path, device: str) -> float | None:
+    """The test accuracy of a run's final checkpoint without test-time augmentation."""
+    report = work / f"{folder.name}-no-tta.json"
+    code, _, _ = job("evaluate", str(folder), "--data-uri", str(data), "--device", device,
+                          "--cache-dir", str(work / "cache"), "--no-tta", "--json", str(report))
+    return json.loads(report.read_text())["accuracy"] if code == 0 else None
 
 
 def check_device_round_trip(data: Path, work: Path, device: str) -> dict:
@@ -407,6 +422,11 @@ def main() -> int:
                           args.device, args.dry_run, mode, "fast")
             row["data"] = report["cifar10_data"]
             record(row)
+        if args.device == "cuda":  # issue 17's figure is the mean of 2 seeds
+            row = guarded("train cifar10 --net fast --seed 1", check_training, "cifar10", data,
+                          work, args.device, args.dry_run, "cuda-graph", "fast", 1)
+            row["data"] = report["cifar10_data"]
+            record(row)
         record(guarded("checkpoint round trip", check_device_round_trip, data, work, args.device))
         record(guarded(f"SIGTERM on {args.device}", check_sigterm, data, work, args.device))
         record(guarded("process group", check_process_group, "nccl" if args.device == "cuda" else "gloo"))
@@ -440,7 +460,7 @@ def render_table(report: dict) -> str:
     """The report as a Markdown table (for the README as it is), then the CUDA graph's speed-up
     and the targets, one line each."""
     columns = ("step", "ok", "wall_s", "first_step_s", "train_s", "images_per_s", "val_acc",
-               "peak_gpu_gib")
+               "val_acc_no_tta", "peak_gpu_gib")
     lines = [f"gpu-check on {report['device']} (torch {report['torch']}, CUDA {report.get('cuda')}, "
              f"Python {report['python']}); CIFAR-10 data: {report['cifar10_data']}", "",
              "| " + " | ".join(c.replace("_", " ") for c in columns) + " |",
@@ -449,7 +469,7 @@ def render_table(report: dict) -> str:
         cells = []
         for column in columns:
             value = row.get(column)
-            if column == "val_acc" and value is not None:
+            if column in ("val_acc", "val_acc_no_tta") and value is not None:
                 value = f"{value:.2%}"
             elif column == "peak_gpu_gib" and value is not None:
                 value = f"{value:.2f}"
@@ -463,6 +483,14 @@ def render_table(report: dict) -> str:
             lines.append(f"{dataset}: CUDA graph {graphed['images_per_s']:,} against eager "
                          f"{eager['images_per_s']:,} images/s "
                          f"({graphed['images_per_s'] / eager['images_per_s']:.2f}x)")
+    fast = [rows.get(f"train cifar10 --net fast{seed}, cuda-graph") for seed in ("", " --seed 1")]
+    if all(row and row.get("val_acc") is not None for row in fast):
+        with_tta = [row["val_acc"] for row in fast]
+        without = [row.get("val_acc_no_tta") for row in fast]
+        lines.append(f"cifar10 --net fast, seeds 0 and 1: {sum(with_tta) / 2:.2%} with TTA "
+                     f"({' and '.join(f'{a:.2%}' for a in with_tta)})"
+                     + (f", {sum(without) / 2:.2%} without ({' and '.join(f'{a:.2%}' for a in without)})"
+                        if None not in without else ""))
     for target in report.get("targets", []):
         split = (f" (start-up {target['start_s']} s + training {target['train_s']} s + the rest "
                  f"{target['rest_s']} s)" if "rest_s" in target else "")
