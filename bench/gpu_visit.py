@@ -249,7 +249,7 @@ def probe() -> str:
     return "\n".join(lines)
 
 
-def run(visit: Path, out: Path) -> int:
+def run(visit: Path, out: Path, training_only: bool = False) -> int:
     """Assemble the data, then gpu_check.py on the GPU; its report, table, log, profiler tables
     and the box's description land in `out` (the call's $OUT, which comes back)."""
     plan, problems = arrived(visit)
@@ -261,7 +261,7 @@ def run(visit: Path, out: Path) -> int:
     data, kind = assemble(visit, plan)
     command = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--data", str(data),
                "--out", str(out / "results-cuda.json"), "--table", str(out / "table.md"),
-               "--profile", str(out / "profile.txt")]
+               "--profile", str(out / "profile.txt"), *(["--training-only"] if training_only else [])]
     with open(out / "gpu-check.log", "w") as log:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -288,6 +288,8 @@ def main() -> int:
     arriving.add_argument("--probe", action="store_true", help="also say what the box is")
     running = sub.add_parser("run", help="there: assemble the data and run gpu_check.py")
     running.add_argument("--out", type=Path, required=True)
+    running.add_argument("--training-only", action="store_true",
+                         help="gpu_check.py's training runs alone (a rerun after a change)")
     args = parser.parse_args()
     if args.verb == "pack":
         plan = pack(args.data, VISIT)
@@ -305,7 +307,7 @@ def main() -> int:
                        if (VISIT / p["name"]).is_file()})
         print(f"calls arrived: {here}; " + ("; ".join(problems) if problems else "all here"))
         return 0
-    return run(VISIT, args.out)
+    return run(VISIT, args.out, args.training_only)
 
 
 if __name__ == "__main__":

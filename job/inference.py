@@ -175,7 +175,7 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
         if precision not in ("auto", "fp32", "bf16"):
             raise JobError("--precision must be auto, fp32 or bf16")
         if d.device.type == "cuda":  # as training runs its evaluation
-            torch.backends.cudnn.benchmark = True
+            torch.backends.cudnn.benchmark = False
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         batches = DeviceBatches(split.images, split.labels, p, d.device, batch_size, shuffle=False,
                                 rank=d.rank, world_size=d.world_size)

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from job.errors import JobError
 from job.optim import SGD, Adam
 
-# Full batches run eagerly before the capture: cudnn picks its kernels (cudnn.benchmark) and
-# Adam allocates its state outside the graph. They are real steps of the run, not extra ones.
+# Full batches run eagerly before the capture: the libraries load their kernels and create their
+# handles, and the optimizer allocates its state, outside the graph. They are real steps of the
+# run, not extra ones.
 WARMUP_STEPS = 3
 
 

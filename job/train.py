@@ -158,7 +158,10 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
     p = preset(cfg.dataset)
     torch.manual_seed(cfg.seed)
     if d.device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+        # cuDNN's heuristics, not its search: on an H200, trying each convolution's algorithms
+        # (cudnn.benchmark) cost 1-4 s of a 3-7 s run, more than its kernels ever won back
+        # (bench/gpu_variants.py: --net fast trained in 2.65-2.91 s without it, 3.9-7.27 s with).
+        torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model = build_model(cfg.dataset, cfg.net).to(d.device, memory_format=torch.channels_last)
     # fused: one kernel for all parameters, on CUDA and CPU alike (+5-15% images/s on CPU here)

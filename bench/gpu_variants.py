@@ -1,0 +1,120 @@
+"""Variants of the job's source, timed side by side on a GPU: which change buys training seconds.
+
+Each variant is a copy of the checkout with text replaced in its files (no knob is added to the
+job for an experiment); each runs `cnn-job train` as a user would, on one warm dataset cache,
+and reports its summary's train seconds, seconds to the first step and wall seconds. CIFAR-10
+is the folder given (--data), or a synthetic 50,000-image set (speed only: its accuracy means
+nothing). Run from the checkout, on the GPU box:
+
+    PYTHONPATH=. python3 bench/gpu_variants.py --out "$OUT"
+
+The table prints last, and goes to OUT/variants.md with the runs' JSON in OUT/variants.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from gpu_check import CIFAR, write_synthetic_cifar  # noqa: E402
+
+# name -> [(file, old text, new text)]; "base" is the checkout as it is.
+VARIANTS: dict[str, list[tuple[str, str, str]]] = {
+    "base": [],
+    "cudnn search": [("job/train.py", "torch.backends.cudnn.benchmark = False",
+                      "torch.backends.cudnn.benchmark = True")],
+    "cudnn search, 1 algorithm": [("job/train.py", "torch.backends.cudnn.benchmark = False",
+                                   "torch.backends.cudnn.benchmark = True; "
+                                   "torch.backends.cudnn.benchmark_limit = 1")],
+}
+# What each found, on an H200 (2026-11-26, synthetic CIFAR-10, train seconds of 2 fast runs / 1
+# seed run, base then with cudnn.benchmark = True): fast 2.91, 2.65 against 7.27, 3.9; seed 2.36
+# against 5.52; with benchmark_limit 1, fast 6.13, 3.55 and seed 4.71. So the job runs without it.
+RUNS = [("cifar10", "fast"), ("cifar10", "fast"), ("cifar10", "seed")]
+
+
+def variant_tree(name: str, edits: list[tuple[str, str, str]], root: Path) -> Path:
+    tree = root / name.replace(" ", "-").replace(",", "")
+    shutil.copytree(REPO / "job", tree / "job")
+    for file, old, new in edits:
+        text = (tree / file).read_text()
+        if old not in text:
+            sys.exit(f"error: variant {name!r}: {old!r} is not in {file}")
+        (tree / file).write_text(text.replace(old, new))
+    return tree
+
+
+def train(tree: Path, data: Path, cache: Path, folder: Path, net: str, dataset: str,
+          device: str, *extra: str) -> dict:
+    summary = folder.with_suffix(".json")
+    command = [sys.executable, "-m", "job", "train", dataset, "--net", net, "--data-uri", str(data),
+               "--cache-dir", str(cache), "--checkpoint-uri", str(folder), "--device", device,
+               "--wandb-mode", "disabled", "--summary-json", str(summary), *extra]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tree, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"})
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        return {"ok": False, "detail": (result.stdout + result.stderr)[-600:]}
+    s = json.loads(summary.read_text())
+    return {"ok": True, "wall_s": round(wall, 2), "first_step_s": round(s["seconds_to_first_step"], 2),
+            "train_s": round(s["train_seconds"], 2), "val_acc": s["final_val_acc"]}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", type=Path, default=None, help="a folder with cifar10/ (else synthetic)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="1 epoch of 2,048 images (a CPU check)")
+    args = parser.parse_args()
+    root = Path(tempfile.mkdtemp(prefix="variants-"))
+    data = args.data.resolve() if args.data else None
+    if data is None:
+        data = root / "data"
+        (data / "cifar10").mkdir(parents=True)
+        write_synthetic_cifar(data / CIFAR, train=50000, test=10000)
+    cache = root / "cache"
+    small = ["--epochs", "1", "--limit-train", "2048", "--no-tta"]
+    # the archive parsed into the cache, and the GPU's kernels loaded once, before any timing
+    warm = train(variant_tree("warm-up", [], root), data, cache, root / "warm", "fast", "cifar10",
+                 args.device, *small)
+    print(json.dumps({"warm-up": warm}), flush=True)
+    rows = []
+    for name in args.variants:
+        tree = variant_tree(name, VARIANTS[name], root)
+        for dataset, net in RUNS:
+            row = {"variant": name, "net": net,
+                   **train(tree, data, cache, root / f"ckpt-{len(rows)}", net, dataset,
+                           args.device, *(small if args.small else []))}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "variants.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["| variant | net | train s (each) | first step s | wall s |", "|---|---|---|---:|---:|"]
+    for name in args.variants:
+        for net in dict.fromkeys(n for _, n in RUNS):
+            mine = [r for r in rows if r["variant"] == name and r["net"] == net and r["ok"]]
+            if mine:
+                lines.append(f"| {name} | {net} | {', '.join(str(r['train_s']) for r in mine)} | "
+                             f"{statistics.median(r['first_step_s'] for r in mine)} | "
+                             f"{statistics.median(r['wall_s'] for r in mine)} |")
+    table = "\n".join(lines)
+    (args.out / "variants.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
