@@ -12,7 +12,7 @@ three times: the median wall time of the process, and of its seconds from proces
 first training step (`seconds_to_first_step` in its summary).
 --net fast (CIFAR-10, `--nets fast`): images/s of one training epoch without test-time
 augmentation (evaluation is not timed), and with accuracy, full default runs (10 epochs) for
-seeds 0 and 1: each one's final accuracy with test-time augmentation (what training reports),
+seeds 0 and 1 (--seeds): each one's final accuracy with test-time augmentation (what training reports),
 and its final checkpoint's without (`cnn-job evaluate --no-tta`), their means and spreads.
 Results print as markdown tables and are written to bench/results-<device>.json (the fields
 of the nets not run this time are kept).
@@ -106,7 +106,8 @@ def start_up(dataset: str, data_uri: str, device: str, workdir: Path, runs: int 
             "seconds_to_first_step": statistics.median(r["seconds_to_first_step"] for r in results)}
 
 
-def fast_net(data_uri: str, device: str, workdir: Path, limit: int | None, accuracy: bool) -> dict:
+def fast_net(data_uri: str, device: str, workdir: Path, limit: int | None, accuracy: bool,
+             seeds: tuple[int, ...] = (0, 1)) -> dict:
     """The fast net's figures (see the module's doc)."""
     limit_args = ["--limit-train", str(limit)] if limit else []
     speed = cnn_job("cifar10", data_uri, device, workdir, "--net", "fast", "--epochs", "1",
@@ -116,7 +117,7 @@ def fast_net(data_uri: str, device: str, workdir: Path, limit: int | None, accur
     if not accuracy:
         return result
     runs = []
-    for seed in (0, 1):
+    for seed in seeds:
         full = cnn_job("cifar10", data_uri, device, workdir, "--net", "fast", "--seed", str(seed))
         plain = subprocess.run(
             [sys.executable, "-m", "job", "evaluate", full["checkpoint"], "--data-uri", data_uri,
@@ -141,6 +142,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--limit-train", type=int, default=None, help="images per speed epoch")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the full-length runs")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
+                        help="--nets fast: the seeds of its full runs")
     parser.add_argument("--nets", nargs="+", default=["seed"], choices=["seed", "fast"],
                         help="seed: the seed nets on --datasets; fast: --net fast on CIFAR-10 "
                              "(2 full runs of ~1 hour each on a 2-core CPU)")
@@ -151,7 +154,7 @@ def main() -> None:
         workdir = Path(tmp)
         if "fast" in args.nets:
             fast = fast_net(args.data_uri, args.device, workdir, args.limit_train,
-                            not args.no_accuracy)
+                            not args.no_accuracy, tuple(args.seeds))
             print(json.dumps({"fast": fast}), flush=True)
         for dataset in args.datasets if "seed" in args.nets else ():
             limit = ["--limit-train", str(args.limit_train)] if args.limit_train else []
@@ -189,7 +192,8 @@ def main() -> None:
         print(f"| {r['dataset']} | {r['start_up']['seconds_to_first_step']:.2f} | "
               f"{r['start_up']['wall_seconds']:.2f} |")
     if fast:
-        print("\n| net | img/s (1 epoch) | val acc, TTA (mean of 2) | without TTA | spread (TTA) |")
+        print(f"\n| net | img/s (1 epoch) | val acc, TTA (mean of {len(args.seeds)}) | without TTA | "
+              "spread (TTA) |")
         print("|---|---:|---:|---:|---:|")
         shown = [f"{fast[key]:.2%}" if key in fast else "-"
                  for key in ("mean_val_acc_tta", "mean_val_acc_no_tta", "spread_val_acc_tta")]
