@@ -19,7 +19,17 @@ BETAS = (0.9, 0.999)
 EPS = 1e-8
 
 
-class Adam:
+class _Optimizer:
+    """What both optimizers share: the parameters they update, whose gradients they drop."""
+
+    params: list[torch.nn.Parameter]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+
+class Adam(_Optimizer):
     """Adam over one group of float32 parameters on one device, no weight decay or amsgrad."""
 
     def __init__(self, params: Iterable[torch.nn.Parameter], lr: float) -> None:
@@ -38,10 +48,6 @@ class Adam:
             self.lr.fill_(lr)
         else:
             self.lr = float(lr)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:
@@ -124,7 +130,7 @@ BN_BIAS_LR_SCALE = 64.0  # the BN biases' lr is this times the rest's (same deca
 WHITENING_BIAS_EPOCHS = 3  # the whitening conv's bias trains in these first epochs, then freezes
 
 
-class SGD:
+class SGD(_Optimizer):
     """torch.optim.SGD's update (momentum, Nesterov, weight decay, no dampening) over named groups
     of float32 parameters on one device, in its state_dict format, without torch.optim's import
     of torch._dynamo. Each group's rate is the run's rate times its `lr_scale`, kept in a tensor
@@ -154,10 +160,6 @@ class SGD:
         for group in self.groups:
             if group["name"] == name:
                 group["lr_scale"] = float(scale)
-
-    def zero_grad(self) -> None:
-        for p in self.params:
-            p.grad = None
 
     @torch.no_grad()
     def step(self) -> None:

@@ -237,7 +237,7 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
     with tracker, StopRequest() as stop:
         while run.epoch < cfg.epochs and not stop.decided(d):  # all ranks, after each epoch
             run.begin_epoch(d)
-            if job.lookahead:  # the fast net: its whitening bias trains in the first epochs only
+            if cfg.net == "fast":  # its whitening bias trains in the first epochs only
                 job.step.optimizer.set_lr_scale("whitening_bias", run.epoch < WHITENING_BIAS_EPOCHS)
             description = f"epoch {run.epoch + 1}/{cfg.epochs}"
             started, throughput = time.perf_counter(), Throughput()
