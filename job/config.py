@@ -112,28 +112,6 @@ NET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-class NetDefault:
-    """Marks a field's default as not given, so that --net replaces it with its own; the value
-    is the seed net's (what the field's default has always been)."""
-
-
-class _NetDefaultInt(int, NetDefault):
-    pass
-
-
-class _NetDefaultFloat(float, NetDefault):
-    pass
-
-
-class _NetDefaultStr(str, NetDefault):
-    pass
-
-
-def net_default(name: str) -> Any:
-    value = NET_DEFAULTS["seed"][name]
-    return {int: _NetDefaultInt, float: _NetDefaultFloat, str: _NetDefaultStr}[type(value)](value)
-
-
 def net_default_text(name: str) -> str:
     """The --help default of a per-net setting: both nets' values."""
     values = {net: NET_DEFAULTS[net][name] for net in NETS}
@@ -184,21 +162,18 @@ class TrainConfig:
     dataset: str = setting(help=f"Which dataset and seed net: {' or '.join(DATASETS)}.")
     net: str = setting("seed", "seed (the seed CNN, Adam) or fast (airbench94: ~94% on CIFAR-10 "
                        "in 10 epochs; CIFAR-10 only). Each brings its defaults below.")
-    # Each net's defaults (NET_DEFAULTS): the field's default is the seed's, marked as not given.
-    epochs: int = setting(net_default("epochs"), "Epochs to train in all (a resume counts done ones).",
-                          default_text=net_default_text("epochs"))
-    batch_size: int = setting(
-        net_default("batch_size"),
-        "Images per step per process; under DDP the global batch is this times the world size.",
+    # None: not given, so the net's (NET_DEFAULTS); an option given, even the seed's value, stays.
+    epochs: int | None = setting(None, "Epochs to train in all (a resume counts done ones).",
+                                 default_text=net_default_text("epochs"))
+    batch_size: int | None = setting(
+        None, "Images per step per process; under DDP the global batch is this times the world size.",
         default_text=net_default_text("batch_size"))
-    lr: float = setting(
-        net_default("lr"),
-        "The peak learning rate: Adam's (seed), or SGD's for the loss summed over the batch (fast).",
-        default_text=net_default_text("lr"))
-    lr_schedule: str = setting(
-        net_default("lr_schedule"),
-        "linear or cosine decay to 0 over the run, constant, or triangle (0.2 → 1 over 23% of the "
-        "run, then → 0.07).", default_text=net_default_text("lr_schedule"))
+    lr: float | None = setting(
+        None, "The peak learning rate: Adam's (seed), or SGD's for the loss summed over the batch "
+        "(fast).", default_text=net_default_text("lr"))
+    lr_schedule: str | None = setting(
+        None, "linear or cosine decay to 0 over the run, constant, or triangle (0.2 → 1 over 23% "
+        "of the run, then → 0.07).", default_text=net_default_text("lr_schedule"))
     seed: int = setting(0, "Seed for init, shuffling and augmentation.")
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
     precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
@@ -290,8 +265,8 @@ class TrainConfig:
             raise JobError(f"--net fast is the CIFAR-10 recipe (its first layer whitens 2×2 colour "
                            f"patches); train {self.dataset} with --net seed")
         for name, value in NET_DEFAULTS[self.net].items():
-            if getattr(self, name) is None or isinstance(getattr(self, name), NetDefault):
-                setattr(self, name, value)  # a plain value: not given, so the net's
+            if getattr(self, name) is None:  # not given: the net's
+                setattr(self, name, value)
 
     def to_dict(self) -> dict:
         """Plain values only, so a checkpoint holding it loads with weights_only=True; URIs

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from job.config import TrainConfig
+from job.config import NET_DEFAULTS, TrainConfig
 from job.errors import JobError
 from job.train import train
 from tests.conftest import CNN_JOB, SECRET, run_cli
@@ -95,7 +95,7 @@ def test_a_resume_that_changes_the_run_is_refused(tmp_path, data_dir, changed, v
         train(config(tmp_path, data_dir, epochs=2, **{changed: value}))
     message = str(refused.value)
     assert shown in message and "--resume never and another --checkpoint-uri" in message
-    original = TrainConfig.__dataclass_fields__[changed].default if changed != "limit_train" else 1000
+    original = {"seed": 0, "limit_train": 1000, "lr": NET_DEFAULTS["seed"]["lr"]}[changed]
     assert f"({'--' + changed.replace('_', '-')} {original})" in message
 
 
