@@ -154,6 +154,12 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_text:
                  metadata={"help": help, "default_text": default_text})
 
 
+def per_net(name: str, help: str) -> Any:
+    """A setting whose default depends on --net: None (not given) until TrainConfig takes the
+    net's from NET_DEFAULTS; --help shows both nets' values."""
+    return setting(None, help, default_text=net_default_text(name))
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a training run. Each field is one CLI option (`--epochs`, ...)
@@ -163,17 +169,16 @@ class TrainConfig:
     net: str = setting("seed", "seed (the seed CNN, Adam) or fast (airbench94: ~94% on CIFAR-10 "
                        "in 10 epochs; CIFAR-10 only). Each brings its defaults below.")
     # None: not given, so the net's (NET_DEFAULTS); an option given, even the seed's value, stays.
-    epochs: int | None = setting(None, "Epochs to train in all (a resume counts done ones).",
-                                 default_text=net_default_text("epochs"))
-    batch_size: int | None = setting(
-        None, "Images per step per process; under DDP the global batch is this times the world size.",
-        default_text=net_default_text("batch_size"))
-    lr: float | None = setting(
-        None, "The peak learning rate: Adam's (seed), or SGD's for the loss summed over the batch "
-        "(fast).", default_text=net_default_text("lr"))
-    lr_schedule: str | None = setting(
-        None, "linear or cosine decay to 0 over the run, constant, or triangle (0.2 → 1 over 23% "
-        "of the run, then → 0.07).", default_text=net_default_text("lr_schedule"))
+    epochs: int | None = per_net("epochs", "Epochs to train in all (a resume counts done ones).")
+    batch_size: int | None = per_net(
+        "batch_size", "Images per step per process; under DDP the global batch is this times the "
+        "world size.")
+    lr: float | None = per_net(
+        "lr", "The peak learning rate: Adam's (seed), or SGD's for the loss summed over the batch "
+        "(fast).")
+    lr_schedule: str | None = per_net(
+        "lr_schedule", "linear or cosine decay to 0 over the run, constant, or triangle (0.2 → 1 "
+        "over 23% of the run, then → 0.07).")
     seed: int = setting(0, "Seed for init, shuffling and augmentation.")
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
     precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
@@ -204,12 +209,12 @@ class TrainConfig:
         3, "Newest checkpoints to keep; older ones go once a newer one is safe.")
     limit_train: int | None = setting(
         None, "Train on the first N training images only (smoke tests).", default_text="all")
-    augment: bool | None = setting(
-        None, "CIFAR-10 only. seed: random crop (4 px zero padding) and flip; fast: random crop "
-        "(2 px reflected) and alternating flip.", default_text=net_default_text("augment"))
-    tta: bool | None = setting(
-        None, "Evaluate with test-time augmentation: 6 views (mirror, 1 px shifts), logits "
-        "weighted.", default_text=net_default_text("tta"))
+    augment: bool | None = per_net(
+        "augment", "CIFAR-10 only. seed: random crop (4 px zero padding) and flip; fast: random "
+        "crop (2 px reflected) and alternating flip.")
+    tta: bool | None = per_net(
+        "tta", "Evaluate with test-time augmentation: 6 views (mirror, 1 px shifts), logits "
+        "weighted.")
     eval_batch_size: int = setting(1000, "Images per evaluation step (does not change the results).")
     log_every_steps: int = setting(
         10, "Log train loss, lr and images/s to W&B (and the progress bar) every N steps.")
