@@ -27,21 +27,20 @@ from tests.trained_runs import write_cifar_batch
 TRAIN_IMAGES, TEST_IMAGES = 512, 100
 
 
-@pytest.fixture(scope="module")
-def small_cifar(cifar10, tmp_path_factory):
+def cifar_subset(cifar10, tmp_path_factory, train_images: int, test_images: int):
     """A folder laid out like ../shared/datasets holding a cifar-10-python.tar.gz of the first
-    512 training and 100 test images of the real one."""
+    `train_images` training and `test_images` test images of the real one."""
     root = tmp_path_factory.mktemp("small-cifar")
     (root / "cifar10").mkdir()
     work = tmp_path_factory.mktemp("batches")
-    per_batch = TRAIN_IMAGES // 5
+    per_batch = train_images // 5
     with tarfile.open(root / "cifar10" / "cifar-10-python.tar.gz", "w:gz") as tar:
         for index in range(5):
-            part = slice(index * per_batch, (index + 1) * per_batch + (TRAIN_IMAGES % 5) * (index == 4))
+            part = slice(index * per_batch, (index + 1) * per_batch + (train_images % 5) * (index == 4))
             path = write_cifar_batch(cifar10.train_images[part], cifar10.train_labels[part],
                                      work / f"data_batch_{index + 1}")
             tar.add(path, f"cifar-10-batches-py/data_batch_{index + 1}")
-        path = write_cifar_batch(cifar10.test_images[:TEST_IMAGES], cifar10.test_labels[:TEST_IMAGES],
+        path = write_cifar_batch(cifar10.test_images[:test_images], cifar10.test_labels[:test_images],
                                  work / "test_batch")
         tar.add(path, "cifar-10-batches-py/test_batch")
         meta = pickle.dumps({"label_names": list(preset("cifar10").class_names)})
@@ -49,6 +48,12 @@ def small_cifar(cifar10, tmp_path_factory):
         info.size = len(meta)
         tar.addfile(info, io.BytesIO(meta))
     return root
+
+
+@pytest.fixture(scope="module")
+def small_cifar(cifar10, tmp_path_factory):
+    """512 training and 100 test images: a whole run with TTA takes seconds on CPU."""
+    return cifar_subset(cifar10, tmp_path_factory, TRAIN_IMAGES, TEST_IMAGES)
 
 
 def fast_config(tmp_path, data, **overrides) -> TrainConfig:
@@ -360,3 +365,51 @@ def test_onnx_export_of_a_fast_run_carries_tta_and_matches_pytorch(tmp_path, sma
     plain = run_cli("evaluate", str(tmp_path / "ckpt"), "--data-uri", str(small_cifar),
                     "--cache-dir", str(tmp_path / "cache"), "--json", "-", "--no-tta")
     assert plain.returncode == 0 and json.loads(plain.stdout)["tta"] is False
+
+
+def test_a_fast_run_under_launch_stops_on_sigterm_and_resumes_in_one_process(tmp_path, cifar10,
+                                                                             tmp_path_factory):
+    """DDP: two workers under `cnn-job launch` (global batch 2 × 16), SIGTERM mid-epoch → 75 with
+    a checkpoint; one process at batch 64 continues at that image, and every image of the epoch
+    is trained once. The final weights are the lookahead's, the whitening filters unmoved. 2,048
+    images: 64 steps an epoch, so the stop (voted every 10 steps) lands well inside it."""
+    import os
+    import signal
+    import subprocess
+    from collections import Counter
+
+    from tests.conftest import CNN_JOB
+    from tests.test_resume import served, wait_for
+
+    images = 2048
+    data = cifar_subset(cifar10, tmp_path_factory, images, 100)
+    folder, record = tmp_path / "ckpt", tmp_path / "indices"
+    args = ["train", "cifar10", "--net", "fast", "--data-uri", str(data), "--checkpoint-uri",
+            str(folder), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu", "--epochs", "1",
+            "--no-tta", "--checkpoint-every-steps", "2", "--wandb-mode", "disabled"]
+    env = {**os.environ, "CNN_JOB_RECORD_INDICES": f"{record}-first"}
+    launcher = subprocess.Popen([str(CNN_JOB), "launch", "--nproc-per-node", "2", *args,
+                                 "--batch-size", "16"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for((folder / "latest").exists, process=launcher)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 75, err[-2000:]
+    stopped = read(folder / (folder / "latest").read_text().strip())
+    position = stopped["epoch_position"]
+    assert stopped["world_size"] == 2 and 0 < position < images and position % 32 == 0
+    assert "lookahead" in stopped
+
+    env["CNN_JOB_RECORD_INDICES"] = f"{record}-then"
+    resumed = subprocess.run([str(CNN_JOB), *args, "--batch-size", "64", "--summary-json",
+                              str(tmp_path / "s.json")],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"continuing epoch 1 at image {position} of its order" in resumed.stdout.replace("\n", " ")
+    before, after = served(tmp_path / "indices-first"), served(tmp_path / "indices-then")
+    assert len(before) == position
+    counts = Counter(before + after)  # no partial global batch to drop: 2,048 = 64 × 32 = 32 × 64
+    assert sorted(counts) == list(range(images)) and set(counts.values()) == {1}
+    end = read(json.loads((tmp_path / "s.json").read_text())["checkpoint"])
+    assert all(torch.equal(end["model"][name], end["lookahead"][name]) for name in end["lookahead"])
+    assert torch.equal(end["model"]["whiten.weight"], stopped["model"]["whiten.weight"])
