@@ -15,7 +15,7 @@ augmentation (evaluation is not timed), and with accuracy, full default runs (10
 seeds 0 and 1 (--seeds): each one's final accuracy with test-time augmentation (what training reports),
 and its final checkpoint's without (`cnn-job evaluate --no-tta`), their means and spreads.
 Results print as markdown tables and are written to bench/results-<device>.json (the fields
-of the nets not run this time are kept).
+of the nets not run this time are kept, and --no-accuracy keeps the accuracy runs recorded).
 """
 
 from __future__ import annotations
@@ -202,7 +202,8 @@ def main() -> None:
     results = json.loads(out.read_text()) if out.exists() else {}
     results.update({"device": device_name, "torch": torch.__version__})
     results.update({"rows": rows} if rows else {})
-    results.update({"fast": fast} if fast else {})
+    if fast:  # --no-accuracy keeps the accuracy runs recorded before
+        results["fast"] = {**results.get("fast", {}), **fast}
     out.write_text(json.dumps(results, indent=2) + "\n")
 
 
