@@ -108,8 +108,8 @@ def main() -> int:
             mine = [r for r in rows if r["variant"] == name and r["net"] == net and r["ok"]]
             if mine:
                 lines.append(f"| {name} | {net} | {', '.join(str(r['train_s']) for r in mine)} | "
-                             f"{statistics.median(r['first_step_s'] for r in mine)} | "
-                             f"{statistics.median(r['wall_s'] for r in mine)} |")
+                             f"{statistics.median(r['first_step_s'] for r in mine):.2f} | "
+                             f"{statistics.median(r['wall_s'] for r in mine):.2f} |")
     table = "\n".join(lines)
     (args.out / "variants.md").write_text(table + "\n")
     print(table)
