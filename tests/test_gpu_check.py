@@ -138,3 +138,14 @@ def test_the_last_call_assembles_the_data_and_brings_back_what_it_has_without_a_
     assert "torch" in (out / "box.txt").read_text()
     assert (visit / "data" / gpu_check.CIFAR).read_bytes() == (data / gpu_check.CIFAR).read_bytes()
     assert "the archive, byte for byte" in capsys.readouterr().out
+
+
+def test_every_variant_of_gpu_variants_still_applies_to_the_source(tmp_path):
+    """bench/gpu_variants.py edits copies of job/ by text: each edit must still find its text."""
+    import gpu_variants
+
+    for name, edits in gpu_variants.VARIANTS.items():
+        tree = gpu_variants.variant_tree(name, edits, tmp_path)
+        for file, _old, new in edits:
+            assert new in (tree / file).read_text(), (name, file)
+        assert tree.is_dir() and (tree / "job" / "train.py").is_file()
