@@ -137,6 +137,13 @@ class WandbTracker(NullTracker):
             if summary is not None:
                 self.run.summary.update(summary)
             self.run.finish(exit_code=0 if summary is not None else 1)
+            # finish() returns once W&B's service has the run's last records, not once they
+            # are in the run's files: its writer may still hold some, and a rank exits with
+            # os._exit (distributed.exit_process), skipping W&B's own atexit teardown. Shut
+            # the service down here, which waits for it to close every file.
+            import wandb
+
+            wandb.teardown(exit_code=0 if summary is not None else 1)
 
         self._guard(finish)
 
