@@ -328,15 +328,13 @@ def profile_steps(dataset: str, data: Path, cache: Path, device: str, graphed: b
     from job.data import DeviceBatches, FastBatches, fetch_archives, load_splits
     from job.models import build_model
     from job.optim import Adam
-    from job.step import WARMUP_STEPS, TrainStep
+    from job.step import WARMUP_STEPS, TrainStep, choose_cuda_kernels
     from job.train import set_up_fast
 
     p = preset(dataset)
     splits = load_splits(p, fetch_archives(p, str(data), cache), cache)
     target = torch.device(device)
-    if device == "cuda":  # as the job sets up
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    choose_cuda_kernels(target)  # as the job sets up
     torch.manual_seed(0)
     model = build_model(dataset, net).to(target, memory_format=torch.channels_last)
     autocast = functools.partial(torch.autocast, device, torch.bfloat16,
@@ -347,9 +345,7 @@ def profile_steps(dataset: str, data: Path, cache: Path, device: str, graphed: b
         batch_size = 128 if steps < 100 else batch_size  # a dry run's: seconds a step on a CPU
         batches = FastBatches(splits.train_images, splits.train_labels, p, target, batch_size,
                               shuffle=True, augment=True, seed=0)
-        settings = type("Settings", (), {"batch_size": batch_size, "lr": lr})
-        world = type("World", (), {"world_size": 1})
-        optimizer, lookahead, criterion = set_up_fast(settings, world, model, batches)
+        optimizer, lookahead, criterion = set_up_fast(model, batches, lr)
         step = TrainStep(model, optimizer, autocast, graphed=graphed, say=print,
                          batch_size=batch_size, criterion=criterion)
     else:

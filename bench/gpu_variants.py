@@ -31,9 +31,9 @@ from gpu_check import CIFAR, write_synthetic_cifar  # noqa: E402
 # name -> [(file, old text, new text)]; "base" is the checkout as it is.
 VARIANTS: dict[str, list[tuple[str, str, str]]] = {
     "base": [],
-    "cudnn search": [("job/train.py", "torch.backends.cudnn.benchmark = False",
+    "cudnn search": [("job/step.py", "torch.backends.cudnn.benchmark = False",
                       "torch.backends.cudnn.benchmark = True")],
-    "cudnn search, 1 algorithm": [("job/train.py", "torch.backends.cudnn.benchmark = False",
+    "cudnn search, 1 algorithm": [("job/step.py", "torch.backends.cudnn.benchmark = False",
                                    "torch.backends.cudnn.benchmark = True; "
                                    "torch.backends.cudnn.benchmark_limit = 1")],
 }

@@ -43,6 +43,7 @@ from job.errors import JobError, strip_userinfo
 from job.evaluation import evaluate, tta_logits
 from job.models import build_model
 from job.objects import read_object
+from job.step import choose_cuda_kernels
 from job.storage import local_path, uri_kind
 
 CHECKPOINT_HINT = "pass a checkpoint file, a checkpoint folder or an s3:// prefix or object"
@@ -174,9 +175,7 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
         precision = precision or saved.get("precision", "auto")
         if precision not in ("auto", "fp32", "bf16"):
             raise JobError("--precision must be auto, fp32 or bf16")
-        if d.device.type == "cuda":  # as training runs its evaluation
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        choose_cuda_kernels(d.device)  # as training runs its evaluation
         batches = DeviceBatches(split.images, split.labels, p, d.device, batch_size, shuffle=False,
                                 rank=d.rank, world_size=d.world_size)
         bf16 = uses_bf16(precision, d.device.type)

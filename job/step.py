@@ -24,6 +24,17 @@ from job.optim import SGD, Adam
 WARMUP_STEPS = 3
 
 
+def choose_cuda_kernels(device: torch.device) -> None:
+    """On CUDA, how the libraries pick kernels, for training and evaluation alike: TF32 for fp32
+    matmuls and convolutions, and cuDNN's heuristics rather than its search. On an H200, timing
+    each convolution's algorithms (cudnn.benchmark) cost 1-4 s of a 3-7 s run, more than its
+    kernels ever won back (bench/gpu_variants.py: --net fast trained in 2.65-2.91 s without
+    it, 3.9-7.27 s with)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
 def mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
     """The seed nets' loss: (what backward differentiates, the mean loss per image to report)."""
     loss = F.cross_entropy(logits, labels)

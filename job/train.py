@@ -24,7 +24,13 @@ from job.models import build_model, init_whitening
 from job.optim import WHITENING_BIAS_EPOCHS, Adam, Lookahead, fast_sgd
 from job.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from job.progress import EpochProgress, say
-from job.step import TrainStep, mean_cross_entropy, resolve_compile, summed_smoothed_cross_entropy
+from job.step import (
+    TrainStep,
+    choose_cuda_kernels,
+    mean_cross_entropy,
+    resolve_compile,
+    summed_smoothed_cross_entropy,
+)
 from job.storage import check_output_file
 from job.summary import build_summary, process_seconds, provenance, write_summary
 
@@ -157,12 +163,7 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
     splits = load_data(cfg, d)
     p = preset(cfg.dataset)
     torch.manual_seed(cfg.seed)
-    if d.device.type == "cuda":
-        # cuDNN's heuristics, not its search: on an H200, trying each convolution's algorithms
-        # (cudnn.benchmark) cost 1-4 s of a 3-7 s run, more than its kernels ever won back
-        # (bench/gpu_variants.py: --net fast trained in 2.65-2.91 s without it, 3.9-7.27 s with).
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    choose_cuda_kernels(d.device)
     model = build_model(cfg.dataset, cfg.net).to(d.device, memory_format=torch.channels_last)
     # fused: one kernel for all parameters, on CUDA and CPU alike (+5-15% images/s on CPU here)
     optimizer = Adam(model.parameters(), cfg.lr) if cfg.net == "seed" else None
@@ -172,7 +173,7 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
     )
     lookahead, criterion = None, mean_cross_entropy
     if cfg.net == "fast":
-        optimizer, lookahead, criterion = set_up_fast(cfg, d, model, train_batches)
+        optimizer, lookahead, criterion = set_up_fast(model, train_batches, cfg.lr)
     test_batches = DeviceBatches(
         splits.test_images, splits.test_labels, p, d.device, cfg.eval_batch_size,
         shuffle=False, rank=d.rank, world_size=d.world_size,
@@ -198,17 +199,18 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
     )
 
 
-def set_up_fast(cfg: TrainConfig, d: Dist, model: torch.nn.Module, train_batches: FastBatches):
+def set_up_fast(model: torch.nn.Module, train_batches: FastBatches, lr: float):
     """The fast net's whitening filters (from the first normalised training images, on the
-    device), its SGD, lookahead and loss."""
+    device), its SGD, lookahead and loss, for the batches' batch size and world size."""
+    batch_size, world_size = train_batches.batch_size, train_batches.world_size
     if not train_batches.remaining(0):
-        raise JobError(f"--batch-size {cfg.batch_size} × {d.world_size} processes is more than the "
+        raise JobError(f"--batch-size {batch_size} × {world_size} processes is more than the "
                        f"{len(train_batches.images)} training images: --net fast drops an epoch's "
                        "last partial batch, so no step would run; lower --batch-size")
     first = train_batches.images[:WHITENING_IMAGES].permute(0, 3, 1, 2).float()
     init_whitening(model, first * train_batches.scale + train_batches.shift)
-    optimizer = fast_sgd(model, cfg.lr, cfg.batch_size * d.world_size)
-    return optimizer, Lookahead(model), summed_smoothed_cross_entropy(d.world_size)
+    optimizer = fast_sgd(model, lr, batch_size * world_size)
+    return optimizer, Lookahead(model), summed_smoothed_cross_entropy(world_size)
 
 
 def start_tracker(cfg: TrainConfig, d: Dist, job: Setup, run_id: str | None):

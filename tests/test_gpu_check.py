@@ -49,6 +49,7 @@ def test_dry_run_on_cpu_runs_every_step(data_dir, tmp_path):
     # the profiler's tables of both nets' steps, each headed by its wall time per step
     tables = profile.read_text()
     assert "mnist, eager, batch 64, 10 steps" in tables and "cifar10, eager" in tables
+    assert "cifar10 --net fast, eager, batch 128, 10 steps" in tables and "failed" not in tables
     assert "aten::_fused_adam_" in tables
 
 
