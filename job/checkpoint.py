@@ -170,7 +170,8 @@ class RunState:
         self.epoch, self.epoch_step, self.epoch_loss = self.epoch + 1, 0, [0.0, 0.0]
         self.epoch_position = 0
         self.history.append({"epoch": self.epoch, "step": self.step, "train_loss": loss_sum / count,
-                             "val_loss": evaluation.loss, "val_acc": evaluation.accuracy})
+                             "val_loss": evaluation.loss, "val_acc": evaluation.accuracy,
+                             "tta": evaluation.tta})
 
 
 class Diverged(JobError):

@@ -214,7 +214,7 @@ CheckpointArgument = Annotated[str, typer.Argument(
 DeviceOption = Annotated[str, _option("device")]
 TtaOption = Annotated[bool | None, typer.Option(
     "--tta/--no-tta", help="Test-time augmentation (6 views, logits weighted).", envvar="CNN_JOB_TTA",
-    show_default="as the run evaluated: on for --net fast")]
+    show_default="as training evaluated these weights: on for --net fast's final ones")]
 
 
 def _note(message: str) -> None:
@@ -314,7 +314,8 @@ def export(
     s3_endpoint_url: EndpointOption = None,
     tta: Annotated[bool | None, typer.Option(
         "--tta/--no-tta", help="ONNX and torch-export: the program's logits are the test-time "
-        "augmented ones (its metadata says which).", show_default="as the run evaluated")] = None,
+        "augmented ones (its metadata says which).",
+        show_default="as training evaluated these weights")] = None,
 ) -> None:
     """Write the checkpoint's net as ONNX, a torch.export program or safetensors weights.
 

@@ -213,8 +213,8 @@ class TrainConfig:
         "augment", "CIFAR-10 only. seed: random crop (4 px zero padding) and flip; fast: random "
         "crop (2 px reflected) and alternating flip.")
     tta: bool | None = per_net(
-        "tta", "Evaluate with test-time augmentation: 6 views (mirror, 1 px shifts), logits "
-        "weighted.")
+        "tta", "Evaluate the final weights with test-time augmentation: 6 views (mirror, 1 px "
+        "shifts), logits weighted; the other epochs' evaluations see the net alone.")
     eval_batch_size: int = setting(1000, "Images per evaluation step (does not change the results).")
     log_every_steps: int = setting(
         10, "Log train loss, lr and images/s to W&B (and the progress bar) every N steps.")

@@ -25,6 +25,7 @@ class Evaluation:
     accuracy: float
     confusion: torch.Tensor  # classes × classes counts, rows = true label (all ranks)
     misclassified: list[tuple[torch.Tensor, int, int]]  # (H×W×C uint8 image, true, predicted)
+    tta: bool = False  # of the test-time augmented logits
 
     def per_class_accuracy(self) -> list[float]:
         totals = self.confusion.sum(dim=1).clamp(min=1)
@@ -93,4 +94,4 @@ def evaluate(model, batches: DeviceBatches, d: Dist, autocast, num_classes: int,
     if not count:  # every rank knows it (summed): they all stop, none waits in a collective
         raise JobError("the test split holds no images: there is nothing to evaluate")
     return Evaluation(loss_sum / count, confusion.diagonal().sum().item() / count, confusion,
-                      misclassified)
+                      misclassified, tta)

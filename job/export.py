@@ -71,8 +71,9 @@ def export_checkpoint(checkpoint_uri: str, fmt: str, output_uri: str, endpoint_u
                       log: Callable[[str], None], tta: bool | None = None) -> dict:
     """Write the checkpoint's net to `output_uri` (a local path or s3://BUCKET/KEY) in `fmt`, in one
     atomic step; returns where, how many bytes, and the metadata it carries. The ONNX and
-    torch-export programs carry test-time augmentation when `tta` says so (None: when the run
-    evaluated with it, so the file scores the val_acc it reports); safetensors holds weights only."""
+    torch-export programs carry test-time augmentation when `tta` says so (None: when training
+    evaluated these weights with it, so the file scores the val_acc it reports); safetensors
+    holds weights only."""
     if fmt not in FORMATS:
         hint = (": torch.jit (TorchScript) is deprecated in torch 2.x; use --format torch-export, "
                 "its successor, loaded with torch.export.load" if fmt == "torchscript" else "")
@@ -80,7 +81,7 @@ def export_checkpoint(checkpoint_uri: str, fmt: str, output_uri: str, endpoint_u
     output = Output(output_uri, "--output", endpoint_url)
     output.check()  # before the work: an unwritable output fails in a second, not after export
     checkpoint = load_checkpoint(checkpoint_uri, endpoint_url, log)
-    tta = (checkpoint.tta if tta is None else tta) and fmt != "safetensors"
+    tta = (checkpoint.val_acc_with_tta if tta is None else tta) and fmt != "safetensors"
     metadata = serving_metadata(checkpoint, fmt, tta)
     model = checkpoint.model(torch.device("cpu"), channels_last=False)
     model = WithTTA(model).eval() if tta else model

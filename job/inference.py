@@ -72,8 +72,17 @@ class LoadedCheckpoint:
 
     @property
     def tta(self) -> bool:
-        """Whether training evaluated (and reported val_acc) with test-time augmentation."""
+        """Whether the run evaluates its final weights with test-time augmentation (--tta)."""
         return bool(self.state["config"].get("tta", False))
+
+    @property
+    def val_acc_with_tta(self) -> bool:
+        """Whether the val_acc training reported for these weights was with test-time
+        augmentation: a --tta run's final epoch only. Weights with no val_acc (inside an epoch),
+        or from before the history said: the run's --tta."""
+        run = RunState.from_checkpoint(self.state)
+        last = run.history[-1] if run.val_acc is not None else {}
+        return bool(last.get("tta", self.tta))
 
     def model(self, device: torch.device, channels_last: bool = True) -> torch.nn.Module:
         """The net with the checkpoint's weights, in eval mode; channels_last as training runs it
@@ -100,7 +109,7 @@ class LoadedCheckpoint:
             "step": self.state["step"],
             "epoch": self.state["epoch"],
             "val_acc": self.val_acc,
-            "val_acc_with_tta": self.tta,
+            "val_acc_with_tta": self.val_acc_with_tta,
             "data_sha256": self.state.get("data_sha256", {}),
             "git_commit": git_commit(),
         }
@@ -158,8 +167,8 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
                         log: Callable[[str], None], tta: bool | None = None) -> dict | None:
     """Training's evaluation of a checkpoint over a test split: the report on rank 0, None on
     the other ranks. Under torchrun the split is sharded over the ranks and the sums
-    all-reduced, as after every training epoch. `tta` None: test-time augmentation as the run
-    evaluated."""
+    all-reduced, as after every training epoch. `tta` None: test-time augmentation as training
+    evaluated these weights."""
     d = distributed.setup(device)
     say = log if d.is_main else (lambda message: None)
     try:
@@ -180,7 +189,7 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
                                 rank=d.rank, world_size=d.world_size)
         bf16 = uses_bf16(precision, d.device.type)
         autocast = functools.partial(torch.autocast, d.device.type, torch.bfloat16, enabled=bf16)
-        tta = checkpoint.tta if tta is None else tta
+        tta = checkpoint.val_acc_with_tta if tta is None else tta
         result = evaluate(checkpoint.model(d.device), batches, d, autocast, len(p.class_names), tta)
     finally:
         distributed.teardown(d)
@@ -204,6 +213,7 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
         "loss": result.loss,
         "accuracy": result.accuracy,
         "training_val_acc": checkpoint.val_acc,
+        "training_val_acc_with_tta": checkpoint.val_acc_with_tta,
         "class_names": list(p.class_names),
         "per_class_accuracy": dict(zip(p.class_names, result.per_class_accuracy())),
         "confusion_matrix": result.confusion.tolist(),  # rows: true class, columns: predicted
@@ -358,7 +368,7 @@ def predict(checkpoint_uri: str, image_uris: list[str], *, top_k: int, device: s
             tta: bool | None = None) -> list[dict]:
     """The top-k classes and probabilities of each image, in the order given. Every image is
     read and decoded before any is classified, so a bad one stops the command before output.
-    `tta` None: test-time augmentation as the run evaluated."""
+    `tta` None: test-time augmentation as training evaluated these weights."""
     if top_k < 1:
         raise JobError("--top-k must be at least 1")
     checkpoint = load_checkpoint(checkpoint_uri, endpoint_url, log)
@@ -370,7 +380,7 @@ def predict(checkpoint_uri: str, image_uris: list[str], *, top_k: int, device: s
     batches = DeviceBatches(images, torch.zeros(len(images), dtype=torch.long), p, target, batch_size,
                             shuffle=False)
     k = min(top_k, len(p.class_names))
-    tta = checkpoint.tta if tta is None else tta
+    tta = checkpoint.val_acc_with_tta if tta is None else tta
     results = []
     with torch.no_grad():
         for batch, _ in batches.epoch(0):

@@ -277,10 +277,13 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
                 checkpointer.save(run, tracker, force=True)
                 break
             run.sync_epoch_loss(d)
-            if job.lookahead and run.epoch + 1 == cfg.epochs:
+            final = run.epoch + 1 == cfg.epochs
+            if job.lookahead and final:
                 job.lookahead.finish()  # the run's final weights are the EMA's, BN statistics too
+            # Test-time augmentation costs 6 forward passes an image: only the final evaluation,
+            # the one the run reports, makes them (as airbench does); the others see the net as is.
             evaluation = evaluate(job.model, job.test_batches, d, job.autocast, len(job.class_names),
-                                  cfg.tta)
+                                  cfg.tta and final)
             run.end_epoch(evaluation)
             tracker.log({"train/epoch_loss": run.history[-1]["train_loss"], "val/loss": evaluation.loss,
                          "val/acc": evaluation.accuracy, "epoch": run.epoch,
@@ -288,7 +291,8 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
             tracker.log_evaluation(evaluation, run.step)
             checkpointer.save(run, tracker, force=True, val_acc=evaluation.accuracy)
             job.say(f"{description}  train_loss {run.history[-1]['train_loss']:.4f}  "
-                    f"val_loss {evaluation.loss:.4f}  val_acc {evaluation.accuracy:.2%}")
+                    f"val_loss {evaluation.loss:.4f}  val_acc {evaluation.accuracy:.2%}"
+                    + (" (TTA)" if evaluation.tta else ""))
 
         preempted_by = stop.signal_name if run.epoch < cfg.epochs else None
         if preempted_by:
