@@ -331,10 +331,15 @@ def test_a_net_change_on_resume_is_refused_in_one_line(tmp_path, small_cifar):
 
 
 def test_onnx_export_of_a_fast_run_carries_tta_and_matches_pytorch(tmp_path, small_cifar, cifar10):
+    """Also: TTA's 6 forward passes an image are for the run's final weights, the ones it
+    reports; the earlier epochs evaluate the net alone (airbench's way). `evaluate` (as `predict`
+    and `export`) of a checkpoint defaults to how training evaluated those weights."""
     import onnx
     import onnxruntime
 
-    summary = train(fast_config(tmp_path, small_cifar, epochs=1, batch_size=128))
+    summary = train(fast_config(tmp_path, small_cifar, epochs=2, batch_size=128))
+    first, last = summary["history"]
+    assert (first["tta"], last["tta"]) == (False, True) and summary["tta"] is True
     result = run_cli("export", str(tmp_path / "ckpt"), "--format", "onnx", "--output",
                      str(tmp_path / "net.onnx"))
     assert result.returncode == 0, result.stderr
@@ -365,31 +370,15 @@ def test_onnx_export_of_a_fast_run_carries_tta_and_matches_pytorch(tmp_path, sma
     plain = run_cli("evaluate", str(tmp_path / "ckpt"), "--data-uri", str(small_cifar),
                     "--cache-dir", str(tmp_path / "cache"), "--json", "-", "--no-tta")
     assert plain.returncode == 0 and json.loads(plain.stdout)["tta"] is False
-
-
-def test_only_the_final_evaluation_pays_for_tta_and_evaluate_follows_each_checkpoint(
-        tmp_path, small_cifar):
-    """TTA's 6 forward passes an image are for the run's final weights, the ones it reports; the
-    earlier epochs evaluate the net alone (airbench's way). `evaluate`, `predict` and `export` of
-    a checkpoint default to how training evaluated those weights."""
-    summary = train(fast_config(tmp_path, small_cifar, epochs=2, batch_size=128))
-    first, last = summary["history"]
-    assert (first["tta"], last["tta"]) == (False, True) and summary["tta"] is True
-    assert summary["final_val_acc"] == last["val_acc"]
-
-    def evaluated(checkpoint, *flags: str) -> dict:
-        report = run_cli("evaluate", str(checkpoint), "--data-uri", str(small_cifar),
-                         "--cache-dir", str(tmp_path / "cache"), "--json", "-", *flags)
-        assert report.returncode == 0, report.stderr
-        return json.loads(report.stdout)
-
-    after_first = tmp_path / "ckpt" / f"step-{first['step']:09d}.pt"
-    plain = evaluated(after_first)
-    assert plain["tta"] is False and plain["accuracy"] == first["val_acc"]
-    assert plain["training_val_acc"] == first["val_acc"] and plain["training_val_acc_with_tta"] is False
-    assert evaluated(after_first, "--tta")["tta"] is True  # asked for: given
-    final = evaluated(tmp_path / "ckpt")
-    assert final["tta"] is True and final["accuracy"] == last["val_acc"]
+    # The first epoch's checkpoint: training evaluated it without TTA, and so does evaluate.
+    report = run_cli("evaluate", str(tmp_path / "ckpt" / f"step-{first['step']:09d}.pt"),
+                     "--data-uri", str(small_cifar), "--cache-dir", str(tmp_path / "cache"),
+                     "--json", "-")
+    assert report.returncode == 0, report.stderr
+    earlier = json.loads(report.stdout)
+    assert earlier["tta"] is False and earlier["accuracy"] == first["val_acc"]
+    assert earlier["training_val_acc"] == first["val_acc"]
+    assert earlier["training_val_acc_with_tta"] is False
 
 
 def test_a_fast_run_under_launch_stops_on_sigterm_and_resumes_in_one_process(tmp_path, cifar10,
