@@ -130,10 +130,15 @@ class RunState:
                    state.get("wandb_run_id"), position, run)
 
     @property
+    def evaluated(self) -> dict:
+        """The history entry of exactly these weights: an epoch end's, else {} (inside one)."""
+        last = self.history[-1] if self.history else {}
+        return last if last.get("step") == self.step else {}
+
+    @property
     def val_acc(self) -> float | None:
         """The validation accuracy of exactly these weights: set at an epoch end, None inside."""
-        last = self.history[-1] if self.history else {}
-        return last.get("val_acc") if last.get("step") == self.step else None
+        return self.evaluated.get("val_acc")
 
     def begin_epoch(self, d: Dist) -> None:
         self.rank_loss = torch.tensor(self.epoch_loss if d.is_main else [0.0, 0.0],

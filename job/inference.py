@@ -80,9 +80,7 @@ class LoadedCheckpoint:
         """Whether the val_acc training reported for these weights was with test-time
         augmentation: a --tta run's final epoch only. Weights with no val_acc (inside an epoch),
         or from before the history said: the run's --tta."""
-        run = RunState.from_checkpoint(self.state)
-        last = run.history[-1] if run.val_acc is not None else {}
-        return bool(last.get("tta", self.tta))
+        return bool(RunState.from_checkpoint(self.state).evaluated.get("tta", self.tta))
 
     def model(self, device: torch.device, channels_last: bool = True) -> torch.nn.Module:
         """The net with the checkpoint's weights, in eval mode; channels_last as training runs it

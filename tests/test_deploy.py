@@ -39,7 +39,7 @@ except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
 from job.preemption import PREEMPTED_EXIT_CODE
-from tests.conftest import CNN_JOB, REPO, _free_port
+from tests.conftest import CNN_JOB, REPO, _free_port, process_tree
 from tests.test_preemption import read_checkpoint
 from tests.test_storage import push_mnist
 
@@ -765,21 +765,6 @@ class Pod:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.process.wait()
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            children.setdefault(parent, []).append(int(stat.parent.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo += children.get(pid, [])
-    return tree
 
 
 @pytest.fixture

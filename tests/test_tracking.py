@@ -1,5 +1,6 @@
 """W&B, offline (no network here): run a short training, then read back what W&B recorded."""
 
+import contextlib
 import json
 import os
 import re
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from job.tracking import NullTracker, resolve_mode, start, strip_userinfo
-from tests.conftest import SECRET, archive_sha256, run_cli
+from tests.conftest import SECRET, archive_sha256, process_tree, run_cli
 from tests.wandb_records import offline_runs
 
 WANDB_SECRET = "wandbkey-" + "7" * 31  # a 40-character stand-in API key that must not leak
@@ -140,19 +141,6 @@ def test_uris_lose_their_credentials():
     assert strip_userinfo(5) == 5
 
 
-def child_process_names() -> list[str]:
-    names = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            text = stat.read_text()
-        except OSError:  # the process ended meanwhile
-            continue
-        name, rest = text[text.index("(") + 1:text.rindex(")")], text[text.rindex(")") + 2:]
-        if int(rest.split()[1]) == os.getpid():
-            names.append(name)
-    return names
-
-
 def test_training_does_not_wait_for_wandb_to_start(monkeypatch, tmp_path):
     """W&B starts on its own thread: calls made while it is still starting return at once and
     reach the run in order once it is up; close() waits for it. (W&B is held up here until the
@@ -181,7 +169,11 @@ def test_training_does_not_wait_for_wandb_to_start(monkeypatch, tmp_path):
     assert not tracker.thread.is_alive() and lines == []
     # close() returns once W&B's service has exited, so every file of the run is closed:
     # finish() alone left the history unwritten now and then on a loaded machine.
-    assert "wandb-core" not in child_process_names()
+    descendants = []
+    for pid in process_tree(os.getpid())[1:]:
+        with contextlib.suppress(OSError):  # one that ended meanwhile
+            descendants.append(Path(f"/proc/{pid}/comm").read_text().strip())
+    assert "wandb-core" not in descendants
     (run,) = offline_runs(tmp_path)
     assert run.run_id == "held0001"
     assert [(row["_step"], row["train/loss"]) for row in run.history] == [(1, 1.0), (2, 0.5),
