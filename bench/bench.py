@@ -37,9 +37,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from job.config import preset
 from job.data import fetch_archives, load_splits
-from job.models import build_model
+from job.datasets import preset
+from job.recipes import load
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "datasets"
@@ -69,7 +69,7 @@ def seed_style_images_per_second(dataset: str, data_uri: str, device: str, limit
         num_workers=2, pin_memory=device == "cuda",
     )
     torch.manual_seed(0)
-    model = build_model(dataset).to(device)
+    model = load(dataset, "seed").build_model().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     seen = 0
     started = time.perf_counter()

@@ -36,7 +36,6 @@ steps, small, on the CPU (Gloo instead of NCCL): the test suite does, so that it
 from __future__ import annotations
 
 import argparse
-import functools
 import hashlib
 import io
 import json
@@ -139,21 +138,30 @@ def train_args(dataset: str, data: Path, folder: Path, device: str, small: bool,
             "--device", device, "--cache-dir", str(folder.parent / "cache"), *limit, *extra]
 
 
+def command_label(dataset: str, net: str) -> str:
+    """How a row names a run: the train command's arguments, --net only where it is not the
+    default one."""
+    from job.config import TrainConfig
+
+    default_net = TrainConfig.__dataclass_fields__["net"].default
+    return dataset if net == default_net else f"{dataset} --net {net}"
+
+
 def check_training(dataset: str, data: Path, work: Path, device: str, small: bool,
                    compile_mode: str | None = None, net: str = "seed", seed: int = 0) -> dict:
     """One run, timed: `compile_mode` None is the cold start (1 epoch on 640 images, parsing
-    the archives into the cache), else a whole run at --compile compile_mode. `net` fast: its
-    whole default run (10 epochs, TTA), then `evaluate --no-tta` of its checkpoint (issue 17
-    asks for both accuracies); small, in batches of 128 without TTA."""
+    the archives into the cache), else a whole run at --compile compile_mode, on the recipe's
+    defaults. A recipe that evaluates with TTA: then also `evaluate --no-tta` of its checkpoint,
+    so that both accuracies are reported; small, in batches of 128 without TTA."""
+    from job import recipes
+
+    with_tta = recipes.defaults(dataset, net)["tta"]
     name = f"{dataset}-{net}-{compile_mode or 'cold'}-{seed}"
     folder, summary = work / f"{name}-ckpt", work / f"{name}.json"
     extra = ["--compile", compile_mode] if compile_mode else []  # cold: train_args' small run
     extra += ["--seed", str(seed)] if seed else []
-    if net != "seed":
-        extra += ["--net", net, *(["--batch-size", "128", "--no-tta"] if small else [])]
-        dataset_label = f"{dataset} --net {net}"
-    else:
-        dataset_label = dataset
+    extra += ["--net", net, *(["--batch-size", "128", "--no-tta"] if small and with_tta else [])]
+    dataset_label = command_label(dataset, net)
     if seed:
         dataset_label += f" --seed {seed}"
     code, output, wall_s = job(*train_args(dataset, data, folder, device,
@@ -164,7 +172,7 @@ def check_training(dataset: str, data: Path, work: Path, device: str, small: boo
     if code != 0:
         return {**row, "detail": output[-800:]}
     result = json.loads(summary.read_text())
-    if net != "seed" and not small:
+    if with_tta and not small:
         row["val_acc_no_tta"] = no_tta_accuracy(folder, data, work, device)
     return {**row, "first_step_s": round(result["seconds_to_first_step"], 2),
             "train_s": round(result["train_seconds"], 2),
@@ -221,7 +229,7 @@ def nccl_worker(backend: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from job.distributed import join_process_group
-    from job.models import build_model
+    from job.recipes import load
 
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if backend == "nccl" else torch.device("cpu")
     join_process_group(device, timeout_s=60)
@@ -229,7 +237,7 @@ def nccl_worker(backend: str) -> None:
     torch.distributed.all_reduce(value)
     world = torch.distributed.get_world_size()
     assert value.sum().item() == 4 * world * (world + 1) / 2
-    model = DistributedDataParallel(build_model("mnist").to(device))
+    model = DistributedDataParallel(load("mnist", "seed").build_model().to(device))
     images, labels = torch.zeros(8, 1, 28, 28, device=device), torch.zeros(8, dtype=torch.long, device=device)
     F.cross_entropy(model(images), labels).backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -280,12 +288,12 @@ def check_launch(data: Path, work: Path, device: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# issue 12's targets on an H100, and where the time goes when one is missed
+# the speed and accuracy targets on an H100 or H200, and where the time goes when one is missed
 
 TARGETS = {  # row → (largest train seconds, largest wall seconds or None, smallest accuracy)
     "train cifar10, cuda-graph": (3.0, 8.0, 0.73),
     "train mnist, cuda-graph": (2.0, None, 0.99),
-    # issue 17: 94% in 3.0 s on the original images; the JPEG-derived copy's bar is 90.5%
+    # airbench94: 94% in 3.0 s on the original images; the JPEG-derived copy's bar is 90.5%
     "train cifar10 --net fast, cuda-graph": (3.0, None, 0.905),
 }
 
@@ -316,44 +324,35 @@ def judge_targets(rows: list[dict]) -> list[dict]:
 def profile_steps(dataset: str, data: Path, cache: Path, device: str, graphed: bool,
                   steps: int = 100, net: str = "seed") -> str:
     """The PyTorch profiler's table of `steps` training steps, built as the job builds them
-    (bf16 autocast on CUDA, channels_last, the net's own optimizer, loss,
-    batches and TrainStep; the fast net's lookahead after each step), after the warm-up and the
+    (bf16 autocast on CUDA, channels_last, the recipe's net, optimizer, loss, batches and its
+    hooks after each step, through TrainStep), after the warm-up and the
     capture; headed by the seconds those first steps took (kernels loaded, the capture)
     and the wall time per step against the device's busy time, which tells a launch-bound step
     (device idle between kernels) from a kernel-bound one."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from job.config import NET_DEFAULTS, preset, uses_bf16
-    from job.data import DeviceBatches, FastBatches, fetch_archives, load_splits
-    from job.models import build_model
-    from job.optim import Adam
-    from job.step import WARMUP_STEPS, TrainStep, choose_cuda_kernels
-    from job.train import set_up_fast
+    from job import recipes
+    from job.data import fetch_archives, load_splits
+    from job.datasets import preset
+    from job.step import WARMUP_STEPS, TrainStep, autocast_for, choose_cuda_kernels
 
     p = preset(dataset)
     splits = load_splits(p, fetch_archives(p, str(data), cache), cache)
     target = torch.device(device)
     choose_cuda_kernels(target)  # as the job sets up
     torch.manual_seed(0)
-    model = build_model(dataset, net).to(target, memory_format=torch.channels_last)
-    autocast = functools.partial(torch.autocast, device, torch.bfloat16,
-                                 enabled=uses_bf16("auto", device))
-    batch_size, lr = 64, 1e-3
-    if net == "fast":
-        batch_size, lr = NET_DEFAULTS["fast"]["batch_size"], NET_DEFAULTS["fast"]["lr"]
-        batch_size = 128 if steps < 100 else batch_size  # a dry run's: seconds a step on a CPU
-        batches = FastBatches(splits.train_images, splits.train_labels, p, target, batch_size,
-                              shuffle=True, augment=True, seed=0)
-        optimizer, lookahead, criterion = set_up_fast(model, batches, lr)
-        step = TrainStep(model, optimizer, autocast, graphed=graphed, say=print,
-                         batch_size=batch_size, criterion=criterion)
-    else:
-        batches = DeviceBatches(splits.train_images, splits.train_labels, p, target, batch_size,
-                                shuffle=True, seed=0)
-        lookahead = None
-        step = TrainStep(model, Adam(model.parameters(), lr), autocast, graphed=graphed, say=print,
-                         batch_size=batch_size)
+    recipe = recipes.load(dataset, net)
+    model = recipe.build_model().to(target, memory_format=torch.channels_last)
+    defaults = recipes.defaults(dataset, net)
+    batch_size, lr = defaults["batch_size"], defaults["lr"]
+    if steps < 100:  # a dry run's: a large batch takes seconds a step on a CPU
+        batch_size = min(batch_size, 128)
+    batches = recipe.train_batches(splits.train_images, splits.train_labels, target, batch_size,
+                                   augment=defaults["augment"], seed=0)
+    training = recipe.start(model, batches, lr)
+    step = TrainStep(model, training.optimizer, autocast_for("auto", target), graphed=graphed,
+                     say=print, batch_size=batch_size, criterion=training.criterion)
 
     def endless():  # epoch after epoch: a small (synthetic) set has fewer batches than `steps`
         epoch = 0
@@ -368,8 +367,7 @@ def profile_steps(dataset: str, data: Path, cache: Path, device: str, graphed: b
         images, labels = next(feed)
         step(images, labels, lr)
         count[0] += 1
-        if lookahead:
-            lookahead.after_step(count[0], 0.5)
+        training.after_step(count[0], 0.5)
 
     started = time.perf_counter()
     for _ in range(WARMUP_STEPS + 5):  # warm-up, capture and a few replays, unprofiled
@@ -385,7 +383,7 @@ def profile_steps(dataset: str, data: Path, cache: Path, device: str, graphed: b
         wall_us = (time.perf_counter() - started) * 1e6 / steps
     events = profiler.key_averages()
     busy_us = sum(e.self_device_time_total for e in events) / steps if device == "cuda" else None
-    name = dataset + (f" --net {net}" if net != "seed" else "")
+    name = command_label(dataset, net)
     head = (f"{name}, {'cuda-graph' if step.graph is not None else 'eager'}, batch {batch_size}, "
             f"{steps} steps: {wall_us:.0f} us of wall time per step"
             + (f", device busy {busy_us:.0f} us ({busy_us / wall_us:.0%})" if busy_us else "")

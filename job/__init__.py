@@ -1,1 +1,1 @@
-"""cnn-job: batch training of the seed CNNs."""
+"""cnn-job: batch training of CNN recipes on MNIST and CIFAR-10, one GPU or many."""

@@ -9,8 +9,9 @@ pointer, and if the checkpoint it names is missing or unreadable, falls back to 
 loadable one and says so in one line.
 
 Two layers: `CheckpointManager` is the storage side (names, pointer, retention, fallback,
-listing) and needs no model; `Checkpointer` is the training loop's one handle, which owns the
-model and optimizer and decides whether a step is saved and what goes in.
+listing) and needs no model; `Checkpointer` is the training loop's one handle, which holds the
+model and the recipe's `Training` (optimiser, and whatever else the recipe saves) and decides
+whether a step is saved and what goes in.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from datetime import datetime, timezone
 
 import torch
 
-from job import distributed
+from job import distributed, recipes
 from job.distributed import Dist
 from job.errors import JobError
 from job.lease import lease_for
@@ -40,8 +41,8 @@ NAME_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
 # key -> the type its value has. Every checkpoint ever written has the REQUIRED keys; the others
 # came later (or may be None), and a checkpoint without them still resumes (see RunState).
 FORMAT: dict[str, type | tuple[type, ...]] = {
-    "model": dict,  # the net's state_dict (build_model(config["dataset"]))
-    "optimizer": dict,  # Adam's state_dict
+    "model": dict,  # the net's state_dict (recipes.load(dataset, net).build_model())
+    "optimizer": dict,  # the recipe optimiser's state_dict, in torch.optim's format
     "config": dict,  # TrainConfig.to_dict() of the run that wrote it
     "rng": dict,  # {"torch": CPU generator state, "cuda": GPU's, when trained on one}
     "epoch": int,  # completed epochs
@@ -54,7 +55,7 @@ FORMAT: dict[str, type | tuple[type, ...]] = {
     "wandb_run_id": (str, type(None)),  # the W&B run a resume continues
     "epoch_position": int,  # images of the epoch's permutation consumed (all ranks)
     "run": dict,  # {"id": hex, "started": ISO time}: the run this checkpoint continues
-    "lookahead": dict,  # --net fast: the lookahead's EMA copy of the model's float state
+    "lookahead": dict,  # fast on CIFAR-10: the lookahead's EMA copy of the model's float state
 }
 REQUIRED = ("model", "optimizer", "config", "rng", "epoch", "step", "metrics")
 
@@ -347,7 +348,7 @@ def first_line(error: BaseException, limit: int, fallback: str | None = None) ->
 # Settings that define a run: a resume that changes one would not continue the run it names.
 # (Batch size, world size and --epochs may change: see Checkpointer.resume and the README.)
 RUN_DEFINING = ("net", "seed", "limit_train", "augment", "lr", "lr_schedule")
-RUN_DEFINING_BEFORE = {"net": "seed"}  # what checkpoints from before a setting existed had
+RUN_DEFINING_BEFORE = {"net": recipes.NET_BEFORE_RECIPES}  # what checkpoints before a setting had
 
 
 class Checkpointer:
@@ -358,28 +359,27 @@ class Checkpointer:
     alone writes. Every rank reads on `resume`.
     """
 
-    def __init__(self, manager: CheckpointManager, cfg, d: Dist, model, optimizer,
-                 data_sha256: dict, epoch_remaining: Callable[[int], int], lookahead=None) -> None:
+    def __init__(self, manager: CheckpointManager, cfg, d: Dist, model, training,
+                 data_sha256: dict, epoch_remaining: Callable[[int], int]) -> None:
         self.manager, self.log = manager, manager.log
-        self.cfg, self.d, self.model, self.optimizer = cfg, d, model, optimizer
+        self.cfg, self.d, self.model = cfg, d, model
+        self.training = training  # the recipe's: its optimiser and any state it saves beside it
         self.data_sha256 = data_sha256
         self.epoch_remaining = epoch_remaining  # images an epoch still serves after a position
-        self.lookahead = lookahead  # the fast net's EMA copy, saved and restored with the model
         self.every_steps = cfg.checkpoint_every_steps
         self.location: str | None = None  # the newest checkpoint written or resumed from
 
     def resume(self) -> RunState:
-        """Load the newest checkpoint into model, optimizer and RNG; a fresh state when there
-        is none. A checkpoint of another run (dataset, data, seed, ...) is refused."""
+        """Load the newest checkpoint into the model, the recipe's training state and the RNG; a
+        fresh state when there is none. A checkpoint of another run (dataset, data, seed, ...)
+        is refused."""
         resumed = self.manager.load_latest(accept=self._fits)
         if not resumed:
             return RunState()
         state, location = resumed
         self._check_same_run(state, location)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.training.load_state_dict(state)
         self.model.load_state_dict(state["model"])
-        if self.lookahead:
-            self.lookahead.load_state_dict(state["lookahead"])
         restore_rng_states(state["rng"], self.d.device)
         run = RunState.from_checkpoint(state)
         self.location = location
@@ -389,17 +389,15 @@ class Checkpointer:
         return run
 
     def _fits(self, state: dict) -> None:
-        """ValueError unless the checkpoint's weights and optimizer state fit this net."""
+        """ValueError unless the checkpoint's weights and the recipe's state fit this net."""
         if (state["config"]["dataset"] != self.cfg.dataset
-                or state["config"].get("net", "seed") != self.cfg.net):
+                or recipes.saved_net(state["config"]) != self.cfg.net):
             return  # refused with its own message once chosen (_check_same_run)
         expected = {name: tuple(t.shape) for name, t in self.model.state_dict().items()}
         found = {name: tuple(getattr(t, "shape", ())) for name, t in state["model"].items()}
         if found != expected:
             raise ValueError("its weights do not fit the net")
-        self.optimizer.check(state["optimizer"])
-        if self.lookahead:
-            self.lookahead.check(state.get("lookahead", {}))
+        self.training.check(state)
 
     def _check_same_run(self, state: dict, location: str) -> None:
         saved = state["config"]
@@ -466,11 +464,10 @@ class Checkpointer:
 
     def state(self, run: RunState, wandb_run_id: str | None) -> dict:
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "model": self.model.state_dict(), **self.training.state_dict(),
             "epoch": run.epoch, "epoch_step": run.epoch_step, "step": run.step,
             "epoch_loss": list(run.epoch_loss), "metrics": run.history,
             "config": self.cfg.to_dict(), "rng": rng_states(self.d.device),
             "data_sha256": self.data_sha256, "world_size": self.d.world_size,
             "wandb_run_id": wandb_run_id, "epoch_position": run.epoch_position, "run": run.run,
-            **({"lookahead": self.lookahead.state_dict()} if self.lookahead else {}),
         }

@@ -15,14 +15,15 @@ from typing import Annotated
 
 import typer
 
-from job.config import DATASETS, TrainConfig, default_cache_dir, preset
+from job.config import TrainConfig, default_cache_dir
+from job.datasets import DATASETS, preset
 from job.errors import JobError
 from job.preemption import PREEMPTED_EXIT_CODE, Interrupted, handle_signals_from_here
 from job.progress import print_error
 
 app = typer.Typer(
     name="cnn-job",
-    help="Train the seed CNNs on MNIST or CIFAR-10: one process, or DDP under torchrun.",
+    help="Train a CNN recipe on MNIST or CIFAR-10: one process, or DDP under torchrun.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -47,7 +48,7 @@ EndpointOption = Annotated[str | None, _option("s3_endpoint_url")]
 
 @app.callback()
 def _root() -> None:
-    """Train the seed CNNs on MNIST or CIFAR-10: one process, or DDP under torchrun."""
+    """Train a CNN recipe on MNIST or CIFAR-10: one process, or DDP under torchrun."""
 
 
 @app.command()
@@ -56,7 +57,7 @@ def train(
         help=_FIELDS["dataset"].metadata["help"], envvar="CNN_JOB_DATASET", show_default=False,
     )],
     net: Annotated[str, _option("net")] = _DEFAULTS["net"],
-    # None: the net's default (config.NET_DEFAULTS), so that only options given override it
+    # None: the recipe's default (its DEFAULTS), so that only options given override it
     epochs: Annotated[int | None, _option("epochs")] = None,
     batch_size: Annotated[int | None, _option("batch_size")] = None,
     lr: Annotated[float | None, _option("lr")] = None,
@@ -87,7 +88,7 @@ def train(
     wandb_mode: Annotated[str | None, _option("wandb_mode")] = None,
     run_name: Annotated[str | None, _option("run_name")] = None,
 ) -> None:
-    """Train a CNN (--net seed or fast), checkpointing every epoch and resuming from the newest checkpoint.
+    """Train the --net recipe on DATASET, checkpointing every epoch and resuming from the newest checkpoint.
 
     On SIGTERM or SIGINT it finishes the step, checkpoints and exits with status 75
     (preempted: run the same command again to resume). Bad input exits with status 2.

@@ -1,6 +1,8 @@
-"""One typed settings object for a training run, and the per-dataset presets.
+"""One typed settings object for a training run.
 
 Defaults and help live here and only here: the CLI builds each option from a `TrainConfig` field.
+The settings a recipe decides (epochs, batch size, lr, ...) default to its DEFAULTS
+(job/recipes/); what each dataset is lives in job/datasets.py.
 """
 
 from __future__ import annotations
@@ -13,114 +15,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from job import recipes
+from job.datasets import DATASETS, preset
 from job.errors import JobError, strip_userinfo
 
-# ----------------------------------------------------------------------------------------------
-# datasets
-
-
-@dataclass(frozen=True)
-class Archive:
-    """One archive file of a dataset, as the public mirrors publish it."""
-
-    name: str
-    md5: str  # of the upstream file; a user's own mirror may differ (see fetch_archives)
-
-
-@dataclass(frozen=True)
-class DatasetPreset:
-    name: str
-    archives: tuple[Archive, ...]
-    mirrors: tuple[str, ...]  # base URLs holding the archives by name, tried in order
-    channels: int
-    image_size: int
-    conv_widths: tuple[int, ...]
-    mean: tuple[float, ...]  # per channel, on the 0..1 scale
-    std: tuple[float, ...]
-    class_names: tuple[str, ...]
-    augmentable: bool  # random crop + flip make sense (not for digits)
-
-
-# Mirrors and checksums are the ones torchvision uses.
-PRESETS: dict[str, DatasetPreset] = {
-    "mnist": DatasetPreset(
-        name="mnist",
-        archives=(
-            Archive("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-            Archive("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcc1ac7ed4f"),
-            Archive("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
-            Archive("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
-        ),
-        mirrors=(
-            "https://ossci-datasets.s3.amazonaws.com/mnist",
-            "http://yann.lecun.com/exdb/mnist",
-        ),
-        channels=1,
-        image_size=28,
-        conv_widths=(32, 64),
-        mean=(0.1307,),
-        std=(0.3081,),
-        class_names=tuple(str(digit) for digit in range(10)),
-        augmentable=False,
-    ),
-    "cifar10": DatasetPreset(
-        name="cifar10",
-        archives=(Archive("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
-        mirrors=("https://www.cs.toronto.edu/~kriz",),
-        channels=3,
-        image_size=32,
-        conv_widths=(32, 64, 128),
-        mean=(0.4914, 0.4822, 0.4465),
-        std=(0.2470, 0.2435, 0.2616),
-        class_names=(
-            "airplane", "automobile", "bird", "cat", "deer",
-            "dog", "frog", "horse", "ship", "truck",
-        ),
-        augmentable=True,
-    ),
-}
-
-DATASETS = tuple(PRESETS)
-LR_SCHEDULES = ("constant", "linear", "cosine", "triangle")
+LR_SCHEDULES = ("constant", "linear", "cosine", "triangle")  # see job/optim.py's lr_at
 COMPILE_MODES = ("auto", "off", "cuda-graph")  # how a training step runs: see job/step.py
-
-
-def preset(dataset: str) -> DatasetPreset:
-    try:
-        return PRESETS[dataset]
-    except KeyError:
-        raise JobError(
-            f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}"
-        ) from None
-
-
-# ----------------------------------------------------------------------------------------------
-# the nets, and the defaults each brings
-
-NETS = ("seed", "fast")
-# The fast net's SGD rate, for its loss summed over the batch: airbench94's 11.5 per 1024
-# images, divided by 1024 · (1 + 1 / (1 - momentum 0.85)), the scale of Nesterov's steps.
-FAST_LR = 11.5 / (1024 * (1 + 1 / (1 - 0.85)))
-# Settings whose default depends on --net; an option the user gives overrides it. `fast` is
-# airbench94 (arXiv 2404.00498): its 9.9 epochs are rounded up to 10 (480 steps, not 476), so
-# that every epoch ends in an evaluation and a checkpoint, as the job's other guarantees need.
-NET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "seed": {"epochs": 5, "batch_size": 64, "lr": 1e-3, "lr_schedule": "linear",
-             "augment": False, "tta": False},
-    "fast": {"epochs": 10, "batch_size": 1024, "lr": FAST_LR, "lr_schedule": "triangle",
-             "augment": True, "tta": True},
-}
-
-
-def net_default_text(name: str) -> str:
-    """The --help default of a per-net setting: both nets' values."""
-    values = {net: NET_DEFAULTS[net][name] for net in NETS}
-    return ", ".join(f"{net}: {value:.7g}" if isinstance(value, float) else f"{net}: {value}"
-                     for net, value in values.items())
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 # ----------------------------------------------------------------------------------------------
 # a run's settings
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise JobError("--precision must be auto, fp32 or bf16")
 
 
 def uses_bf16(precision: str, device_type: str) -> bool:
@@ -154,10 +64,26 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, default_text:
                  metadata={"help": help, "default_text": default_text})
 
 
-def per_net(name: str, help: str) -> Any:
-    """A setting whose default depends on --net: None (not given) until TrainConfig takes the
-    net's from NET_DEFAULTS; --help shows both nets' values."""
-    return setting(None, help, default_text=net_default_text(name))
+# The settings whose default is the recipe's (its DEFAULTS): their help.
+PER_RECIPE_HELP = {
+    "epochs": "Epochs to train in all (a resume counts done ones).",
+    "batch_size": "Images per step per process; under DDP the global batch is this times the "
+                  "world size.",
+    "lr": "The peak learning rate of the recipe's optimiser (fast on CIFAR-10: SGD's for the loss "
+          "summed over the batch).",
+    "lr_schedule": "linear or cosine decay to 0 over the run, constant, or triangle (0.2 → 1 over "
+                   "23% of the run, then → 0.07).",
+    "augment": "CIFAR-10 only: the recipe's random crops and flips (seed: 4 px zero padding and a "
+               "flip; fast: 2 px reflected and the alternating flip).",
+    "tta": "Evaluate the final weights with the recipe's test-time augmentation (6 views: mirror, "
+           "1 px shifts), logits weighted; the other epochs' evaluations see the net alone.",
+}
+
+
+def per_recipe(name: str) -> Any:
+    """A setting whose default is the recipe's: None (not given) until TrainConfig takes the
+    recipe's DEFAULTS; --help shows every recipe's value."""
+    return setting(None, PER_RECIPE_HELP[name], default_text=recipes.default_text(name))
 
 
 @dataclass
@@ -165,20 +91,16 @@ class TrainConfig:
     """Everything that decides a training run. Each field is one CLI option (`--epochs`, ...)
     and one environment variable (`CNN_JOB_EPOCHS`, ...); its metadata holds the option's help."""
 
-    dataset: str = setting(help=f"Which dataset and seed net: {' or '.join(DATASETS)}.")
-    net: str = setting("seed", "seed (the seed CNN, Adam) or fast (airbench94: ~94% on CIFAR-10 "
-                       "in 10 epochs; CIFAR-10 only). Each brings its defaults below.")
-    # None: not given, so the net's (NET_DEFAULTS); an option given, even the seed's value, stays.
-    epochs: int | None = per_net("epochs", "Epochs to train in all (a resume counts done ones).")
-    batch_size: int | None = per_net(
-        "batch_size", "Images per step per process; under DDP the global batch is this times the "
-        "world size.")
-    lr: float | None = per_net(
-        "lr", "The peak learning rate: Adam's (seed), or SGD's for the loss summed over the batch "
-        "(fast).")
-    lr_schedule: str | None = per_net(
-        "lr_schedule", "linear or cosine decay to 0 over the run, constant, or triangle (0.2 → 1 "
-        "over 23% of the run, then → 0.07).")
+    dataset: str = setting(help=f"Which dataset: {' or '.join(DATASETS)}.")
+    net: str = setting("seed", "The recipe, with the defaults it brings below. "
+                       + recipes.net_help())
+    # None: not given, so the recipe's DEFAULTS; an option given, even the default's value, stays.
+    epochs: int | None = per_recipe("epochs")
+    batch_size: int | None = per_recipe("batch_size")
+    lr: float | None = per_recipe("lr")
+    lr_schedule: str | None = per_recipe("lr_schedule")
+    augment: bool | None = per_recipe("augment")
+    tta: bool | None = per_recipe("tta")
     seed: int = setting(0, "Seed for init, shuffling and augmentation.")
     device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
     precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
@@ -209,12 +131,6 @@ class TrainConfig:
         3, "Newest checkpoints to keep; older ones go once a newer one is safe.")
     limit_train: int | None = setting(
         None, "Train on the first N training images only (smoke tests).", default_text="all")
-    augment: bool | None = per_net(
-        "augment", "CIFAR-10 only. seed: random crop (4 px zero padding) and flip; fast: random "
-        "crop (2 px reflected) and alternating flip.")
-    tta: bool | None = per_net(
-        "tta", "Evaluate the final weights with test-time augmentation: 6 views (mirror, 1 px "
-        "shifts), logits weighted; the other epochs' evaluations see the net alone.")
     eval_batch_size: int = setting(1000, "Images per evaluation step (does not change the results).")
     log_every_steps: int = setting(
         10, "Log train loss, lr and images/s to W&B (and the progress bar) every N steps.")
@@ -226,18 +142,20 @@ class TrainConfig:
     summary_json: Path | None = setting(None, "Write the final metrics and timings here as JSON.")
 
     def __post_init__(self) -> None:
-        preset(self.dataset)
-        self._apply_net_defaults()
+        recipes.check(self.dataset, self.net)
+        for name, value in recipes.defaults(self.dataset, self.net).items():
+            if getattr(self, name) is None:  # not given: the recipe's
+                setattr(self, name, value)
         if self.checkpoint_uri is None:
             self.checkpoint_uri = default_checkpoint_uri(self.dataset)
         self.cache_dir = Path(self.cache_dir).expanduser()
+        check_precision(self.precision)
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
             (math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive finite number"),
             (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
-            (self.precision in ("auto", "fp32", "bf16"), "--precision must be auto, fp32 or bf16"),
             (self.compile in COMPILE_MODES, f"--compile must be {', '.join(COMPILE_MODES)}"),
             (self.resume in ("auto", "never"), "--resume must be auto or never"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be {', '.join(LR_SCHEDULES)}"),
@@ -262,16 +180,6 @@ class TrainConfig:
                 f"--augment applies random crops and flips meant for CIFAR-10; "
                 f"drop it for {self.dataset}"
             )
-
-    def _apply_net_defaults(self) -> None:
-        if self.net not in NETS:
-            raise JobError(f"--net must be {' or '.join(NETS)}")
-        if self.net == "fast" and self.dataset != "cifar10":
-            raise JobError(f"--net fast is the CIFAR-10 recipe (its first layer whitens 2×2 colour "
-                           f"patches); train {self.dataset} with --net seed")
-        for name, value in NET_DEFAULTS[self.net].items():
-            if getattr(self, name) is None:  # not given: the net's
-                setattr(self, name, value)
 
     def to_dict(self) -> dict:
         """Plain values only, so a checkpoint holding it loads with weights_only=True; URIs

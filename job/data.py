@@ -25,7 +25,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from job.config import DatasetPreset
+from job.datasets import DatasetPreset
 from job.errors import JobError
 from job.progress import say
 from job.storage import (
@@ -471,6 +471,7 @@ class DeviceBatches:
     """
 
     PAD = 4  # pixels of zero padding for the random crop, as torchvision's RandomCrop(32, 4)
+    # (a recipe with another augmentation subclasses this: see job/recipes/fast.py)
 
     def __init__(
         self, images: torch.Tensor, labels: torch.Tensor, p: DatasetPreset, device: torch.device,
@@ -556,54 +557,3 @@ class DeviceBatches:
         padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
         batch = torch.arange(n, device=self.device).view(n, 1, 1)
         return padded[batch, rows.view(n, height, 1), columns.view(n, 1, width)]
-
-
-class FastBatches(DeviceBatches):
-    """The fast net's training batches (airbench94's augmentation): a random crop of the image
-    reflect-padded by 2 pixels, and the alternating flip: in epoch 0 a random half of the images
-    (drawn from the seed) is mirrored, and from then on each image's flip alternates from one
-    epoch to the next, so every image is seen both ways in any two consecutive epochs. Crops are
-    drawn per permutation position from (seed, epoch), flips per image from the seed: a resume
-    at any batch size or world size gets the same ones. The epoch's last partial global batch is
-    dropped: it serves a whole number of batch_size × world_size batches.
-    """
-
-    PAD = 2
-
-    def remaining(self, position: int) -> int:
-        global_batch = self.batch_size * self.world_size
-        served = len(self.images) // global_batch * global_batch
-        return max(served - position, 0) // self.world_size * self.world_size
-
-    def flips(self, epoch: int) -> torch.Tensor:
-        """1 where image i (dataset index) is mirrored in `epoch`, 0 where it is not."""
-        generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, "flip"))
-        first = torch.randint(0, 2, (len(self.images),), device=self.device, generator=generator)
-        return first ^ (epoch % 2)
-
-    def _crops(self, epoch: int) -> torch.Tensor:
-        """3 × N: crop offsets per permutation position, and the flip of the image there."""
-        n, span = len(self.images), 2 * self.PAD + 1
-        generator = torch.Generator(device=self.device).manual_seed(
-            derived_seed(self.seed, "augment", epoch))
-        offsets = torch.randint(0, span, (2, n), device=self.device, generator=generator)
-        flips = self.flips(epoch)[self._permutation(epoch).to(self.device)]
-        return torch.cat([offsets, flips.view(1, n)])
-
-    def _crop_and_flip(self, images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
-                       flip: torch.Tensor) -> torch.Tensor:
-        """Each image's crop at (dy, dx) of it reflect-padded by PAD, mirrored where flip is 1:
-        one gather, reflecting the indices instead of padding the pixels."""
-        n, height, width, _ = images.shape
-        rows = reflect(dy.view(n, 1) - self.PAD + torch.arange(height, device=self.device), height)
-        columns = torch.arange(width, device=self.device)
-        columns = torch.where(flip.view(n, 1).bool(), columns.flip(0), columns)
-        columns = reflect(dx.view(n, 1) - self.PAD + columns, width)
-        batch = torch.arange(n, device=self.device).view(n, 1, 1)
-        return images[batch, rows.view(n, height, 1), columns.view(n, 1, width)]
-
-
-def reflect(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Indices outside 0..size-1 mirrored into it, as reflect padding does (-1 → 1, size → size-2)."""
-    index = index.abs()
-    return torch.where(index >= size, 2 * (size - 1) - index, index)

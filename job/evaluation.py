@@ -1,9 +1,11 @@
 """Evaluation over a whole split: loss, accuracy, confusion matrix and a few misclassified
-images. One function, used after every epoch of training; the tracker only consumes its result.
+images; and test-time augmentation. One function, used after every epoch of training and by
+`cnn-job evaluate`; the tracker only consumes its result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,25 +34,34 @@ class Evaluation:
         return (self.confusion.diagonal() / totals).tolist()
 
 
-# Test-time augmentation (airbench94's): the image and its mirror, and the image shifted by one
-# pixel up-left and down-right (reflect-padded), each with its mirror; logits weighted.
-TTA_WEIGHTS = (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
+@dataclass(frozen=True)
+class TTA:
+    """Test-time augmentation: views of a batch, each passed through the net, and the weight of
+    each view's logits in their sum. A recipe says which views suit its data."""
+
+    views: Callable[[torch.Tensor], list[torch.Tensor]]  # N×C×H×W -> the views, in weights' order
+    weights: tuple[float, ...]
+    description: str  # the views in words, for an export's metadata
 
 
-def tta_views(images: torch.Tensor) -> list[torch.Tensor]:
-    """The 6 views of N×C×H×W images, in TTA_WEIGHTS' order: identity, mirror, shifted up-left,
-    its mirror, shifted down-right, its mirror."""
+def mirror_and_shifts(images: torch.Tensor) -> list[torch.Tensor]:
+    """airbench94's 6 views of N×C×H×W images: identity, mirror, shifted one pixel up-left
+    (reflect-padded), its mirror, shifted down-right, its mirror."""
     height, width = images.shape[-2:]
     padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
     up_left, down_right = padded[..., 2:, 2:], padded[..., : height, : width]
     return [view for image in (images, up_left, down_right) for view in (image, image.flip(-1))]
 
 
-def tta_logits(model, images: torch.Tensor) -> torch.Tensor:
-    """The weighted sum (in float32) of the model's logits over the 6 views, a forward pass
-    each: the memory of one batch, not of six."""
+MIRROR_AND_SHIFTS = TTA(mirror_and_shifts, (0.25, 0.25, 0.125, 0.125, 0.125, 0.125),
+                        "identity, mirror, up-left, its mirror, down-right, its mirror")
+
+
+def tta_logits(model, images: torch.Tensor, tta: TTA) -> torch.Tensor:
+    """The weighted sum (in float32) of the model's logits over the views, a forward pass each:
+    the memory of one batch, not of all views at once."""
     logits = 0
-    for weight, view in zip(TTA_WEIGHTS, tta_views(images)):
+    for weight, view in zip(tta.weights, tta.views(images)):
         logits = logits + weight * model(view).float()
     return logits
 
@@ -58,27 +69,27 @@ def tta_logits(model, images: torch.Tensor) -> torch.Tensor:
 class WithTTA(torch.nn.Module):
     """A net whose logits are its test-time augmented ones (what `export` writes for TTA)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, tta: TTA) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.tta = model, tta
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return tta_logits(self.model, images)
+        return tta_logits(self.model, images, self.tta)
 
 
 @torch.no_grad()
 def evaluate(model, batches: DeviceBatches, d: Dist, autocast, num_classes: int,
-             tta: bool = False) -> Evaluation:
+             tta: TTA | None = None) -> Evaluation:
     """Loss, accuracy and confusion matrix over the whole split (sharded across ranks, sums
     all-reduced), and a few misclassified images from rank 0's share for the dashboard; with
-    `tta`, of the test-time augmented logits."""
+    a `tta`, of its test-time augmented logits."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=d.device)  # Σ loss, images
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=d.device)
     order, misclassified = batches.order(0), []
     for index, (images, labels) in enumerate(batches.epoch(0)):
         with autocast():
-            logits = tta_logits(model, images) if tta else model(images)
+            logits = tta_logits(model, images, tta) if tta else model(images)
         totals[0] += F.cross_entropy(logits.float(), labels, reduction="sum")
         totals[1] += labels.numel()
         predicted = logits.argmax(dim=1)
@@ -94,4 +105,4 @@ def evaluate(model, batches: DeviceBatches, d: Dist, autocast, num_classes: int,
     if not count:  # every rank knows it (summed): they all stop, none waits in a collective
         raise JobError("the test split holds no images: there is nothing to evaluate")
     return Evaluation(loss_sum / count, confusion.diagonal().sum().item() / count, confusion,
-                      misclassified, tta)
+                      misclassified, tta is not None)

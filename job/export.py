@@ -7,7 +7,7 @@ Formats:
   alone, batch dimension dynamic too. It is PyTorch's successor to TorchScript: torch.jit's
   script, trace and save are deprecated in torch 2.x, and this is the graph the ONNX exporter
   and AOTInductor start from.
-- safetensors: the weights of `build_model(dataset)` (state_dict names), for code that builds
+- safetensors: the weights of the recipe's net (state_dict names), for code that builds
   the net itself.
 
 Each file carries what a server needs in one JSON document, `SERVING_KEY`: input name, shape,
@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 import torch
 
 from job.errors import JobError
-from job.evaluation import TTA_WEIGHTS, WithTTA
+from job.evaluation import WithTTA
 from job.inference import LoadedCheckpoint, load_checkpoint
 from job.objects import Output
 from job.preemption import Interrupted, StopRequest
@@ -44,12 +44,12 @@ def serving_metadata(checkpoint: LoadedCheckpoint, fmt: str, tta: bool = False) 
         "format": fmt,
         "dataset": p.name,
         "net": checkpoint.net,
-        # Whether the file's logits are already the test-time augmented ones (6 views: identity,
-        # mirror, 1-pixel shifts up-left and down-right reflect-padded, each mirrored; weights
-        # below): then a server feeds plain images and does nothing more.
+        # Whether the file's logits are already the test-time augmented ones (the recipe's views,
+        # e.g. identity, mirror, 1-pixel shifts up-left and down-right reflect-padded, each
+        # mirrored; weights below): then a server feeds plain images and does nothing more.
         "test_time_augmentation": tta,
-        **({"tta_views": "identity, mirror, up-left, its mirror, down-right, its mirror",
-            "tta_weights": list(TTA_WEIGHTS)} if tta else {}),
+        **({"tta_views": checkpoint.recipe.tta.description,
+            "tta_weights": list(checkpoint.recipe.tta.weights)} if tta else {}),
         "input_name": INPUT_NAME,
         "output_name": OUTPUT_NAME,
         "input_shape": ["batch", p.channels, p.image_size, p.image_size],
@@ -84,7 +84,7 @@ def export_checkpoint(checkpoint_uri: str, fmt: str, output_uri: str, endpoint_u
     tta = (checkpoint.val_acc_with_tta if tta is None else tta) and fmt != "safetensors"
     metadata = serving_metadata(checkpoint, fmt, tta)
     model = checkpoint.model(torch.device("cpu"), channels_last=False)
-    model = WithTTA(model).eval() if tta else model
+    model = WithTTA(model, checkpoint.recipe.tta).eval() if tta else model
     convert = {"onnx": onnx_bytes, "torch-export": torch_export_bytes,
                "safetensors": safetensors_bytes}[fmt]
     # The exporters import torch._dynamo, onnxscript, ... as they go (seconds). A stop signal

@@ -11,7 +11,6 @@ brought to what the dataset's images look like, then normalised by DeviceBatches
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import io
 import pickle
@@ -26,9 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from job import distributed
+from job import distributed, recipes
 from job.checkpoint import NAME_PATTERN, CheckpointManager, RunState, first_line, from_bytes
-from job.config import PRESETS, DatasetPreset, default_cache_dir, uses_bf16
+from job.config import check_precision, default_cache_dir, uses_bf16
 from job.data import (
     DeviceBatches,
     check_cache_dir,
@@ -39,11 +38,11 @@ from job.data import (
     read_idx,
     unpickle_batch,
 )
+from job.datasets import PRESETS, DatasetPreset
 from job.errors import JobError, strip_userinfo
 from job.evaluation import evaluate, tta_logits
-from job.models import build_model
 from job.objects import read_object
-from job.step import choose_cuda_kernels
+from job.step import autocast_for, choose_cuda_kernels
 from job.storage import local_path, uri_kind
 
 CHECKPOINT_HINT = "pass a checkpoint file, a checkpoint folder or an s3:// prefix or object"
@@ -68,7 +67,12 @@ class LoadedCheckpoint:
 
     @property
     def net(self) -> str:
-        return self.state["config"].get("net", "seed")  # checkpoints from before --net: seed
+        return recipes.saved_net(self.state["config"])
+
+    @property
+    def recipe(self) -> recipes.Recipe:
+        """The recipe that trained these weights: it builds the net and knows its TTA views."""
+        return recipes.load(self.preset.name, self.net)
 
     @property
     def tta(self) -> bool:
@@ -85,13 +89,12 @@ class LoadedCheckpoint:
     def model(self, device: torch.device, channels_last: bool = True) -> torch.nn.Module:
         """The net with the checkpoint's weights, in eval mode; channels_last as training runs it
         (so that evaluation computes exactly what training's did)."""
-        model = build_model(self.preset.name, self.net)
+        model = self.recipe.build_model()
         try:
             model.load_state_dict(self.state["model"])
         except (RuntimeError, KeyError, TypeError) as error:
-            net = " (--net fast)" if self.net == "fast" else ""
-            raise JobError(f"{self.location}: its weights do not fit the {self.preset.name} net{net} "
-                           f"({first_line(error, 100)})") from None
+            raise JobError(f"{self.location}: its weights do not fit the {self.preset.name} net "
+                           f"(--net {self.net}) ({first_line(error, 100)})") from None
         model = model.to(device, memory_format=torch.channels_last if channels_last
                          else torch.contiguous_format)
         return model.eval()
@@ -180,15 +183,13 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
         if batch_size < 1:
             raise JobError("--batch-size must be at least 1")
         precision = precision or saved.get("precision", "auto")
-        if precision not in ("auto", "fp32", "bf16"):
-            raise JobError("--precision must be auto, fp32 or bf16")
+        check_precision(precision)
         choose_cuda_kernels(d.device)  # as training runs its evaluation
         batches = DeviceBatches(split.images, split.labels, p, d.device, batch_size, shuffle=False,
                                 rank=d.rank, world_size=d.world_size)
-        bf16 = uses_bf16(precision, d.device.type)
-        autocast = functools.partial(torch.autocast, d.device.type, torch.bfloat16, enabled=bf16)
         tta = checkpoint.val_acc_with_tta if tta is None else tta
-        result = evaluate(checkpoint.model(d.device), batches, d, autocast, len(p.class_names), tta)
+        result = evaluate(checkpoint.model(d.device), batches, d, autocast_for(precision, d.device),
+                          len(p.class_names), checkpoint.recipe.tta if tta else None)
     finally:
         distributed.teardown(d)
     if not d.is_main:
@@ -216,7 +217,7 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
         "per_class_accuracy": dict(zip(p.class_names, result.per_class_accuracy())),
         "confusion_matrix": result.confusion.tolist(),  # rows: true class, columns: predicted
         "device": str(d.device),
-        "precision": "bf16" if bf16 else "fp32",
+        "precision": "bf16" if uses_bf16(precision, d.device.type) else "fp32",
         "tta": tta,
         "world_size": d.world_size,
         "batch_size": batch_size,
@@ -382,7 +383,7 @@ def predict(checkpoint_uri: str, image_uris: list[str], *, top_k: int, device: s
     results = []
     with torch.no_grad():
         for batch, _ in batches.epoch(0):
-            logits = tta_logits(model, batch) if tta else model(batch)
+            logits = tta_logits(model, batch, checkpoint.recipe.tta) if tta else model(batch)
             probabilities, classes = F.softmax(logits.float(), dim=1).topk(k, dim=1)
             results += zip(probabilities.tolist(), classes.tolist())
     return [{"image": strip_userinfo(uri),

@@ -1,22 +1,53 @@
-"""Adam, computed by the fused kernel torch.optim.Adam(fused=True) uses (bit for bit the same
-update), and saved in torch.optim.Adam's state_dict format, so checkpoints move freely between
-the two. Two reasons not to call torch.optim.Adam itself:
+"""The optimisers the recipes use, and the learning-rate schedules.
+
+Adam and SGD compute what torch.optim.Adam(fused=True) and torch.optim.SGD(nesterov=True)
+compute (bit for bit: Adam calls the same fused kernel) and save torch.optim's state_dict
+format, so checkpoints move freely between them. Two reasons not to call torch.optim itself:
 
 - its wrappers import torch._dynamo on first use, to keep torch.compile out of them: 1.1 s of a
   4 s CPU run, and of every start on a GPU, for a compiler this job does not use;
 - here the learning rate lives in device memory on CUDA, so a CUDA graph of the whole training
   step (job/step.py) replays each step at that step's rate.
+
+A schedule (`lr_at`) is a pure function of the run's progress in images, so it means the same
+at any batch size, world size or resume point.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 
 import torch
 
-# torch.optim.Adam's defaults, which the seed's Adam used.
+# torch.optim.Adam's defaults, which the seed recipe's Adam uses.
 BETAS = (0.9, 0.999)
 EPS = 1e-8
+
+# ----------------------------------------------------------------------------------------------
+# learning-rate schedules
+
+TRIANGLE_PEAK = 0.23  # of the run, where the triangle schedule peaks
+
+
+def lr_at(schedule: str, peak: float, progress: float) -> float:
+    """The learning rate for the step about to run, `progress` of the run's images done: linear
+    or cosine decay from `peak` to 0; constant; triangle (airbench94's: 0.2 → 1 × peak over the
+    first 23%, then down to 0.07 × peak at the end)."""
+    progress = min(progress, 1.0)
+    if schedule == "linear":
+        return peak * (1 - progress)
+    if schedule == "cosine":
+        return peak * 0.5 * (1 + math.cos(math.pi * progress))
+    if schedule == "triangle":
+        rise = progress / TRIANGLE_PEAK
+        fall = (progress - TRIANGLE_PEAK) / (1 - TRIANGLE_PEAK)
+        return peak * (0.2 + 0.8 * rise if progress < TRIANGLE_PEAK else 1 - 0.93 * fall)
+    return peak
+
+
+# ----------------------------------------------------------------------------------------------
+# Adam
 
 
 class _Optimizer:
@@ -32,8 +63,10 @@ class _Optimizer:
 class Adam(_Optimizer):
     """Adam over one group of float32 parameters on one device, no weight decay or amsgrad."""
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float) -> None:
+    def __init__(self, params: Iterable[torch.nn.Parameter], lr: float,
+                 betas: Sequence[float] = BETAS) -> None:
         self.params = list(params)
+        self.betas = (float(betas[0]), float(betas[1]))
         device = self.params[0].device
         # The fused CUDA kernel reads a float32 learning rate from device memory; the CPU one
         # takes a number.
@@ -61,7 +94,7 @@ class Adam(_Optimizer):
         torch._fused_adam_(
             [p for p, _ in live], [p.grad for p, _ in live], [s["exp_avg"] for _, s in live],
             [s["exp_avg_sq"] for _, s in live], [], steps, amsgrad=False, lr=self.lr,
-            beta1=BETAS[0], beta2=BETAS[1], weight_decay=0.0, eps=EPS, maximize=False,
+            beta1=self.betas[0], beta2=self.betas[1], weight_decay=0.0, eps=EPS, maximize=False,
             grad_scale=None, found_inf=None)
 
     def _init_state(self) -> None:
@@ -76,7 +109,7 @@ class Adam(_Optimizer):
 
     def _group(self) -> dict:
         lr = self.lr.item() if isinstance(self.lr, torch.Tensor) else self.lr
-        return {"lr": lr, "betas": BETAS, "eps": EPS, "weight_decay": 0, "amsgrad": False,
+        return {"lr": lr, "betas": self.betas, "eps": EPS, "weight_decay": 0, "amsgrad": False,
                 "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
                 "fused": True, "decoupled_weight_decay": False,
                 "params": list(range(len(self.params)))}
@@ -122,12 +155,7 @@ class Adam(_Optimizer):
 
 
 # ----------------------------------------------------------------------------------------------
-# the fast net's optimizer: SGD with Nesterov momentum and decoupled weight decay, and lookahead
-
-MOMENTUM = 0.85
-WEIGHT_DECAY_PER_1024 = 0.0153  # decoupled: the decay per step of a batch of 1024 at the peak lr
-BN_BIAS_LR_SCALE = 64.0  # the BN biases' lr is this times the rest's (same decay per step)
-WHITENING_BIAS_EPOCHS = 3  # the whitening conv's bias trains in these first epochs, then freezes
+# SGD
 
 
 class SGD(_Optimizer):
@@ -138,7 +166,7 @@ class SGD(_Optimizer):
     a group with lr_scale 0 is frozen (neither updated nor decayed).
     """
 
-    def __init__(self, groups: list[dict], lr: float, momentum: float = MOMENTUM) -> None:
+    def __init__(self, groups: list[dict], lr: float, momentum: float) -> None:
         """groups: dicts of name, params, lr_scale and weight_decay (torch's coupled weight decay,
         applied to the gradient)."""
         self.groups = [dict(group, params=list(group["params"])) for group in groups]
@@ -225,67 +253,3 @@ class SGD(_Optimizer):
             p = self.params[index]
             self.state[index] = {"momentum_buffer": torch.empty_like(p).copy_(saved["momentum_buffer"])}
         self.set_lr(self.lr)
-
-
-def fast_sgd(model: torch.nn.Module, lr: float, global_batch: int) -> SGD:
-    """airbench94's SGD: the BN biases at 64× the rate; the whitening conv's bias apart (frozen
-    after WHITENING_BIAS_EPOCHS); every other trainable parameter at the rate. Decay is
-    decoupled from the rate: WEIGHT_DECAY_PER_1024 · global_batch / kilostep per step at the
-    peak for every group, handed to SGD as that divided by the group's rate."""
-    kilostep = 1024 * (1 + 1 / (1 - MOMENTUM))  # lr → the size of a Nesterov step
-    decay_per_step = WEIGHT_DECAY_PER_1024 * global_batch / kilostep
-    bn_biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    whitening_bias = [model.whiten.bias]
-    taken = {id(p) for p in bn_biases + whitening_bias}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in taken]
-    groups = [("bn_biases", bn_biases, BN_BIAS_LR_SCALE), ("whitening_bias", whitening_bias, 1.0),
-              ("weights", others, 1.0)]
-    return SGD([{"name": name, "params": params, "lr_scale": scale,
-                 "weight_decay": decay_per_step / (lr * scale)} for name, params, scale in groups],
-               lr)
-
-
-class Lookahead:
-    """Every EVERY_STEPS steps, an EMA copy of the net's state (weights and BN statistics) moves
-    toward the live one with decay DECAY · progress³, and the live net is reset to it; the
-    run's final weights are the EMA's (finish)."""
-
-    EVERY_STEPS = 5
-    DECAY = 0.95**5
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.ema = {name: t.detach().clone() for name, t in model.state_dict().items()
-                    if t.is_floating_point()}
-
-    def decay_at(self, progress: float) -> float:
-        """progress: the fraction of the run's images trained after this step."""
-        return self.DECAY * min(progress, 1.0) ** 3
-
-    def after_step(self, step: int, progress: float) -> None:
-        if step % self.EVERY_STEPS == 0:
-            self.update(self.decay_at(progress))
-
-    @torch.no_grad()
-    def update(self, decay: float) -> None:
-        live = self.model.state_dict()
-        ema, current = list(self.ema.values()), [live[name] for name in self.ema]
-        torch._foreach_lerp_(ema, current, 1 - decay)  # ema = decay · ema + (1 - decay) · live
-        torch._foreach_copy_(current, ema)
-
-    def finish(self) -> None:
-        """The live net becomes the EMA (decay 1: the EMA does not move)."""
-        self.update(1.0)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.ema)
-
-    def check(self, state_dict: dict) -> None:
-        if {k: getattr(v, "shape", None) for k, v in state_dict.items()} != {
-                k: v.shape for k, v in self.ema.items()}:
-            raise ValueError("its lookahead copy does not fit the net")
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.check(state_dict)
-        for name, tensor in self.ema.items():
-            tensor.copy_(state_dict[name])

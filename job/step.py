@@ -1,20 +1,22 @@
-"""The training step: forward, loss, backward and Adam, run eagerly or replayed from a CUDA graph.
+"""The training step: forward, loss, backward and the optimiser's update, run eagerly or
+replayed from a CUDA graph; and the precision and kernel choices that training and evaluation share.
 
-On a GPU the seed nets' eager step at batch 64 is bound by kernel launches (about a hundred
+On a GPU the seed recipe's eager step at batch 64 is bound by kernel launches (about a hundred
 per step, each microseconds of CPU time), not by the GPU. A CUDA graph records the step's
 kernels once and replays them with one launch: the same kernels on the same memory, so a
 replay computes what the eager step would. It is chosen over torch.compile because it adds no
 compile time (tens of seconds, against a whole CIFAR-10 run of a few) and needs no compiler
-toolchain on the GPU box.
+toolchain on the GPU machine.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from job.config import uses_bf16
 from job.errors import JobError
 from job.optim import SGD, Adam
 
@@ -35,10 +37,11 @@ def choose_cuda_kernels(device: torch.device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
-def mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
-    """The seed nets' loss: (what backward differentiates, the mean loss per image to report)."""
-    loss = F.cross_entropy(logits, labels)
-    return loss, loss
+def autocast_for(precision: str, device: torch.device) -> Callable:
+    """--precision as a context-manager factory for training's and evaluation's forward passes:
+    bf16 autocast where `uses_bf16` says so, else a disabled autocast (fp32)."""
+    return functools.partial(torch.autocast, device.type, torch.bfloat16,
+                             enabled=uses_bf16(precision, device.type))
 
 
 def resolve_compile(mode: str, device: torch.device, distributed: bool) -> str:
@@ -67,7 +70,7 @@ class TrainStep:
 
     def __init__(self, model: torch.nn.Module, optimizer: Adam | SGD, autocast: Callable,
                  graphed: bool, say: Callable[[str], None], batch_size: int,
-                 criterion: Callable = mean_cross_entropy) -> None:
+                 criterion: Callable) -> None:
         self.model, self.optimizer, self.autocast = model, optimizer, autocast
         self.criterion = criterion  # (logits, labels) -> (loss to differentiate, mean to report)
         self.graphed, self.say = graphed, say
@@ -141,17 +144,3 @@ class TrainStep:
                      "training on eagerly, which computes the same")
             return
         self.graph, self.static = graph, (static_images, static_labels, reported.detach())
-
-
-LABEL_SMOOTHING = 0.2  # the fast net's
-
-
-def summed_smoothed_cross_entropy(world_size: int) -> Callable:
-    """The fast net's loss: cross-entropy with label smoothing 0.2, summed over the batch (its
-    lr is for the sum), times the world size, since DDP averages the ranks' gradients: the
-    gradient is the global batch's sum at any world size. It reports the mean per image."""
-    def criterion(logits: torch.Tensor, labels: torch.Tensor):
-        total = F.cross_entropy(logits, labels, label_smoothing=LABEL_SMOOTHING, reduction="sum")
-        return total * world_size, total.detach() / len(labels)
-
-    return criterion

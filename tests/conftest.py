@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from job.config import preset
 from job.data import fetch_archives, load_splits
+from job.datasets import preset
 
 # Tests that do not look at W&B keep it off; tests/test_tracking.py turns it on where it looks.
 os.environ["WANDB_MODE"] = "disabled"

@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from job.checkpoint import POINTER, Checkpointer, CheckpointManager, RunState, from_bytes, to_bytes
-from job.config import TrainConfig, preset
+from job.config import TrainConfig
+from job.datasets import preset
 from job.distributed import Dist
 from job.errors import JobError
-from job.models import build_model
+from job.recipes import load
+from job.recipes.base import Training
 from job.tracking import NullTracker
 from job.train import train
 from tests.conftest import archive_sha256
@@ -21,7 +23,7 @@ def todays_checkpoint(step: int = 16, epoch: int = 1, epoch_step: int = 0,
     """A checkpoint exactly as the job has written them since it first shipped: the keys are
     spelled out here, not taken from the code, because users' buckets hold such files."""
     torch.manual_seed(0)
-    model = build_model("mnist")
+    model = load("mnist", "seed").build_model()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     torch.nn.functional.cross_entropy(model(torch.zeros(2, 1, 28, 28)), torch.tensor([1, 2])).backward()
     optimizer.step()
@@ -116,10 +118,10 @@ def test_only_unreadable_checkpoints_is_an_error_not_a_fresh_start(tmp_path):
 
 def test_save_rule(tmp_path):
     cfg = TrainConfig(dataset="mnist", checkpoint_uri=str(tmp_path), checkpoint_every_steps=5)
-    model = build_model("mnist")
-    optimizer = torch.optim.Adam(model.parameters())
+    model = load("mnist", "seed").build_model()
+    training = Training(torch.optim.Adam(model.parameters()))
     checkpointer = Checkpointer(CheckpointManager(str(tmp_path), log=lambda _: None), cfg, CPU,
-                                model, optimizer, {}, epoch_remaining=lambda position: 640 - position)
+                                model, training, {}, epoch_remaining=lambda position: 640 - position)
     run = RunState()
     run.begin_epoch(CPU)
     written = []
@@ -132,7 +134,7 @@ def test_save_rule(tmp_path):
     assert from_bytes((tmp_path / "step-000000005.pt").read_bytes())["epoch_loss"] == [640.0, 320.0]
     assert checkpointer.save(run, NullTracker(), force=True) and checkpointer.location.endswith("10.pt")
     never = Checkpointer(CheckpointManager(str(tmp_path / "n")), TrainConfig(dataset="mnist"), CPU,
-                         model, optimizer, {}, epoch_remaining=lambda position: 640 - position)
+                         model, training, {}, epoch_remaining=lambda position: 640 - position)
     assert not any(never.save(RunState(step=s, epoch_step=s, epoch_position=64 * s), NullTracker())
                    for s in range(1, 10))
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from job.models import build_model
 from job.optim import Adam
+from job.recipes import load
 from tests.conftest import REPO
 
 # The files whose code runs only on a GPU, in part or whole.
@@ -146,8 +146,8 @@ def test_adam_with_the_learning_rate_as_a_tensor_is_torch_fused_adams_update_bit
     CPU dispatches the same tensor_lr overload, and matches torch.optim.Adam(fused=True) given a
     tensor rate, step for step, as the rate changes in place (as set_lr does under a graph)."""
     torch.manual_seed(0)
-    theirs_net = build_model("cifar10").to(memory_format=torch.channels_last)
-    ours_net = build_model("cifar10").to(memory_format=torch.channels_last)
+    theirs_net = load("cifar10", "seed").build_model().to(memory_format=torch.channels_last)
+    ours_net = load("cifar10", "seed").build_model().to(memory_format=torch.channels_last)
     ours_net.load_state_dict(theirs_net.state_dict())
     theirs = torch.optim.Adam(theirs_net.parameters(), lr=torch.tensor(1e-3), fused=True)
     ours = Adam(ours_net.parameters(), 1e-3)

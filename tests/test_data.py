@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import job.data
-from job.config import preset
 from job.data import DeviceBatches, fetch_archives, load_splits, read_cifar10, read_idx
+from job.datasets import preset
 from job.errors import JobError
 from tests.conftest import REPO
 
@@ -480,7 +480,7 @@ def test_sha256_is_remembered_by_path_size_and_mtime(data_dir, tmp_path, monkeyp
 
 def test_two_processes_fill_the_parsed_cache_at_once(data_dir, tmp_path):
     _mnist_copy(data_dir, tmp_path)
-    script = ("import sys; from pathlib import Path; from job.config import preset; "
+    script = ("import sys; from pathlib import Path; from job.datasets import preset; "
               "from job.data import fetch_archives, load_splits; p = preset('mnist'); "
               "s = load_splits(p, fetch_archives(p, sys.argv[1], Path(sys.argv[2])), Path(sys.argv[2])); "
               "print(int(s.train_images.sum()), int(s.test_labels.sum()))")

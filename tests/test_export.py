@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from job.config import preset
 from job.data import DeviceBatches
+from job.datasets import preset
 from job.export import SERVING_KEY
-from job.models import build_model
+from job.recipes import load
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 from tests.trained_runs import trained_run
@@ -42,7 +42,7 @@ def normalised_test_images(split, dataset: str, count: int = 1000) -> torch.Tens
 
 
 def reference_logits(checkpoint, dataset: str, images: torch.Tensor) -> torch.Tensor:
-    model = build_model(dataset).eval()
+    model = load(dataset, "seed").build_model().eval()
     model.load_state_dict(torch.load(checkpoint, weights_only=True)["model"])
     with torch.no_grad():
         return model(images)
@@ -119,7 +119,7 @@ def test_safetensors_are_the_nets_weights(mnist_run, tmp_path):
     from safetensors.torch import load_file
 
     export(mnist_run.checkpoint, "safetensors", tmp_path / "net.safetensors")
-    model = build_model("mnist")
+    model = load("mnist", "seed").build_model()
     model.load_state_dict(load_file(tmp_path / "net.safetensors"))  # strict: every name, every shape
     saved = torch.load(mnist_run.checkpoint, weights_only=True)["model"]
     for name, tensor in model.state_dict().items():

@@ -13,12 +13,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from job.config import FAST_LR, TrainConfig, preset
-from job.data import FastBatches, reflect
+from job.config import TrainConfig
+from job.datasets import preset
 from job.errors import JobError
-from job.evaluation import TTA_WEIGHTS, tta_logits, tta_views
-from job.models import FastNet, build_model, dirac_init, whitening_filters
-from job.optim import SGD, Lookahead, fast_sgd
+from job.evaluation import MIRROR_AND_SHIFTS, tta_logits
+from job.optim import SGD
+from job.recipes import load
+from job.recipes.fast import (
+    DEFAULTS,
+    MOMENTUM,
+    FastBatches,
+    FastNet,
+    Lookahead,
+    dirac_init,
+    fast_sgd,
+    reflect,
+    whitening_filters,
+)
 from job.train import train
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
@@ -117,7 +128,7 @@ def test_dirac_init_makes_a_square_conv_the_identity():
 
 
 def test_fast_net_shape_and_frozen_parts():
-    net = build_model("cifar10", "fast")
+    net = load("cifar10", "fast").build_model()
     assert sum(p.numel() for p in net.parameters()) == 1_972_792  # the published ~1.97 M
     assert net(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
     frozen = {name for name, p in net.named_parameters() if not p.requires_grad}
@@ -127,9 +138,10 @@ def test_fast_net_shape_and_frozen_parts():
     assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in norms)
 
 
-def test_fast_is_refused_for_mnist_in_one_line():
-    with pytest.raises(JobError, match="--net fast is the CIFAR-10 recipe"):
-        TrainConfig(dataset="mnist", net="fast")
+def test_a_net_without_a_recipe_is_refused_in_one_line():
+    with pytest.raises(JobError, match=r"^--net turbo has no recipe for cifar10: train it with --net "
+                                       r"seed or fast; --net is one of seed, fast$"):
+        TrainConfig(dataset="cifar10", net="turbo")
 
 
 def test_each_net_brings_its_defaults_and_options_override_them():
@@ -137,8 +149,9 @@ def test_each_net_brings_its_defaults_and_options_override_them():
     assert (seed.epochs, seed.batch_size, seed.lr, seed.lr_schedule, seed.augment, seed.tta) == (
         5, 64, 1e-3, "linear", False, False)
     assert (fast.epochs, fast.batch_size, fast.lr, fast.lr_schedule, fast.augment, fast.tta) == (
-        10, 1024, FAST_LR, "triangle", True, True)
-    assert abs(FAST_LR - 1.4648e-3) < 1e-6
+        10, 1024, DEFAULTS["lr"], "triangle", True, True)
+    # airbench94's 11.5 per 1024 images, divided by the scale of Nesterov's steps
+    assert DEFAULTS["lr"] == 11.5 / (1024 * (1 + 1 / (1 - MOMENTUM)))
     given = TrainConfig(dataset="cifar10", net="fast", epochs=3, augment=False, tta=False)
     assert (given.epochs, given.augment, given.tta, given.batch_size) == (3, False, False, 1024)
 
@@ -182,9 +195,11 @@ def test_alternating_flip_and_reflected_crops(cifar10):
 
 def test_tta_views_and_weights():
     images = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).view(2, 3, 5, 5)
-    views = tta_views(images)
-    assert len(views) == len(TTA_WEIGHTS) == 6 and sum(TTA_WEIGHTS) == 1.0
-    assert TTA_WEIGHTS == (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
+    views = MIRROR_AND_SHIFTS.views(images)
+    weights = MIRROR_AND_SHIFTS.weights
+    assert len(views) == len(weights) == 6 and sum(weights) == 1.0
+    assert weights == (0.25, 0.25, 0.125, 0.125, 0.125, 0.125)
+    assert load("cifar10", "fast").tta is MIRROR_AND_SHIFTS
     identity, mirror, up_left, up_left_mirror, down_right, down_right_mirror = views
     assert torch.equal(identity, images) and torch.equal(mirror, images.flip(-1))
     # Shifted by one pixel, the border reflected: up-left takes (y+1, x+1), down-right (y-1, x-1).
@@ -198,8 +213,8 @@ def test_tta_views_and_weights():
     def model(x):  # a stand-in whose logits are easy to compute by hand: per-image pixel sums
         return x.flatten(1)[:, :4]
 
-    expected = sum(w * model(v) for w, v in zip(TTA_WEIGHTS, views))
-    assert torch.allclose(tta_logits(model, images), expected)
+    expected = sum(w * model(v) for w, v in zip(weights, views))
+    assert torch.allclose(tta_logits(model, images, MIRROR_AND_SHIFTS), expected)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +252,7 @@ def test_sgd_matches_torch_sgd_with_nesterov_and_weight_decay():
     ours, theirs = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
     theirs.load_state_dict(ours.state_dict())
     sgd = SGD([{"name": "all", "params": ours.parameters(), "lr_scale": 2.0, "weight_decay": 0.3}],
-              lr=0.05)
+              lr=0.05, momentum=MOMENTUM)
     reference = torch.optim.SGD(theirs.parameters(), lr=0.1, momentum=0.85, nesterov=True,
                                 weight_decay=0.3)
     for _ in range(4):
@@ -257,8 +272,8 @@ def test_sgd_matches_torch_sgd_with_nesterov_and_weight_decay():
 
 
 def test_fast_sgd_groups_and_decay():
-    net = build_model("cifar10", "fast")
-    sgd = fast_sgd(net, FAST_LR, 1024)
+    net = load("cifar10", "fast").build_model()
+    sgd = fast_sgd(net, DEFAULTS["lr"], 1024)
     names = [g["name"] for g in sgd.groups]
     assert names == ["bn_biases", "whitening_bias", "weights"]
     groups = {g["name"]: g for g in sgd.groups}
@@ -266,7 +281,7 @@ def test_fast_sgd_groups_and_decay():
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     assert sum(p.numel() for p in sgd.params) == trainable
     # Decoupled: the decay per step (rate × weight_decay) is the same ~2.0e-3 for every group.
-    decays = [FAST_LR * g["lr_scale"] * g["weight_decay"] for g in sgd.groups]
+    decays = [DEFAULTS["lr"] * g["lr_scale"] * g["weight_decay"] for g in sgd.groups]
     assert all(d == pytest.approx(0.0153 * 1024 / (1024 * (1 + 1 / 0.15))) for d in decays)
     assert decays[0] == pytest.approx(1.996e-3, rel=1e-3)
 
@@ -346,14 +361,14 @@ def test_onnx_export_of_a_fast_run_carries_tta_and_matches_pytorch(tmp_path, sma
     model = onnx.load(str(tmp_path / "net.onnx"))
     metadata = json.loads({p.key: p.value for p in model.metadata_props}["cnn_job"])
     assert metadata["net"] == "fast" and metadata["test_time_augmentation"] is True
-    assert metadata["tta_weights"] == list(TTA_WEIGHTS)
+    assert metadata["tta_weights"] == list(MIRROR_AND_SHIFTS.weights)
     assert metadata["val_acc"] == summary["final_val_acc"] and metadata["val_acc_with_tta"] is True
 
-    net = build_model("cifar10", "fast").eval()
+    net = load("cifar10", "fast").build_model().eval()
     net.load_state_dict(read(summary["checkpoint"])["model"])
     images = normalised(cifar10.test_images[:64]).contiguous()
     with torch.no_grad():
-        expected = tta_logits(net, images)
+        expected = tta_logits(net, images, MIRROR_AND_SHIFTS)
     session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
     (got,) = session.run(["logits"], {"images": images.numpy()})
     assert np.abs(got - expected.numpy()).max() <= 1e-4

@@ -5,10 +5,11 @@ import math
 import pytest
 import torch
 
-from job.config import preset
 from job.data import DeviceBatches
-from job.models import build_model
+from job.datasets import preset
 from job.optim import Adam
+from job.recipes import load
+from job.recipes.base import mean_cross_entropy
 from job.step import WARMUP_STEPS, TrainStep
 
 pytestmark = [pytest.mark.gpu,
@@ -19,10 +20,10 @@ def trained(device: str, splits, *, steps: int, graphed: bool = False, bf16: boo
             batch_size: int = 64, dataset: str = "mnist", images: int | None = None):
     """Losses of `steps` steps (a changing learning rate) from one seed, and the weights after."""
     torch.manual_seed(0)
-    model = build_model(dataset).to(device, memory_format=torch.channels_last)
+    model = load(dataset, "seed").build_model().to(device, memory_format=torch.channels_last)
     autocast = lambda **kw: torch.autocast(device, torch.bfloat16, enabled=bf16, **kw)  # noqa: E731
     step = TrainStep(model, Adam(model.parameters(), 1e-3), autocast, graphed=graphed,
-                     say=print, batch_size=batch_size)
+                     say=print, batch_size=batch_size, criterion=mean_cross_entropy)
     n = images or steps * batch_size
     batches = DeviceBatches(splits.train_images[:n], splits.train_labels[:n], preset(dataset),
                             torch.device(device), batch_size, shuffle=True, seed=0)
@@ -96,10 +97,11 @@ def test_a_failed_capture_trains_on_eagerly_on_the_default_stream(mnist):
             return self.net(images)
 
     torch.manual_seed(0)
-    model = ReadsBack(build_model("mnist")).to("cuda", memory_format=torch.channels_last)
+    model = ReadsBack(load("mnist", "seed").build_model()).to("cuda", memory_format=torch.channels_last)
     said = []
     step = TrainStep(model, Adam(model.parameters(), 1e-3), lambda **kw: torch.autocast(
-        "cuda", torch.bfloat16, **kw), graphed=True, say=said.append, batch_size=64)
+        "cuda", torch.bfloat16, **kw), graphed=True, say=said.append, batch_size=64,
+        criterion=mean_cross_entropy)
     batches = DeviceBatches(mnist.train_images[:64 * 8], mnist.train_labels[:64 * 8],
                             preset("mnist"), torch.device("cuda"), 64, shuffle=True, seed=0)
     losses = [step(x, y, 1e-3).item() for x, y in batches.epoch(0)]

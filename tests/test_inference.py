@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from job.cli import app
-from job.config import preset
+from job.datasets import preset
 from job.errors import JobError
 from job.inference import load_checkpoint, prepare_image
 from tests.conftest import run_cli
@@ -293,11 +293,11 @@ def test_evaluation_of_an_empty_split_is_a_job_error_not_a_division_by_zero():
     from job.data import DeviceBatches
     from job.distributed import Dist
     from job.evaluation import evaluate
-    from job.models import build_model
+    from job.recipes import load
 
     cpu = torch.device("cpu")
     empty = DeviceBatches(torch.zeros(0, 28, 28, 1, dtype=torch.uint8), torch.zeros(0, dtype=torch.long),
                           preset("mnist"), cpu, 100, shuffle=False)
     with pytest.raises(JobError, match="the test split holds no images"):
-        evaluate(build_model("mnist"), empty, Dist(0, 0, 1, cpu),
+        evaluate(load("mnist", "seed").build_model(), empty, Dist(0, 0, 1, cpu),
                  lambda: torch.autocast("cpu", enabled=False), 10)

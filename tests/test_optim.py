@@ -6,14 +6,14 @@ import torch
 import torch.nn.functional as F
 
 from job.checkpoint import from_bytes, to_bytes
-from job.models import build_model
 from job.optim import Adam
+from job.recipes import load
 
 
 def nets(dataset="cifar10"):
     torch.manual_seed(0)
-    a = build_model(dataset).to(memory_format=torch.channels_last)
-    b = build_model(dataset).to(memory_format=torch.channels_last)
+    a = load(dataset, "seed").build_model().to(memory_format=torch.channels_last)
+    b = load(dataset, "seed").build_model().to(memory_format=torch.channels_last)
     b.load_state_dict(a.state_dict())
     return a, b
 
@@ -125,7 +125,7 @@ def test_a_state_dict_of_another_net_is_refused_in_one_line(mangle, message):
     with pytest.raises(ValueError, match=message):
         Adam(a.parameters(), 1e-3).load_state_dict(state)
     with pytest.raises(ValueError):
-        Adam(build_model("mnist").parameters(), 1e-3).check(ours.state_dict())
+        Adam(load("mnist", "seed").build_model().parameters(), 1e-3).check(ours.state_dict())
 
 
 def test_a_fresh_optimizer_state_loads_as_fresh():

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from job.config import NET_DEFAULTS, TrainConfig
+from job import recipes
+from job.config import TrainConfig
 from job.errors import JobError
 from job.train import train
 from tests.conftest import CNN_JOB, SECRET, run_cli
@@ -95,7 +96,7 @@ def test_a_resume_that_changes_the_run_is_refused(tmp_path, data_dir, changed, v
         train(config(tmp_path, data_dir, epochs=2, **{changed: value}))
     message = str(refused.value)
     assert shown in message and "--resume never and another --checkpoint-uri" in message
-    original = {"seed": 0, "limit_train": 1000, "lr": NET_DEFAULTS["seed"]["lr"]}[changed]
+    original = {"seed": 0, "limit_train": 1000, "lr": recipes.defaults("mnist", "seed")["lr"]}[changed]
     assert f"({'--' + changed.replace('_', '-')} {original})" in message
 
 
@@ -172,11 +173,10 @@ def test_a_resume_at_another_batch_or_world_size_uses_each_image_once(tmp_path, 
 
 
 def test_lr_schedule_counts_images_not_steps():
-    from job.train import lr_at
+    from job.optim import lr_at
 
-    cfg = TrainConfig(dataset="mnist", lr=1e-3)
     # Half the images seen is half the decay, at batch 64 or 128 alike.
-    assert lr_at(cfg, 32 * 64, 64 * 64) == lr_at(cfg, 16 * 128, 32 * 128) == 5e-4
+    assert lr_at("linear", 1e-3, 32 * 64 / (64 * 64)) == lr_at("linear", 1e-3, 16 * 128 / (32 * 128)) == 5e-4
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,11 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from job.config import TrainConfig, preset
+from job.config import TrainConfig
 from job.data import DeviceBatches
+from job.datasets import preset
 from job.errors import JobError
-from job.models import build_model
 from job.optim import Adam
+from job.recipes import load
+from job.recipes.base import mean_cross_entropy
 from job.step import TrainStep, resolve_compile
 from tests.conftest import run_cli
 
@@ -48,12 +50,12 @@ def test_cuda_graph_on_the_cpu_is_one_line_and_exit_2_before_any_work(tmp_path, 
 def test_the_eager_step_is_torch_adams_step(mnist):
     """TrainStep (eager, as on CPU) against the step as written before it, with torch.optim."""
     torch.manual_seed(0)
-    ours_model = build_model("mnist").to(memory_format=torch.channels_last)
-    theirs_model = build_model("mnist").to(memory_format=torch.channels_last)
+    ours_model = load("mnist", "seed").build_model().to(memory_format=torch.channels_last)
+    theirs_model = load("mnist", "seed").build_model().to(memory_format=torch.channels_last)
     theirs_model.load_state_dict(ours_model.state_dict())
     autocast = lambda **kw: torch.autocast("cpu", torch.bfloat16, enabled=False, **kw)  # noqa: E731
     step = TrainStep(ours_model, Adam(ours_model.parameters(), 1e-3), autocast, graphed=False,
-                     say=print, batch_size=64)
+                     say=print, batch_size=64, criterion=mean_cross_entropy)
     theirs = torch.optim.Adam(theirs_model.parameters(), lr=1e-3, fused=True)
     batches = DeviceBatches(mnist.train_images[:300], mnist.train_labels[:300], preset("mnist"),
                             CPU, 64, shuffle=True, seed=0)

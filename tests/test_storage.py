@@ -9,8 +9,9 @@ import time
 import pytest
 import torch
 
-from job.config import TrainConfig, preset
+from job.config import TrainConfig
 from job.data import fetch_archives
+from job.datasets import preset
 from job.errors import JobError
 from job.storage import LocalStore, S3Store, open_store, parse_s3_uri, uri_kind
 from job.train import train

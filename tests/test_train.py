@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 
 from job.checkpoint import CheckpointManager
-from job.config import TrainConfig, preset
+from job.config import TrainConfig
 from job.data import DeviceBatches
+from job.datasets import preset
 from job.errors import JobError
-from job.models import build_model
+from job.recipes import load
 from job.train import train
 from tests.conftest import archive_sha256
 
@@ -39,7 +40,7 @@ def test_epoch_loss_is_weighted_by_batch_size(tmp_path, data_dir, mnist):
     cfg = config(tmp_path, data_dir, limit_train=100, lr=1e-12, seed=5)
     summary = train(cfg)
     torch.manual_seed(5)
-    model = build_model("mnist").to(memory_format=torch.channels_last)
+    model = load("mnist", "seed").build_model().to(memory_format=torch.channels_last)
     batches = DeviceBatches(mnist.train_images[:100], mnist.train_labels[:100], preset("mnist"),
                             torch.device("cpu"), 64, shuffle=True, seed=5)
     losses, sizes = [], []
@@ -91,7 +92,7 @@ def test_checkpoint_is_a_plain_dict_loadable_with_weights_only(tmp_path, data_di
     assert {"model", "optimizer", "epoch", "step", "config", "rng", "metrics"} <= state.keys()
     assert state["epoch"] == 1 and state["step"] == 16  # ceil(1000 / 64)
     assert state["config"]["dataset"] == "mnist"
-    model = build_model("mnist")
+    model = load("mnist", "seed").build_model()
     model.load_state_dict(state["model"])
     assert state["data_sha256"]["t10k-labels-idx1-ubyte.gz"] == archive_sha256(
         data_dir, "mnist", "t10k-labels-idx1-ubyte.gz")
@@ -114,15 +115,13 @@ def test_resume_trains_only_the_missing_epochs_and_matches_an_uninterrupted_run(
 
 
 def test_linear_schedule_decays_to_zero():
-    from job.train import lr_at
+    from job.optim import lr_at
 
     cfg = TrainConfig(dataset="mnist", lr=1e-3)
     assert cfg.lr_schedule == "linear"
-    assert [lr_at(cfg, step, 100) for step in (0, 50, 100)] == [1e-3, 5e-4, 0.0]
-    cosine = TrainConfig(dataset="mnist", lr=1e-3, lr_schedule="cosine")
-    assert lr_at(cosine, 50, 100) == pytest.approx(5e-4) and lr_at(cosine, 100, 100) == 0
-    constant = TrainConfig(dataset="mnist", lr=1e-3, lr_schedule="constant")
-    assert lr_at(constant, 99, 100) == 1e-3
+    assert [lr_at("linear", 1e-3, step / 100) for step in (0, 50, 100)] == [1e-3, 5e-4, 0.0]
+    assert lr_at("cosine", 1e-3, 0.5) == pytest.approx(5e-4) and lr_at("cosine", 1e-3, 1.0) == 0
+    assert lr_at("constant", 1e-3, 0.99) == 1e-3
 
 
 def test_resume_never_starts_over_and_finished_runs_do_not_retrain(tmp_path, data_dir):
