@@ -112,6 +112,26 @@ def test_without_key_or_mode_it_runs_offline_and_says_how_to_sync(tmp_path, data
     assert str(run.folder) in line
 
 
+def train_where_a_user_starts(tmp_path, data_dir, *extra):
+    """A short offline run started in an empty folder, with no WANDB_DIR set: W&B's run folder
+    goes beside the run's, and the starting folder gets nothing but runs/."""
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--limit-train", "256",
+                     "--epochs", "1", "--device", "cpu", *extra,
+                     env={"WANDB_MODE": "offline", "WANDB_DIR": ""}, cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert [path.name for path in work.iterdir()] == ["runs"]
+    (run,) = offline_runs(work / "runs" / "mnist")
+    assert run.summary["final_val_acc"] > 0 and run.artifacts
+    return work / "runs" / "mnist", result
+
+
+def test_wandb_run_folders_go_beside_the_checkpoints(tmp_path, data_dir):
+    run_folder, _ = train_where_a_user_starts(tmp_path, data_dir)
+    assert sorted(path.name for path in run_folder.iterdir()) == ["checkpoints", "wandb"]
+
+
 def test_wandb_outage_never_stops_training(tmp_path, data_dir):
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": WANDB_SECRET, "WANDB_DIR": str(tmp_path),
            "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "5"}
