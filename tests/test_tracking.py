@@ -132,6 +132,17 @@ def test_wandb_run_folders_go_beside_the_checkpoints(tmp_path, data_dir):
     assert sorted(path.name for path in run_folder.iterdir()) == ["checkpoints", "wandb"]
 
 
+def test_with_s3_checkpoints_wandb_runs_go_under_runs_dataset_and_the_job_names_the_uri(
+        tmp_path, data_dir, s3):
+    uri = f"s3://{s3.bucket}/mnist-run"
+    run_folder, result = train_where_a_user_starts(tmp_path, data_dir, "--checkpoint-uri", uri,
+                                                   "--s3-endpoint-url", s3.endpoint)
+    assert [path.name for path in run_folder.iterdir()] == ["wandb"]
+    model, next_command = result.stdout.splitlines()[-2:]
+    assert re.fullmatch(rf"model: {uri}/step-\d{{9}}\.pt \(val_acc \d+\.\d\d%\)", model), model
+    assert next_command == f"next: cnn-job evaluate {uri} --s3-endpoint-url {s3.endpoint}"
+
+
 def test_wandb_outage_never_stops_training(tmp_path, data_dir):
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": WANDB_SECRET, "WANDB_DIR": str(tmp_path),
            "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "5"}
