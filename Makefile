@@ -28,7 +28,8 @@ $(CHECKOV_STAMP): requirements/checkov.txt
 
 # The main job on embedded defaults: MNIST, 5 epochs. Data: CNN_JOB_DATA_URI if set, else the
 # ../shared/datasets copy beside a checkout when there is one (machines without internet),
-# else the public mirrors, downloaded once into ~/.cache/cnn-job.
+# else the public mirrors, downloaded once into ~/.cache/cnn-job. Checkpoints and W&B's run folder
+# go to runs/$(DATASET)/ (git-ignored: `make test` after it sees the checkout as before).
 DATASET ?= mnist
 SHARED_DATA := $(if $(wildcard ../shared/datasets/mnist),../shared/datasets)
 export CNN_JOB_DATA_URI ?= $(SHARED_DATA)

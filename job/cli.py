@@ -9,15 +9,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from job.config import TrainConfig, default_cache_dir
+from job.config import TrainConfig, default_cache_dir, default_checkpoint_uri
 from job.datasets import DATASETS, preset
-from job.errors import JobError
+from job.errors import JobError, strip_userinfo
 from job.preemption import PREEMPTED_EXIT_CODE, Interrupted, handle_signals_from_here
 from job.progress import print_error
 
@@ -97,6 +98,24 @@ def train(
     summary = _run(lambda: run_training(TrainConfig(**settings)))
     if summary and summary.get("preempted_by"):  # the loop said so on rank 0
         raise typer.Exit(PREEMPTED_EXIT_CODE)
+    if summary:
+        _print_where_the_model_is(summary, checkpoint_uri or default_checkpoint_uri(dataset),
+                                  s3_endpoint_url)
+
+
+def _print_where_the_model_is(summary: dict, checkpoint_uri: str, endpoint_url: str | None) -> None:
+    """A finished run's last lines: its final checkpoint, and the command that evaluates it."""
+    # Rank 0 speaks for the run: torchrun's other ranks write no checkpoint and keep quiet.
+    if os.environ.get("RANK", "0") != "0" or not summary.get("checkpoint"):
+        return
+    val_acc = summary["final_val_acc"]
+    tta = " with TTA" if summary["history"] and summary["history"][-1].get("tta") else ""
+    command = ["cnn-job", "evaluate", checkpoint_uri]
+    if endpoint_url and checkpoint_uri.startswith("s3://"):
+        command += ["--s3-endpoint-url", endpoint_url]
+    print(strip_userinfo(f"model: {summary['checkpoint']} (val_acc "
+                         f"{'-' if val_acc is None else format(val_acc, '.2%')}{tta})"))
+    print(strip_userinfo(f"next: {shlex.join(command)}"), flush=True)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from job.errors import strip_userinfo
+from job.storage import local_path, uri_kind
 
 if TYPE_CHECKING:
     from job.evaluation import Evaluation
@@ -151,9 +152,11 @@ class WandbTracker(NullTracker):
 def start(
     *, enabled: bool, mode: str | None, project: str | None, run_name: str | None,
     run_id: str | None, config: dict, class_names: tuple[str, ...], say: Callable[[str], None],
+    folder: Path | None = None,
 ) -> NullTracker:
     """A W&B run on rank 0 (resuming `run_id` when given), else the no-op. It starts in the
-    background: the returned tracker takes calls at once."""
+    background: the returned tracker takes calls at once. W&B's run folders go under
+    `folder`/wandb/ (default: run_folder(config))."""
     if not enabled:
         return NullTracker()
     for name in [n for n, value in os.environ.items() if n.startswith("WANDB_") and not value]:
@@ -169,13 +172,14 @@ def start(
     # The id is chosen here, before W&B is up, so that checkpoints written meanwhile name the
     # run a resume continues; resume="allow" makes a new run of a new id.
     run_id = run_id or new_run_id()
+    folder = folder or run_folder(config)
 
     def init():
         import wandb
 
         return wandb.init(
             project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
-            name=run_name, id=run_id, resume="allow", mode=mode,
+            name=run_name, id=run_id, resume="allow", mode=mode, dir=folder,
             config={key: strip_userinfo(value) for key, value in config.items()},
             settings=wandb.Settings(
                 init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 90)),
@@ -184,6 +188,20 @@ def start(
         )
 
     return BackgroundTracker(run_id, init, class_names, say, for_want_of_key)
+
+
+def run_folder(config: dict) -> Path | None:
+    """The folder W&B makes its wandb/ folder of run folders in: WANDB_DIR when set (the image
+    sets /work/runs); else the run's own folder, the checkpoint folder's parent (runs/mnist/ for
+    runs/mnist/checkpoints), or runs/<dataset>/ for s3:// checkpoints. Not W&B's default, the
+    current folder: that is often a checkout, where a wandb/ folder at the root makes ruff sort
+    `import wandb` as the project's own. None (W&B's default after all) without the settings."""
+    if os.environ.get("WANDB_DIR"):
+        return Path(os.environ["WANDB_DIR"])
+    uri, dataset = config.get("checkpoint_uri"), config.get("dataset")
+    if uri and uri_kind(uri, "--checkpoint-uri") == "local":
+        return local_path(uri).absolute().parent
+    return Path("runs", dataset).absolute() if dataset else None
 
 
 # Where W&B keeps its service log, artifact staging and settings unless told otherwise.

@@ -1,5 +1,5 @@
 """Shared fixtures: the real archives in ../shared/datasets, a loopback HTTP mirror of them,
-and a runner for the real `cnn-job` console script."""
+and a runner for the real `cnn-job` console script; the image checks' figures in the report."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ import pytest
 
 from job.data import fetch_archives, load_splits
 from job.datasets import preset
+
+pytest_plugins = ["pytester"]  # tests/test_newcomer.py runs pytest on a conftest's hooks
 
 # Tests that do not look at W&B keep it off; tests/test_tracking.py turns it on where it looks.
 os.environ["WANDB_MODE"] = "disabled"
@@ -276,3 +278,37 @@ def process_tree(root: int) -> list[int]:
         tree.append(pid)
         todo += children.get(pid, [])
     return tree
+
+
+# ----------------------------------------------------------------------------------------------
+# the figures the image checks measured, in the run's report
+
+
+_FIGURES_BEFORE = pytest.StashKey[object]()
+
+
+def _image_figures(config: pytest.Config):
+    """What tests/test_image.py keeps in pytest's cache (build minutes, images/s, ...); None
+    unless its module was collected in this session."""
+    image_tests = sys.modules.get("tests.test_image")
+    if image_tests is None or not hasattr(config, "cache"):  # or under -p no:cacheprovider
+        return None
+    return config.cache.get(image_tests.FIGURES_KEY, None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    session.config.stash[_FIGURES_BEFORE] = _image_figures(session.config)
+
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    """A short section, before the final counts, when this session measured new figures."""
+    figures = _image_figures(config)
+    if not figures or figures == config.stash.get(_FIGURES_BEFORE, None):
+        return
+    terminalreporter.write_sep("-", "image figures")
+    for name, value in figures.items():
+        if isinstance(value, dict):
+            value = ", ".join(f"{key} {number}" for key, number in value.items())
+        elif isinstance(value, float):
+            value = round(value, 2)
+        terminalreporter.write_line(f"{name}: {value}")

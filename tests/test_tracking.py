@@ -4,13 +4,18 @@ import contextlib
 import json
 import os
 import re
+import signal
+import socket
+import subprocess
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from job.tracking import NullTracker, resolve_mode, start, strip_userinfo
-from tests.conftest import SECRET, archive_sha256, process_tree, run_cli
+from job.tracking import BackgroundTracker, NullTracker, resolve_mode, start, strip_userinfo
+from tests.conftest import CNN_JOB, SECRET, archive_sha256, process_tree, run_cli
 from tests.wandb_records import offline_runs
 
 WANDB_SECRET = "wandbkey-" + "7" * 31  # a 40-character stand-in API key that must not leak
@@ -107,6 +112,37 @@ def test_without_key_or_mode_it_runs_offline_and_says_how_to_sync(tmp_path, data
     assert str(run.folder) in line
 
 
+def train_where_a_user_starts(tmp_path, data_dir, *extra):
+    """A short offline run started in an empty folder, with no WANDB_DIR set: W&B's run folder
+    goes beside the run's, and the starting folder gets nothing but runs/."""
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--limit-train", "256",
+                     "--epochs", "1", "--device", "cpu", *extra,
+                     env={"WANDB_MODE": "offline", "WANDB_DIR": ""}, cwd=work)
+    assert result.returncode == 0, result.stderr
+    assert [path.name for path in work.iterdir()] == ["runs"]
+    (run,) = offline_runs(work / "runs" / "mnist")
+    assert run.summary["final_val_acc"] > 0 and run.artifacts
+    return work / "runs" / "mnist", result
+
+
+def test_wandb_run_folders_go_beside_the_checkpoints(tmp_path, data_dir):
+    run_folder, _ = train_where_a_user_starts(tmp_path, data_dir)
+    assert sorted(path.name for path in run_folder.iterdir()) == ["checkpoints", "wandb"]
+
+
+def test_with_s3_checkpoints_wandb_runs_go_under_runs_dataset_and_the_job_names_the_uri(
+        tmp_path, data_dir, s3):
+    uri = f"s3://{s3.bucket}/mnist-run"
+    run_folder, result = train_where_a_user_starts(tmp_path, data_dir, "--checkpoint-uri", uri,
+                                                   "--s3-endpoint-url", s3.endpoint)
+    assert [path.name for path in run_folder.iterdir()] == ["wandb"]
+    model, next_command = result.stdout.splitlines()[-2:]
+    assert re.fullmatch(rf"model: {uri}/step-\d{{9}}\.pt \(val_acc \d+\.\d\d%\)", model), model
+    assert next_command == f"next: cnn-job evaluate {uri} --s3-endpoint-url {s3.endpoint}"
+
+
 def test_wandb_outage_never_stops_training(tmp_path, data_dir):
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": WANDB_SECRET, "WANDB_DIR": str(tmp_path),
            "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_INIT_TIMEOUT": "5"}
@@ -145,11 +181,7 @@ def test_training_does_not_wait_for_wandb_to_start(monkeypatch, tmp_path):
     """W&B starts on its own thread: calls made while it is still starting return at once and
     reach the run in order once it is up; close() waits for it. (W&B is held up here until the
     test has made its calls, so no timing is involved.)"""
-    import threading
-
     import wandb
-
-    from job.tracking import BackgroundTracker
 
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -182,8 +214,6 @@ def test_training_does_not_wait_for_wandb_to_start(monkeypatch, tmp_path):
 
 
 def test_a_wandb_that_fails_to_start_drops_the_calls_with_one_warning(tmp_path):
-    from job.tracking import BackgroundTracker
-
     def failing_init():
         raise ConnectionError("no route to the W&B server\nsecond line")
 
@@ -198,10 +228,6 @@ def test_a_wandb_that_fails_to_start_drops_the_calls_with_one_warning(tmp_path):
 def test_after_a_stop_signal_the_job_waits_for_wandb_only_so_long(tmp_path):
     """A W&B that is still starting (held here, as a slow or absent server holds it) gets
     `wait_s` at close, then the job goes on: one warning, nothing else waits."""
-    import threading
-
-    from job.tracking import BackgroundTracker
-
     held, lines = threading.Event(), []
 
     def slow_init():
@@ -224,15 +250,6 @@ def test_a_stop_signal_while_the_wandb_server_never_answers_still_exits_75_in_th
     """W&B online against a server that accepts and never answers (init timeout 120 s): the
     job trains meanwhile, and SIGTERM still ends it with its checkpoint and exit 75 well inside
     Kubernetes' 30 s grace period (W&B gets 10 s, its exit hook 5 s), not after W&B's timeout."""
-    import os
-    import signal
-    import socket
-    import subprocess
-    import threading
-    import time
-
-    from tests.conftest import CNN_JOB
-
     black_hole = socket.socket()
     black_hole.bind(("127.0.0.1", 0))
     black_hole.listen(64)
