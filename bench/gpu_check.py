@@ -1,16 +1,16 @@
 """`make gpu-check`: prove the CUDA path on a machine with an NVIDIA GPU, and measure it.
 
-Made for an air-gapped GPU box: no network and no pip. It needs only a PyTorch already
+Made for an air-gapped GPU machine too: no network and no pip. It needs only a PyTorch already
 installed there (2.11 or newer), typer, rich and numpy; no boto3, no wandb (W&B is disabled),
 run from a source checkout (`PYTHONPATH=.`), with the data from a folder brought along:
 
     PYTHONPATH=. python3 bench/gpu_check.py --data ../shared/datasets
 
-Files may have to travel in pieces of at most 64 MiB: bench/gpu_visit.py packs both datasets
-into such calls and runs this script after the last. A CIFAR-10 archive split by hand (`split -b
-60M -d cifar-10-python.tar.gz cifar-10-python.tar.gz.part-`) with the folder's SHA256SUMS is
-joined and checked against it here. Without CIFAR-10 a synthetic CIFAR-shaped set, clearly labelled, measures
-throughput only.
+Where files reach the GPU machine only in transfers of limited size, bench/gpu_visit.py packs
+both datasets into such transfers and, there, reassembles them and runs this script
+(docs/gpu-check.md). A CIFAR-10 archive split by hand (`split -b 60M -d cifar-10-python.tar.gz
+cifar-10-python.tar.gz.part-`) with the folder's SHA256SUMS is joined and checked against it
+here. Without CIFAR-10 a synthetic CIFAR-shaped set, clearly labelled, measures throughput only.
 
 What it runs, each a real `python -m job ...` process (as a user would run it):
   1. both seed nets, 5 epochs, and `--net fast` (10 epochs, TTA; no cold start), on CUDA (bf16
@@ -26,7 +26,7 @@ What it runs, each a real `python -m job ...` process (as a user would run it):
      all-reduce and a DDP step through it (NCCL refuses two ranks on one GPU);
   5. `cnn-job launch` with one worker on the GPU (exit status 0);
   6. `pytest -m gpu` (the GPU-only tests), where pytest is installed.
-Then it judges issue 12's H100 targets (TARGETS) and, where one is missed (or with
+Then it judges the targets (TARGETS) and, where one is missed (or with
 --profile-always), writes the PyTorch profiler's table of that net's steps, graphed and eager, to
 --profile. It prints one Markdown table (also to --table) and writes bench/results-cuda.json
 after every check, so a run cut short still reports what it got. `--device cpu --dry-run` runs the same
@@ -143,8 +143,8 @@ def check_training(dataset: str, data: Path, work: Path, device: str, small: boo
                    compile_mode: str | None = None, net: str = "seed", seed: int = 0) -> dict:
     """One run, timed: `compile_mode` None is the cold start (1 epoch on 640 images, parsing
     the archives into the cache), else a whole run at --compile compile_mode. `net` fast: its
-    whole default run (10 epochs, TTA), then `evaluate --no-tta` of its checkpoint (issue 17
-    asks for both accuracies); small, in batches of 128 without TTA."""
+    whole default run (10 epochs, TTA), then `evaluate --no-tta` of its checkpoint (the target
+    is judged on both accuracies); small, in batches of 128 without TTA."""
     name = f"{dataset}-{net}-{compile_mode or 'cold'}-{seed}"
     folder, summary = work / f"{name}-ckpt", work / f"{name}.json"
     extra = ["--compile", compile_mode] if compile_mode else []  # cold: train_args' small run
@@ -280,12 +280,12 @@ def check_launch(data: Path, work: Path, device: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# issue 12's targets on an H100, and where the time goes when one is missed
+# the targets on one GPU, and where the time goes when one is missed
 
 TARGETS = {  # row → (largest train seconds, largest wall seconds or None, smallest accuracy)
     "train cifar10, cuda-graph": (3.0, 8.0, 0.73),
     "train mnist, cuda-graph": (2.0, None, 0.99),
-    # issue 17: 94% in 3.0 s on the original images; the JPEG-derived copy's bar is 90.5%
+    # airbench94: 94% in 3.0 s on the original images; the JPEG-derived copy's bar is 90.5%
     "train cifar10 --net fast, cuda-graph": (3.0, None, 0.905),
 }
 
@@ -431,7 +431,7 @@ def main() -> int:
                              "of every net with --profile-always")
     parser.add_argument("--profile-always", action="store_true")
     parser.add_argument("--training-only", action="store_true",
-                        help="only the training runs and their targets (a second visit's rerun)")
+                        help="only the training runs and their targets (a rerun after a change)")
     parser.add_argument("--profile-only", action="store_true",
                         help="no checks: only the profiles of all three nets (needs --profile)")
     parser.add_argument("--process-group-worker", default=None, help=argparse.SUPPRESS)
@@ -475,7 +475,7 @@ def main() -> int:
                               args.device, args.dry_run, mode, "fast")
                 row["data"] = report["cifar10_data"]
                 record(row)
-            if args.device == "cuda":  # issue 17's figure is the mean of 2 seeds
+            if args.device == "cuda":  # the fast target's figure is the mean of 2 seeds
                 row = guarded("train cifar10 --net fast --seed 1", check_training, "cifar10", data,
                               work, args.device, args.dry_run, "cuda-graph", "fast", 1)
                 row["data"] = report["cifar10_data"]
@@ -513,7 +513,7 @@ def main() -> int:
 
 
 def render_table(report: dict) -> str:
-    """The report as a Markdown table (for the README as it is), then the CUDA graph's speed-up
+    """The report as a Markdown table (as docs/performance.md shows it), then the CUDA graph's speed-up
     and the targets, one line each."""
     columns = ("step", "ok", "wall_s", "first_step_s", "train_s", "images_per_s", "val_acc",
                "val_acc_no_tta", "peak_gpu_gib")
