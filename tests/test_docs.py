@@ -150,7 +150,7 @@ LOGISTICS = [re.escape(words) for words in (
     "device" + " tool", "can_start" + "_another", "give" + "_back", "GPU " + "box",
     "working " + "session", "this " + "session", "`" + "carry" + "`", "carry" + " paths",
     "as " + "carry", "MiB per " + "call", "minutes per " + "visit",
-)] + [r"\bthe " + "box" + r"\b", r"\b" + "sessions" + r"\b", r"\b" + "issue" + r" \d+"]
+)] + [r"\bthe " + "box" + r"\b", r"\b" + "session" + r"s\b", r"\b" + "issue" + r" \d+"]
 LOGISTICS_PATTERN = re.compile("|".join(LOGISTICS), re.I)
 
 
