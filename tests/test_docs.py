@@ -15,6 +15,8 @@ import sys
 import typing
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: the checkout's job/, not an installed one
     sys.path.insert(0, str(REPO))
@@ -155,8 +157,11 @@ LOGISTICS_PATTERN = re.compile("|".join(LOGISTICS), re.I)
 
 
 def test_no_tracked_file_speaks_of_how_the_project_was_developed():
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True,
-                           text=True).stdout.split("\0")
+    try:
+        files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True,
+                               text=True).stdout.split("\0")
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout: no list of tracked files")
     hits = []
     for name in filter(None, files):
         path = REPO / name
