@@ -1,16 +1,16 @@
 """`make gpu-check`: prove the CUDA path on a machine with an NVIDIA GPU, and measure it.
 
-Made for an air-gapped GPU box: no network and no pip. It needs only a PyTorch already
+Made for an air-gapped GPU machine too: no network and no pip. It needs only a PyTorch already
 installed there (2.11 or newer), typer, rich and numpy; no boto3, no wandb (W&B is disabled),
 run from a source checkout (`PYTHONPATH=.`), with the data from a folder brought along:
 
     PYTHONPATH=. python3 bench/gpu_check.py --data ../shared/datasets
 
-Files may have to travel in pieces of at most 64 MiB: bench/gpu_visit.py packs both datasets
-into such calls and runs this script after the last. A CIFAR-10 archive split by hand (`split -b
-60M -d cifar-10-python.tar.gz cifar-10-python.tar.gz.part-`) with the folder's SHA256SUMS is
-joined and checked against it here. Without CIFAR-10 a synthetic CIFAR-shaped set, clearly labelled, measures
-throughput only.
+Where files reach the GPU machine only in transfers of limited size, bench/gpu_visit.py packs
+both datasets into such transfers and, there, reassembles them and runs this script
+(docs/gpu-check.md). A CIFAR-10 archive split by hand (`split -b 60M -d cifar-10-python.tar.gz
+cifar-10-python.tar.gz.part-`) with the folder's SHA256SUMS is joined and checked against it
+here. Without CIFAR-10 a synthetic CIFAR-shaped set, clearly labelled, measures throughput only.
 
 What it runs, each a real `python -m job ...` process (as a user would run it):
   1. both seed nets, 5 epochs, and `--net fast` (10 epochs, TTA; no cold start), on CUDA (bf16
@@ -26,7 +26,7 @@ What it runs, each a real `python -m job ...` process (as a user would run it):
      all-reduce and a DDP step through it (NCCL refuses two ranks on one GPU);
   5. `cnn-job launch` with one worker on the GPU (exit status 0);
   6. `pytest -m gpu` (the GPU-only tests), where pytest is installed.
-Then it judges issue 12's H100 targets (TARGETS) and, where one is missed (or with
+Then it judges the targets (TARGETS) and, where one is missed (or with
 --profile-always), writes the PyTorch profiler's table of that net's steps, graphed and eager, to
 --profile. It prints one Markdown table (also to --table) and writes bench/results-cuda.json
 after every check, so a run cut short still reports what it got. `--device cpu --dry-run` runs the same
@@ -429,7 +429,7 @@ def main() -> int:
                              "of every net with --profile-always")
     parser.add_argument("--profile-always", action="store_true")
     parser.add_argument("--training-only", action="store_true",
-                        help="only the training runs and their targets (a second visit's rerun)")
+                        help="only the training runs and their targets (a rerun after a change)")
     parser.add_argument("--profile-only", action="store_true",
                         help="no checks: only the profiles of all three nets (needs --profile)")
     parser.add_argument("--process-group-worker", default=None, help=argparse.SUPPRESS)
@@ -473,7 +473,7 @@ def main() -> int:
                               args.device, args.dry_run, mode, "fast")
                 row["data"] = report["cifar10_data"]
                 record(row)
-            if args.device == "cuda":  # issue 17's figure is the mean of 2 seeds
+            if args.device == "cuda":  # the fast target's figure is the mean of 2 seeds
                 row = guarded("train cifar10 --net fast --seed 1", check_training, "cifar10", data,
                               work, args.device, args.dry_run, "cuda-graph", "fast", 1)
                 row["data"] = report["cifar10_data"]
@@ -511,7 +511,7 @@ def main() -> int:
 
 
 def render_table(report: dict) -> str:
-    """The report as a Markdown table (for the README as it is), then the CUDA graph's speed-up
+    """The report as a Markdown table (as docs/performance.md shows it), then the CUDA graph's speed-up
     and the targets, one line each."""
     columns = ("step", "ok", "wall_s", "first_step_s", "train_s", "images_per_s", "val_acc",
                "val_acc_no_tta", "peak_gpu_gib")

@@ -4,11 +4,12 @@ Each variant is a copy of the checkout with text replaced in its files (no knob 
 job for an experiment); each runs `cnn-job train` as a user would, on one warm dataset cache,
 and reports its summary's train seconds, seconds to the first step and wall seconds. CIFAR-10
 is the folder given (--data), or a synthetic 50,000-image set (speed only: its accuracy means
-nothing). Run from the checkout, on the GPU box:
+nothing). Run from the checkout, on the GPU machine:
 
-    PYTHONPATH=. python3 bench/gpu_variants.py --out "$OUT"
+    PYTHONPATH=. python3 bench/gpu_variants.py --out results
 
-The table prints last, and goes to OUT/variants.md with the runs' JSON in OUT/variants.json.
+The table prints last, and goes to variants.md in the --out folder, with the runs' JSON in
+variants.json.
 """
 
 from __future__ import annotations

@@ -1,21 +1,21 @@
-"""The GPU visit: both datasets and this checkout carried to a GPU box in transfers of at most
-64 MiB, and bench/gpu_check.py run there, as one prepared sequence of device `run` calls.
+"""The datasets moved to an air-gapped GPU machine in transfers of at most N MiB, and
+bench/gpu_check.py run there (docs/gpu-check.md).
 
-The box (README: "A GPU visit, step by step") has no network and no pip; files reach it only
-with a `run` call, at most 64 MiB each counting the checkout, and ignored files stay there only
-while it is warm (30 s after a call). So the data travels in as few calls as it can, back to back:
+The GPU machine has no network and no pip, and files reach it only by whatever transfer there is
+(a USB stick, a file drop with a size limit, a copy through a jump host). So the data goes in as
+few transfers of at most --part-mib MiB (60 by default) as it fits into, each a folder:
 
-    python3 bench/gpu_visit.py pack      # here, once: .gpu-visit/call-N/ and the calls to make
-    python3 bench/gpu_visit.py arrive    # there, in each call: what has arrived, checked
-    python3 bench/gpu_visit.py run --out "$OUT"   # there, in the last call: gpu_check.py
+    python3 bench/gpu_visit.py pack [--part-mib 60]   # here, once: .gpu-visit/transfer-N/
+    python3 bench/gpu_visit.py arrive [--probe]       # there: what has arrived, checked
+    python3 bench/gpu_visit.py run --out DIR          # there: reassemble, verify, gpu_check.py
 
 CIFAR-10's archive (189 MB) is gzip of a 268 MB tar that gzip barely shrinks (JPEG-decoded
-pixels). xz (preset 6) brings the tar to about 150 MB, so MNIST (11 MB) and CIFAR-10 take 3 calls
-of at most 60 MiB, against 4 for the archive split as it is. On arrival the tar is gzipped again
-as the archive was made (Python's gzip, level 9, its name and time stamp in the header): the same
-bytes, checked against SHA256SUMS. Were the box's zlib to compress differently, the rebuilt
-archive would still hold the checked tar, and the report says so. Where the archive cannot be
-rebuilt here, `pack` splits the archive as it is.
+pixels). xz (preset 6) brings the tar to about 150 MB, so MNIST (11 MB) and CIFAR-10 take 3
+transfers of 60 MiB, against 4 for the archive split as it is. On arrival the tar is gzipped
+again as the archive was made (Python's gzip, level 9, its name and time stamp in the header): the
+same bytes, checked against SHA256SUMS. Were the GPU machine's zlib to compress differently, the
+rebuilt archive would still hold the checked tar, and the report says so. Where the archive
+cannot be rebuilt here, `pack` splits the archive as it is.
 """
 
 from __future__ import annotations
@@ -36,13 +36,13 @@ from pathlib import Path
 from gpu_check import CIFAR, sha256_of  # bench/ is this script's own folder on sys.path
 
 REPO = Path(__file__).resolve().parent.parent
-VISIT = REPO / ".gpu-visit"  # git-ignored: the parts travel as `carry` paths
+VISIT = REPO / ".gpu-visit"  # git-ignored: its transfer-N/ folders are what is moved
 MNIST = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
          "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-CALL_BYTES = 60 * 2**20  # data per call: the checkout (~0.6 MiB) and room to spare fill the 64
+PART_MIB = 60  # the largest transfer, by default
 CHUNK = 2**20
-# device seconds, each call's command limit (a run outlasting it still brings $OUT back)
-ARRIVE_TIMEOUT_S, RUN_TIMEOUT_S = 120, 540
+CHECK = "python3 bench/gpu_visit.py arrive --probe"
+RUN = "PYTHONUNBUFFERED=1 python3 bench/gpu_visit.py run --out results"
 
 
 def gzip_header(path: Path) -> dict:
@@ -108,8 +108,9 @@ def read_parts(paths: list[Path]):
                 yield chunk
 
 
-def pack(data: Path, visit: Path, call_bytes: int = CALL_BYTES) -> dict:
-    """`visit`/call-N/ folders of at most `call_bytes` each, MNIST in the first, and the plan."""
+def pack(data: Path, visit: Path, part_bytes: int = PART_MIB * 2**20) -> dict:
+    """`visit`/transfer-N/ folders of at most `part_bytes` each, MNIST in the first, and the
+    plan (in every folder)."""
     archive = data / CIFAR
     if visit.exists():
         shutil.rmtree(visit)
@@ -128,52 +129,41 @@ def pack(data: Path, visit: Path, call_bytes: int = CALL_BYTES) -> dict:
           f"{'the same bytes' if same else 'other bytes'}", flush=True)
     if same:
         encoding, payload = "xz of the tar, gzipped again on arrival", xz_path
-    else:  # this machine's gzip does not remake the archive: carry it as it is
+    else:  # this machine's gzip does not remake the archive: move it as it is
         encoding, payload = "the archive split as it is", archive
     rebuilt.unlink()
 
     plan = {"encoding": encoding, "gzip": header, "tar_sha256": tar_sha256,
             "archive_sha256": sha256_of(archive), "mnist": {}, "parts": []}
-    used = [0]  # bytes per call
-    (visit / "call-1" / "mnist").mkdir(parents=True)
+    used = [0]  # bytes per transfer
+    (visit / "transfer-1" / "mnist").mkdir(parents=True)
     for name in MNIST:
-        shutil.copyfile(data / "mnist" / name, visit / "call-1" / "mnist" / name)
+        shutil.copyfile(data / "mnist" / name, visit / "transfer-1" / "mnist" / name)
         plan["mnist"][name] = sha256_of(data / "mnist" / name)
         used[0] += (data / "mnist" / name).stat().st_size
     with open(payload, "rb") as source:
         while True:
-            room = call_bytes - used[-1]
-            if room < min(2**20, call_bytes // 4):  # no sliver of a part: the next call
+            room = part_bytes - used[-1]
+            if room < min(2**20, part_bytes // 4):  # no sliver of a part: the next transfer
                 used.append(0)
-                room = call_bytes
+                room = part_bytes
             chunk = source.read(room)
             if not chunk:
                 break
-            call = len(used)
-            part = visit / f"call-{call}" / f"cifar10.part-{len(plan['parts']) + 1}"
+            transfer = len(used)
+            part = visit / f"transfer-{transfer}" / f"cifar10.part-{len(plan['parts']) + 1}"
             part.parent.mkdir(exist_ok=True)
             part.write_bytes(chunk)
             used[-1] += len(chunk)
-            plan["parts"].append({"call": call, "name": f"call-{call}/{part.name}",
+            plan["parts"].append({"transfer": transfer, "name": f"transfer-{transfer}/{part.name}",
                                   "bytes": len(chunk),
                                   "sha256": hashlib.sha256(chunk).hexdigest()})
     shutil.rmtree(work)
-    plan["calls"] = calls(len(used))
-    for call in range(1, len(used) + 1):  # every call brings the plan: any one may find the box bare
-        (visit / f"call-{call}" / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
+    plan["transfers"] = [{"transfer": transfer, "folder": f".gpu-visit/transfer-{transfer}",
+                          "bytes": size} for transfer, size in enumerate(used, 1)]
+    for transfer in range(1, len(used) + 1):  # the plan goes with every transfer: any one will do
+        (visit / f"transfer-{transfer}" / "plan.json").write_text(json.dumps(plan, indent=1) + "\n")
     return plan
-
-
-def calls(count: int) -> list[dict]:
-    """The device `run` calls, in order, back to back."""
-    sequence = []
-    for call in range(1, count + 1):
-        last = call == count
-        command = ("PYTHONUNBUFFERED=1 python3 bench/gpu_visit.py run --out \"$OUT\"" if last
-                   else f"python3 bench/gpu_visit.py arrive{' --probe' if call == 1 else ''}")
-        sequence.append({"call": call, "carry": [f".gpu-visit/call-{call}"], "command": command,
-                         "timeout_s": RUN_TIMEOUT_S if last else ARRIVE_TIMEOUT_S})
-    return sequence
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,22 +172,23 @@ def calls(count: int) -> list[dict]:
 
 def arrived(visit: Path) -> tuple[dict | None, list[str]]:
     """The plan, and what of it is missing or damaged (empty when everything is here)."""
-    plans = sorted(visit.glob("call-*/plan.json"))
+    plans = sorted(visit.glob("transfer-*/plan.json"))
     if not plans:
-        return None, ["no .gpu-visit/call-N/plan.json: make the calls as `pack` printed them"]
+        return None, ["no .gpu-visit/transfer-N/plan.json here: move the folders `pack` made "
+                      "into this checkout's .gpu-visit/"]
     plan = json.loads(plans[-1].read_text())
     problems = []
     for part in plan["parts"]:
         path = visit / part["name"]
         if not path.is_file():
-            problems.append(f"{part['name']} is not here: make call {part['call']} again (the "
-                            "box forgets what it was sent when it goes cold between calls)")
+            problems.append(f"{part['name']} is not here: move transfer {part['transfer']} "
+                            f"(.gpu-visit/transfer-{part['transfer']}/) into this checkout")
         elif path.stat().st_size != part["bytes"] or sha256_of(path) != part["sha256"]:
-            problems.append(f"{part['name']} is damaged: make call {part['call']} again")
+            problems.append(f"{part['name']} is damaged: move transfer {part['transfer']} again")
     for name, digest in plan["mnist"].items():
-        path = visit / "call-1" / "mnist" / name
+        path = visit / "transfer-1" / "mnist" / name
         if not path.is_file() or sha256_of(path) != digest:
-            problems.append(f"mnist/{name} missing or damaged: make call 1 again")
+            problems.append(f"mnist/{name} missing or damaged: move transfer 1 again")
     return plan, problems
 
 
@@ -206,7 +197,7 @@ def assemble(visit: Path, plan: dict) -> tuple[Path, str]:
     data = visit / "data"
     (data / "cifar10").mkdir(parents=True, exist_ok=True)
     if not (data / "mnist").exists():
-        (data / "mnist").symlink_to(visit / "call-1" / "mnist")
+        (data / "mnist").symlink_to(visit / "transfer-1" / "mnist")
     archive = data / CIFAR
     parts = [visit / part["name"] for part in plan["parts"]]
     started = time.perf_counter()
@@ -233,7 +224,7 @@ def assemble(visit: Path, plan: dict) -> tuple[Path, str]:
 
 
 def probe() -> str:
-    """What the box is: GPU, driver, Python, torch (for the report and the README)."""
+    """What the GPU machine is: GPU, driver, Python, torch (for the report)."""
     lines = []
     for command in (["nvidia-smi", "--query-gpu=name,memory.total,driver_version,clocks.max.sm",
                      "--format=csv,noheader"],
@@ -251,13 +242,13 @@ def probe() -> str:
 
 def run(visit: Path, out: Path, training_only: bool = False) -> int:
     """Assemble the data, then gpu_check.py on the GPU; its report, table, log, profiler tables
-    and the box's description land in `out` (the call's $OUT, which comes back)."""
+    and the machine's description land in `out` (the folder to bring back)."""
     plan, problems = arrived(visit)
     if problems:
         print("\n".join(problems), file=sys.stderr)
         return 3
     out.mkdir(parents=True, exist_ok=True)
-    (out / "box.txt").write_text(probe() + "\n")
+    (out / "machine.txt").write_text(probe() + "\n")
     data, kind = assemble(visit, plan)
     command = [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--data", str(data),
                "--out", str(out / "results-cuda.json"), "--table", str(out / "table.md"),
@@ -274,7 +265,7 @@ def run(visit: Path, out: Path, training_only: bool = False) -> int:
     if results.is_file():  # how the data came, beside what was measured on it
         report = json.loads(results.read_text())
         report["carried"] = {"encoding": plan["encoding"], "cifar10": kind,
-                             "transfers": len(plan["calls"])}
+                             "transfers": len(plan["transfers"])}
         results.write_text(json.dumps(report, indent=2) + "\n")
     return status
 
@@ -282,30 +273,39 @@ def run(visit: Path, out: Path, training_only: bool = False) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="verb", required=True)
-    packing = sub.add_parser("pack", help="here: build .gpu-visit/ and print the calls")
-    packing.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets")
+    packing = sub.add_parser("pack", help="here: split the data into .gpu-visit/transfer-N/ "
+                             "folders and say what to move")
+    packing.add_argument("--data", type=Path, default=REPO.parent / "shared" / "datasets",
+                         help="the datasets folder (mnist/, cifar10/)")
+    packing.add_argument("--part-mib", type=float, default=PART_MIB,
+                         help="the largest transfer, in MiB (default: %(default)s)")
     arriving = sub.add_parser("arrive", help="there: check what has arrived")
-    arriving.add_argument("--probe", action="store_true", help="also say what the box is")
-    running = sub.add_parser("run", help="there: assemble the data and run gpu_check.py")
-    running.add_argument("--out", type=Path, required=True)
+    arriving.add_argument("--probe", action="store_true",
+                          help="also say what the GPU machine is (GPU, driver, torch)")
+    running = sub.add_parser("run", help="there: reassemble and verify the data, run gpu_check.py")
+    running.add_argument("--out", type=Path, required=True,
+                         help="folder for the report, table, log and profiles (bring it back)")
     running.add_argument("--training-only", action="store_true",
                          help="gpu_check.py's training runs alone (a rerun after a change)")
     args = parser.parse_args()
     if args.verb == "pack":
-        plan = pack(args.data, VISIT)
-        print(f"CIFAR-10 carried as {plan['encoding']}, in {len(plan['parts'])} parts; "
-              f"the {len(plan['calls'])} device calls, back to back (README: 'A GPU visit'):")
-        for call in plan["calls"]:
-            print(json.dumps({"command": call["command"], "carry": call["carry"],
-                              "timeout_s": call["timeout_s"]}))
+        if args.part_mib < 1:
+            parser.error("--part-mib must be at least 1")
+        plan = pack(args.data, VISIT, int(args.part_mib * 2**20))
+        print(f"CIFAR-10 packed as {plan['encoding']}, in {len(plan['parts'])} parts. Move each "
+              f"folder into the GPU machine's checkout, at the same path:")
+        for transfer in plan["transfers"]:
+            print(f"  transfer {transfer['transfer']}: {transfer['folder']}/ "
+                  f"({transfer['bytes'] / 2**20:.1f} MiB)")
+        print(f"Then, there: {CHECK}\n             {RUN}")
         return 0
     if args.verb == "arrive":
         if args.probe:
             print(probe())
         plan, problems = arrived(VISIT)
-        here = sorted({p["call"] for p in (plan or {}).get("parts", [])
+        here = sorted({p["transfer"] for p in (plan or {}).get("parts", [])
                        if (VISIT / p["name"]).is_file()})
-        print(f"calls arrived: {here}; " + ("; ".join(problems) if problems else "all here"))
+        print(f"transfers here: {here}; " + ("; ".join(problems) if problems else "all here"))
         return 0
     return run(VISIT, args.out, args.training_only)
 

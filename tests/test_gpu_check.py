@@ -88,31 +88,30 @@ def archive_like_the_shared_one(path, level, os_byte=255):
 
 @pytest.mark.parametrize("level, os_byte, encoding", [
     (9, 255, "xz of the tar"), (1, 255, "xz of the tar"),
-    (9, 3, "the archive split"),  # not remade byte for byte here: carried as it is
+    (9, 3, "the archive split"),  # not remade byte for byte here: moved as it is
 ])
-def test_a_visit_carries_the_data_in_calls_and_rebuilds_it_byte_for_byte(data_dir, tmp_path, level,
-                                                                        os_byte, encoding):
+def test_a_visit_moves_the_data_in_transfers_and_rebuilds_it_byte_for_byte(data_dir, tmp_path, level,
+                                                                          os_byte, encoding):
     data = tmp_path / "datasets"
     (data / "cifar10").mkdir(parents=True)
     (data / "mnist").symlink_to(data_dir / "mnist")
     archive_like_the_shared_one(data / gpu_check.CIFAR, level, os_byte)
     visit = tmp_path / "visit"
-    plan = gpu_visit.pack(data, visit, call_bytes=100_000)
+    plan = gpu_visit.pack(data, visit, part_bytes=100_000)
     assert plan["encoding"].startswith(encoding)
-    assert len(plan["calls"]) >= 3 and plan["calls"][-1]["command"].startswith(
-        "PYTHONUNBUFFERED=1 python3 bench/gpu_visit.py run")
-    assert all(call["carry"] == [f".gpu-visit/call-{call['call']}"] for call in plan["calls"])
-    for call in range(2, len(plan["calls"]) + 1):  # each call's folder within its size
-        assert sum(f.stat().st_size for f in (visit / f"call-{call}").iterdir()) <= 100_000 + 2**12
+    assert len(plan["transfers"]) >= 3
+    assert all(t["folder"] == f".gpu-visit/transfer-{t['transfer']}" for t in plan["transfers"])
+    for transfer in range(2, len(plan["transfers"]) + 1):  # each transfer's folder within its size
+        assert sum(f.stat().st_size for f in (visit / f"transfer-{transfer}").iterdir()) <= 100_000 + 2**12
 
-    # a call lost to a box gone cold is named; with every part here the archive comes back whole
+    # a transfer that did not arrive is named; with every part here the archive comes back whole
     lost = visit / plan["parts"][-1]["name"]
     kept = lost.read_bytes()
     lost.unlink()
     _, problems = gpu_visit.arrived(visit)
-    assert problems == [f"{plan['parts'][-1]['name']} is not here: make call "
-                        f"{plan['parts'][-1]['call']} again (the box forgets what it was sent when "
-                        "it goes cold between calls)"]
+    last = plan["parts"][-1]["transfer"]
+    assert problems == [f"{plan['parts'][-1]['name']} is not here: move transfer {last} "
+                        f"(.gpu-visit/transfer-{last}/) into this checkout"]
     lost.write_bytes(kept)
     plan, problems = gpu_visit.arrived(visit)
     assert problems == []
@@ -126,17 +125,17 @@ def test_a_visit_carries_the_data_in_calls_and_rebuilds_it_byte_for_byte(data_di
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="runs the whole check on a GPU")
 def test_the_last_call_assembles_the_data_and_brings_back_what_it_has_without_a_gpu(
         data_dir, tmp_path, capsys):
-    """`gpu_visit.py run` on a machine with no GPU: the data assembled, the box described, and
+    """`gpu_visit.py run` on a machine with no GPU: the data assembled, the machine described, and
     gpu_check.py's refusal in the log that comes back, with its exit status."""
     data = tmp_path / "datasets"
     (data / "cifar10").mkdir(parents=True)
     (data / "mnist").symlink_to(data_dir / "mnist")
     archive_like_the_shared_one(data / gpu_check.CIFAR, 9)
     visit, out = tmp_path / "visit", tmp_path / "out"
-    gpu_visit.pack(data, visit, call_bytes=100_000)
+    gpu_visit.pack(data, visit, part_bytes=100_000)
     assert gpu_visit.run(visit, out) == 2  # gpu_check.py: no CUDA GPU visible
     assert "no CUDA GPU visible" in (out / "gpu-check.log").read_text()
-    assert "torch" in (out / "box.txt").read_text()
+    assert "torch" in (out / "machine.txt").read_text()
     assert (visit / "data" / gpu_check.CIFAR).read_bytes() == (data / gpu_check.CIFAR).read_bytes()
     assert "the archive, byte for byte" in capsys.readouterr().out
 
