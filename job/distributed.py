@@ -81,7 +81,7 @@ def setup(device_preference: str, timeout_s: float = 300) -> Dist:
 def join_process_group(device: torch.device, timeout_s: float) -> None:
     """NCCL on a GPU (bound to it: `device_id` makes NCCL set up its communicator now, not at
     the first collective), Gloo on CPU; torchrun's environment names the peers. bench/gpu_check.py
-    calls this with one rank, as one GPU is all a box may have: NCCL refuses two ranks on one GPU
+    calls this with one rank, as one GPU is all a machine may have: NCCL refuses two ranks on one GPU
     ("Duplicate GPU detected")."""
     global _joined_a_group
     _joined_a_group = True

@@ -289,7 +289,7 @@ _FIGURES_BEFORE = pytest.StashKey[object]()
 
 def _image_figures(config: pytest.Config):
     """What tests/test_image.py keeps in pytest's cache (build minutes, images/s, ...); None
-    unless its module was collected in this session."""
+    unless its module was collected in this test run."""
     image_tests = sys.modules.get("tests.test_image")
     if image_tests is None or not hasattr(config, "cache"):  # or under -p no:cacheprovider
         return None
@@ -301,7 +301,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
-    """A short section, before the final counts, when this session measured new figures."""
+    """A short section, before the final counts, when this test run measured new figures."""
     figures = _image_figures(config)
     if not figures or figures == config.stash.get(_FIGURES_BEFORE, None):
         return

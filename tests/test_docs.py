@@ -9,6 +9,7 @@ After changing a setting in job/config.py, regenerate the README's options table
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import subprocess
 import sys
@@ -58,7 +59,19 @@ def _default(field: dataclasses.Field) -> str:
     return str(value)
 
 
+# Defaults computed from the environment (the cache folder under HOME or XDG_CACHE_HOME) are
+# shown as they read for a user with neither changed: the table is built in a child process.
+README_ENV = {"HOME": "/home/user", "XDG_CACHE_HOME": ""}
+
+
 def options_table() -> str:
+    """The table as the README shows it, whatever this machine's HOME and XDG_CACHE_HOME."""
+    result = subprocess.run([sys.executable, __file__, "--print"], capture_output=True, text=True,
+                            env={**os.environ, **README_ENV}, timeout=60, check=True)
+    return result.stdout
+
+
+def build_options_table() -> str:
     """`cnn-job train`'s arguments as a Markdown table (option, env var, default, help), one row
     per TrainConfig field, in its order; `dataset` is the positional DATASET."""
     types = typing.get_type_hints(TrainConfig)
@@ -176,5 +189,8 @@ def test_no_tracked_file_speaks_of_how_the_project_was_developed():
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--print"]:
+        print(build_options_table(), end="")
+        sys.exit(0)
     write_options_table()
     print(f"{README.relative_to(REPO)}: options table rewritten from TrainConfig")

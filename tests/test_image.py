@@ -1,6 +1,6 @@
 """The image users run, built from the repo's Dockerfile and run in a real OCI runtime.
 
-`make image-test` (pytest -m image; `make test` leaves these out). The session builds the image
+`make image-test` (pytest -m image; `make test` leaves these out). The test run builds the image
 once with `make image` (docker or podman, whichever answers; IMAGE_ENGINE= picks), on
 python:3.11-slim-bookworm or, where that cannot be pulled, on a stand-in base built with
 debootstrap and kept in the engine's store. Then each check runs containers as a user or a
@@ -178,7 +178,7 @@ def built(data_dir, tmp_path_factory, request) -> Image:
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
     image = Image(engine, TAG)
     figures = {"engine": engine, "base": base, "build_minutes": (time.monotonic() - started) / 60}
-    # The first run after a build, before any other container of this session has run.
+    # The first run after a build, before any other container of this test run has run.
     figures["container_first_run"] = container_throughput(image, data_dir,
                                                           tmp_path_factory.mktemp("first"))
     save_figures(request, figures)

@@ -155,7 +155,7 @@ def test_a_resume_at_another_batch_or_world_size_uses_each_image_once(tmp_path, 
     wait_for((folder / "latest").exists, process=process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=300)
-    # (torchrun itself reports its workers' 75 as 1: the multi-node issue deals with that.)
+    # (torchrun itself reports its workers' 75 as 1: `cnn-job launch` keeps the 75.)
     assert process.returncode == (75 if first[0] == 1 else 1), err[-2000:]
     position = read_checkpoint(None, folder)["epoch_position"]
     assert 0 < position < 3200
