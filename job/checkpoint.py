@@ -27,7 +27,7 @@ import torch
 
 from job import distributed
 from job.distributed import Dist
-from job.errors import JobError
+from job.errors import JobError, first_line
 from job.lease import lease_for
 from job.storage import LocalStore, open_store, remove_stale_partials
 
@@ -333,11 +333,6 @@ class CheckpointManager:
                        val_acc=run.val_acc)
             rows.append(row)
         return rows
-
-
-def first_line(error: BaseException, limit: int, fallback: str | None = None) -> str:
-    """An exception's first line, cut to `limit` characters: for one-line reports."""
-    return (str(error).splitlines() or [fallback or type(error).__name__])[0][:limit]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from job import distributed
-from job.checkpoint import NAME_PATTERN, CheckpointManager, RunState, first_line, from_bytes
+from job.checkpoint import NAME_PATTERN, CheckpointManager, RunState, from_bytes
 from job.config import PRESETS, DatasetPreset, default_cache_dir, uses_bf16
 from job.data import (
     DeviceBatches,
@@ -39,7 +39,7 @@ from job.data import (
     read_idx,
     unpickle_batch,
 )
-from job.errors import JobError, strip_userinfo
+from job.errors import JobError, first_line, strip_userinfo
 from job.evaluation import evaluate, tta_logits
 from job.models import build_model
 from job.objects import read_object
