@@ -42,9 +42,8 @@ from job.data import (
 from job.errors import JobError, first_line, strip_userinfo
 from job.evaluation import evaluate, tta_logits
 from job.models import build_model
-from job.objects import read_object
 from job.step import choose_cuda_kernels
-from job.storage import local_path, uri_kind
+from job.storage import local_path, read_object, uri_kind
 
 CHECKPOINT_HINT = "pass a checkpoint file, a checkpoint folder or an s3:// prefix or object"
 
