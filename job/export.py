@@ -26,9 +26,9 @@ from datetime import datetime, timezone
 
 import torch
 
+from job.checkpoint import LoadedCheckpoint, load_checkpoint
 from job.errors import JobError
 from job.evaluation import TTA_WEIGHTS, WithTTA
-from job.inference import LoadedCheckpoint, load_checkpoint
 from job.preemption import Interrupted, StopRequest
 from job.storage import Output
 

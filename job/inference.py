@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from job import distributed
-from job.checkpoint import NAME_PATTERN, CheckpointManager, RunState, from_bytes
+from job.checkpoint import load_checkpoint
 from job.config import PRESETS, DatasetPreset, default_cache_dir, uses_bf16
 from job.data import (
     DeviceBatches,
@@ -41,110 +41,8 @@ from job.data import (
 )
 from job.errors import JobError, first_line, strip_userinfo
 from job.evaluation import evaluate, tta_logits
-from job.models import build_model
 from job.step import choose_cuda_kernels
-from job.storage import local_path, read_object, uri_kind
-
-CHECKPOINT_HINT = "pass a checkpoint file, a checkpoint folder or an s3:// prefix or object"
-
-# ----------------------------------------------------------------------------------------------
-# a checkpoint, by URI
-
-
-@dataclass
-class LoadedCheckpoint:
-    state: dict  # the checkpoint dict, checked against checkpoint.FORMAT
-    location: str  # the file or object it came from
-
-    @property
-    def preset(self) -> DatasetPreset:
-        return PRESETS[self.state["config"]["dataset"]]
-
-    @property
-    def val_acc(self) -> float | None:
-        """The validation accuracy training reported for exactly these weights (an epoch end)."""
-        return RunState.from_checkpoint(self.state).val_acc
-
-    @property
-    def net(self) -> str:
-        return self.state["config"].get("net", "seed")  # checkpoints from before --net: seed
-
-    @property
-    def tta(self) -> bool:
-        """Whether the run evaluates its final weights with test-time augmentation (--tta)."""
-        return bool(self.state["config"].get("tta", False))
-
-    @property
-    def val_acc_with_tta(self) -> bool:
-        """Whether the val_acc training reported for these weights was with test-time
-        augmentation: a --tta run's final epoch only. Weights with no val_acc (inside an epoch),
-        or from before the history said: the run's --tta."""
-        return bool(RunState.from_checkpoint(self.state).evaluated.get("tta", self.tta))
-
-    def model(self, device: torch.device, channels_last: bool = True) -> torch.nn.Module:
-        """The net with the checkpoint's weights, in eval mode; channels_last as training runs it
-        (so that evaluation computes exactly what training's did)."""
-        model = build_model(self.preset.name, self.net)
-        try:
-            model.load_state_dict(self.state["model"])
-        except (RuntimeError, KeyError, TypeError) as error:
-            net = " (--net fast)" if self.net == "fast" else ""
-            raise JobError(f"{self.location}: its weights do not fit the {self.preset.name} net{net} "
-                           f"({first_line(error, 100)})") from None
-        model = model.to(device, memory_format=torch.channels_last if channels_last
-                         else torch.contiguous_format)
-        return model.eval()
-
-    def provenance(self) -> dict:
-        """Where these weights come from: what an export or an evaluation report carries."""
-        from job.summary import git_commit
-
-        run = self.state.get("run") or {}
-        return {
-            "checkpoint": strip_userinfo(self.location),
-            "run_id": run.get("id"),
-            "step": self.state["step"],
-            "epoch": self.state["epoch"],
-            "val_acc": self.val_acc,
-            "val_acc_with_tta": self.val_acc_with_tta,
-            "data_sha256": self.state.get("data_sha256", {}),
-            "git_commit": git_commit(),
-        }
-
-
-def load_checkpoint(uri: str, endpoint_url: str | None = None,
-                    log: Callable[[str], None] = print) -> LoadedCheckpoint:
-    """A checkpoint file (local, or an s3:// object), or the one `latest` names in a checkpoint
-    folder or s3:// prefix (the newest loadable one if that is broken, said in one line)."""
-    if uri_kind(uri, "CHECKPOINT", allowed=("local", "s3")) == "s3":
-        name = uri.rstrip("/").rpartition("/")[2]
-        single = NAME_PATTERN.match(name) or name.endswith(".pt")
-    else:
-        path = local_path(uri)
-        if not path.exists():
-            raise JobError(f"{uri} does not exist: {CHECKPOINT_HINT}")
-        single = not path.is_dir()
-    if single:
-        data = read_object(uri, "CHECKPOINT", endpoint_url)
-        try:
-            return _checked(from_bytes(data), uri)
-        except ValueError as error:
-            raise JobError(f"{uri}: {error}; {CHECKPOINT_HINT}") from None
-    try:
-        found = CheckpointManager(uri, endpoint_url=endpoint_url, log=log).load_latest()
-    except JobError as error:  # none loads: drop the training advice (--resume never)
-        raise JobError(str(error).split("; delete the broken files")[0]) from None
-    if found is None:
-        raise JobError(f"no checkpoints in {uri}: {CHECKPOINT_HINT}")
-    return _checked(*found)
-
-
-def _checked(state: dict, location: str) -> LoadedCheckpoint:
-    if state["config"]["dataset"] not in PRESETS:
-        raise JobError(f"{location} is a checkpoint of an unknown dataset "
-                       f"{state['config']['dataset']!r}")
-    return LoadedCheckpoint(state, location)
-
+from job.storage import read_object
 
 # ----------------------------------------------------------------------------------------------
 # evaluate

@@ -288,6 +288,10 @@ class LocalStore:
     def location(self, name: str) -> str:
         return str(self.folder / name)
 
+    def parent(self) -> tuple[LocalStore, str]:
+        """The folder this one is in, and its name there: where a URI named a file."""
+        return LocalStore(str(self.folder.parent)), self.folder.name
+
     def check_writable(self, option: str) -> None:
         check_writable_folder(self.folder, "checkpoint folder", option)
 
@@ -325,6 +329,10 @@ class S3Store:
 
     def location(self, name: str) -> str:
         return f"{self.uri}/{name}"
+
+    def parent(self) -> tuple[S3Store, str]:
+        """The prefix this one is in, and its last part there: where a URI named an object."""
+        return _object_in_s3(self.uri, self.endpoint_url)
 
     def errors(self, name: str | None = None):
         return s3_errors(self.location(name) if name else self.uri, self.endpoint_url)
@@ -461,12 +469,15 @@ def open_object(uri: str, option: str, endpoint_url: str | None = None,
     `s3://bucket/a/b.pt` → (the store of s3://bucket/a, "b.pt"). The URI is classified here,
     once, among `allowed` (local and s3, or one of them)."""
     if uri_kind(uri, option, allowed) == "s3":
-        parent, _, name = uri.rstrip("/").rpartition("/")
-        if parent in ("s3:", "s3:/") or not name:
-            raise JobError(f"{uri} names no object; write it as s3://BUCKET/KEY")
-        return S3Store(parent, endpoint_url), name
-    path = local_path(uri)
-    return LocalStore(str(path.parent)), path.name
+        return _object_in_s3(uri, endpoint_url)
+    return LocalStore(uri).parent()
+
+
+def _object_in_s3(uri: str, endpoint_url: str | None) -> tuple[S3Store, str]:
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    if parent in ("s3:", "s3:/") or not name:
+        raise JobError(f"{uri} names no object; write it as s3://BUCKET/KEY")
+    return S3Store(parent, endpoint_url), name
 
 
 def read_object(uri: str, option: str, endpoint_url: str | None = None) -> bytes:

@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from job.checkpoint import load_checkpoint
 from job.cli import app
 from job.config import preset
 from job.errors import JobError
-from job.inference import load_checkpoint, prepare_image
+from job.inference import prepare_image
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 from tests.trained_runs import trained_run, write_cifar_batch, write_mnist_idx, write_pngs
