@@ -10,16 +10,9 @@ brought to what the dataset's images look like, then normalised by DeviceBatches
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import hashlib
 import io
-import pickle
-import tarfile
-import tempfile
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,17 +21,8 @@ import torch.nn.functional as F
 
 from job import distributed
 from job.checkpoint import load_checkpoint
-from job.config import PRESETS, DatasetPreset, default_cache_dir, uses_bf16
-from job.data import (
-    DeviceBatches,
-    check_cache_dir,
-    fetch_archives,
-    labels_outside,
-    load_splits,
-    read_cifar10,
-    read_idx,
-    unpickle_batch,
-)
+from job.config import DatasetPreset, uses_bf16
+from job.data import DeviceBatches, load_test_split, read_test_files
 from job.errors import JobError, first_line, strip_userinfo
 from job.evaluation import evaluate, tta_logits
 from job.step import choose_cuda_kernels
@@ -46,14 +30,6 @@ from job.storage import read_object
 
 # ----------------------------------------------------------------------------------------------
 # evaluate
-
-
-@dataclass
-class TestSplit:
-    images: torch.Tensor  # N×H×W×C uint8
-    labels: torch.Tensor  # N int64
-    source: str  # what the user named: a data URI or the test files
-    sha256: dict[str, str]  # file name -> sha256 of what was read
 
 
 def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data: list[str],
@@ -121,95 +97,6 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
         "epoch": checkpoint.state["epoch"],
         "run_id": (checkpoint.state.get("run") or {}).get("id"),
     }
-
-
-def load_test_split(p: DatasetPreset, data_uri: str | None, cache_dir: Path | None,
-                    endpoint_url: str | None) -> TestSplit:
-    """The test split of the dataset's archives at `data_uri` (as `train --data-uri` takes it).
-    Each archive's download lock lets one process per machine fetch it while the others wait."""
-    cache_dir = cache_dir or default_cache_dir()
-    check_cache_dir(cache_dir)
-    paths = fetch_archives(p, data_uri, cache_dir, endpoint_url)
-    splits = load_splits(p, paths, cache_dir)  # mapped from training's parsed cache when there
-    test_archives = [name for name in paths if p.name != "mnist" or name.startswith("t10k")]
-    return TestSplit(splits.test_images, splits.test_labels, data_uri or "the public mirrors",
-                     {name: splits.sha256[name] for name in test_archives})
-
-
-def read_test_files(p: DatasetPreset, uris: list[str], checkpoint: str,
-                    endpoint_url: str | None) -> TestSplit:
-    """A user's own labelled images in the dataset's archive format: for MNIST a gzipped IDX
-    images file and its labels file (in any order); for CIFAR-10 one python-pickle batch (like
-    `test_batch`) or a cifar-10-python.tar.gz (its test batch). Local paths or s3:// objects."""
-    images = labels = None
-    sha256 = {}
-    with tempfile.TemporaryDirectory(prefix="cnn-job-test-data.") as folder:
-        for uri in uris:
-            data = read_object(uri, "--test-data", endpoint_url)
-            name = Path(uri.rstrip("/")).name
-            sha256[name] = hashlib.sha256(data).hexdigest()
-            path = Path(folder) / f"{len(sha256)}-{name}"
-            path.write_bytes(data)
-            kind, parsed = _parse_test_file(path, data, uri)
-            if kind == "images":
-                images = _one(images, parsed, uri, "images")
-            elif kind == "labels":
-                labels = _one(labels, parsed, uri, "labels")
-            else:
-                images, labels = _one(images, parsed[0], uri, "images"), parsed[1]
-            if images is not None and tuple(images.shape[1:]) != _shape(p):
-                other = [q.name for q in PRESETS.values() if _shape(q) == tuple(images.shape[1:])]
-                what = f"{other[0]} data" if other else "images"
-                raise JobError(
-                    f"{checkpoint} is a {p.name} checkpoint ({'×'.join(map(str, _shape(p)))} images), "
-                    f"but --test-data {uri} holds {what} ({'×'.join(map(str, images.shape[1:]))}): "
-                    f"pass {p.name} test data")
-    if images is None or labels is None:
-        raise JobError(f"--test-data: {p.name} needs images and labels "
-                       f"({'an IDX images file and an IDX labels file' if p.name == 'mnist' else 'a batch'})")
-    if len(images) != len(labels):
-        raise JobError(f"--test-data: {len(images)} images but {len(labels)} labels; the files do "
-                       "not belong together")
-    if not len(images):
-        raise JobError(f"--test-data {' '.join(uris)} holds no images: pass labelled test images")
-    if bad := labels_outside(labels, len(p.class_names)):
-        raise JobError(f"--test-data {' '.join(uris)}: {bad}")
-    return TestSplit(images, labels, " ".join(uris), sha256)
-
-
-def _shape(p: DatasetPreset) -> tuple[int, int, int]:
-    return p.image_size, p.image_size, p.channels
-
-
-def _one(current, new, uri: str, what: str):
-    if current is not None:
-        raise JobError(f"--test-data {uri}: a second file of {what}; pass one of each")
-    return new
-
-
-def _parse_test_file(path: Path, data: bytes, uri: str):
-    """("images", N×H×W×C) | ("labels", N) | ("both", (images, labels)), from the file's contents."""
-    unknown = JobError(f"--test-data {uri} is not a dataset archive: pass gzipped IDX files "
-                       "(MNIST) or a CIFAR-10 python batch or tarball")
-    if data[:2] == b"\x1f\x8b":
-        with contextlib.suppress(tarfile.TarError, OSError, EOFError, zlib.error):
-            if tarfile.is_tarfile(path):
-                return "both", read_cifar10(path, uri)[2:]
-        tensor = read_idx(path, uri)
-        if tensor.ndim == 3:
-            return "images", tensor.unsqueeze(-1)
-        if tensor.ndim == 1:
-            return "labels", tensor.long()
-        raise JobError(f"--test-data {uri}: an IDX file of {tensor.ndim} dimensions; MNIST images "
-                       "have 3 (N×28×28), labels 1")
-    if data[:1] == b"\x80":  # a pickle: one CIFAR-10 batch, which may only build numpy arrays
-        try:
-            images, labels = unpickle_batch(data)
-        except (pickle.UnpicklingError, ValueError, KeyError, EOFError, TypeError,
-                AttributeError) as error:
-            raise JobError(f"--test-data {uri} is not a CIFAR-10 batch ({first_line(error, 80)})") from None
-        return "both", (torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
-    raise unknown
 
 
 # ----------------------------------------------------------------------------------------------
