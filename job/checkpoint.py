@@ -411,15 +411,15 @@ def load_checkpoint(uri: str, endpoint_url: str | None = None,
                     log: Callable[[str], None] = print) -> LoadedCheckpoint:
     """A checkpoint file (local, or an s3:// object), or the one `latest` names in a checkpoint
     folder or s3:// prefix (the newest loadable one if that is broken, said in one line)."""
-    folder = open_store(uri, endpoint_url, option="CHECKPOINT")  # the one look at what uri is
+    folder = open_store(uri, endpoint_url, option="CHECKPOINT")  # the URI told apart, once
     if isinstance(folder, LocalStore):
         if not folder.folder.exists():
             raise JobError(f"{uri} does not exist: {CHECKPOINT_HINT}")
         single = not folder.folder.is_dir()
-    else:  # a prefix is only listed: an object is told by its name
+    else:  # S3 has no folders to look at: an object is told by its name
         name = folder.uri.rpartition("/")[2]
         single = NAME_PATTERN.match(name) or name.endswith(".pt")
-    if single:
+    if single:  # read through the store of its folder or prefix
         data = read_whole(*folder.parent(), uri)
         try:
             return _checked(from_bytes(data), uri)
