@@ -11,7 +11,8 @@ loadable one and says so in one line.
 Two layers: `CheckpointManager` is the storage side (names, pointer, retention, fallback,
 listing) and needs no model; `Checkpointer` is the training loop's one handle, which holds the
 model and the recipe's `Training` (optimiser, and whatever else the recipe saves) and decides
-whether a step is saved and what goes in.
+whether a step is saved and what goes in. After training, `load_checkpoint` takes a checkpoint
+by URI (a file, a folder or an s3:// prefix or object) for evaluate, predict and export.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from datetime import datetime, timezone
 import torch
 
 from job import distributed, recipes
+from job.datasets import PRESETS, DatasetPreset
 from job.distributed import Dist
-from job.errors import JobError
+from job.errors import JobError, first_line, strip_userinfo
 from job.lease import lease_for
-from job.storage import LocalStore, open_store, remove_stale_partials
+from job.storage import LocalStore, S3Store, open_store, read_whole, remove_stale_partials
 
 POINTER = "latest"
 NAME_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
@@ -209,11 +211,12 @@ def restore_rng_states(states: dict, device: torch.device) -> None:
 
 
 class CheckpointManager:
-    def __init__(self, uri: str, keep: int = 3, endpoint_url: str | None = None,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(self, uri: str | LocalStore | S3Store, keep: int = 3,
+                 endpoint_url: str | None = None, log: Callable[[str], None] = print) -> None:
+        """`uri`: a checkpoint folder or s3:// prefix, or the store already opened on one."""
         if keep < 1:
             raise JobError("--keep-checkpoints must be at least 1")
-        self.store = open_store(uri, endpoint_url)
+        self.store = open_store(uri, endpoint_url) if isinstance(uri, str) else uri
         self.keep = keep
         self.log = log
         self.lease = None  # held while this process writes the run (see hold)
@@ -336,9 +339,109 @@ class CheckpointManager:
         return rows
 
 
-def first_line(error: BaseException, limit: int, fallback: str | None = None) -> str:
-    """An exception's first line, cut to `limit` characters: for one-line reports."""
-    return (str(error).splitlines() or [fallback or type(error).__name__])[0][:limit]
+# ----------------------------------------------------------------------------------------------
+# a checkpoint, by URI
+
+CHECKPOINT_HINT = "pass a checkpoint file, a checkpoint folder or an s3:// prefix or object"
+
+
+@dataclass
+class LoadedCheckpoint:
+    state: dict  # the checkpoint dict, checked against checkpoint.FORMAT
+    location: str  # the file or object it came from
+
+    @property
+    def preset(self) -> DatasetPreset:
+        return PRESETS[self.state["config"]["dataset"]]
+
+    @property
+    def val_acc(self) -> float | None:
+        """The validation accuracy training reported for exactly these weights (an epoch end)."""
+        return RunState.from_checkpoint(self.state).val_acc
+
+    @property
+    def net(self) -> str:
+        return recipes.saved_net(self.state["config"])
+
+    @property
+    def recipe(self) -> recipes.Recipe:
+        """The recipe that trained these weights: it builds the net and knows its TTA views."""
+        return recipes.load(self.preset.name, self.net)
+
+    @property
+    def tta(self) -> bool:
+        """Whether the run evaluates its final weights with test-time augmentation (--tta)."""
+        return bool(self.state["config"].get("tta", False))
+
+    @property
+    def val_acc_with_tta(self) -> bool:
+        """Whether the val_acc training reported for these weights was with test-time
+        augmentation: a --tta run's final epoch only. Weights with no val_acc (inside an epoch),
+        or from before the history said: the run's --tta."""
+        return bool(RunState.from_checkpoint(self.state).evaluated.get("tta", self.tta))
+
+    def model(self, device: torch.device, channels_last: bool = True) -> torch.nn.Module:
+        """The net with the checkpoint's weights, in eval mode; channels_last as training runs it
+        (so that evaluation computes exactly what training's did)."""
+        model = self.recipe.build_model()
+        try:
+            model.load_state_dict(self.state["model"])
+        except (RuntimeError, KeyError, TypeError) as error:
+            raise JobError(f"{self.location}: its weights do not fit the {self.preset.name} net "
+                           f"(--net {self.net}) ({first_line(error, 100)})") from None
+        model = model.to(device, memory_format=torch.channels_last if channels_last
+                         else torch.contiguous_format)
+        return model.eval()
+
+    def provenance(self) -> dict:
+        """Where these weights come from: what an export or an evaluation report carries."""
+        from job.summary import git_commit
+
+        run = self.state.get("run") or {}
+        return {
+            "checkpoint": strip_userinfo(self.location),
+            "run_id": run.get("id"),
+            "step": self.state["step"],
+            "epoch": self.state["epoch"],
+            "val_acc": self.val_acc,
+            "val_acc_with_tta": self.val_acc_with_tta,
+            "data_sha256": self.state.get("data_sha256", {}),
+            "git_commit": git_commit(),
+        }
+
+
+def load_checkpoint(uri: str, endpoint_url: str | None = None,
+                    log: Callable[[str], None] = print) -> LoadedCheckpoint:
+    """A checkpoint file (local, or an s3:// object), or the one `latest` names in a checkpoint
+    folder or s3:// prefix (the newest loadable one if that is broken, said in one line)."""
+    folder = open_store(uri, endpoint_url, option="CHECKPOINT")  # the URI told apart, once
+    if isinstance(folder, LocalStore):
+        if not folder.folder.exists():
+            raise JobError(f"{uri} does not exist: {CHECKPOINT_HINT}")
+        single = not folder.folder.is_dir()
+    else:  # S3 has no folders to look at: an object is told by its name
+        name = folder.uri.rpartition("/")[2]
+        single = NAME_PATTERN.match(name) or name.endswith(".pt")
+    if single:  # read through the store of its folder or prefix
+        data = read_whole(*folder.parent(), uri)
+        try:
+            return _checked(from_bytes(data), uri)
+        except ValueError as error:
+            raise JobError(f"{uri}: {error}; {CHECKPOINT_HINT}") from None
+    try:
+        found = CheckpointManager(folder, log=log).load_latest()
+    except JobError as error:  # none loads: drop the training advice (--resume never)
+        raise JobError(str(error).split("; delete the broken files")[0]) from None
+    if found is None:
+        raise JobError(f"no checkpoints in {uri}: {CHECKPOINT_HINT}")
+    return _checked(*found)
+
+
+def _checked(state: dict, location: str) -> LoadedCheckpoint:
+    if state["config"]["dataset"] not in PRESETS:
+        raise JobError(f"{location} is a checkpoint of an unknown dataset "
+                       f"{state['config']['dataset']!r}")
+    return LoadedCheckpoint(state, location)
 
 
 # ----------------------------------------------------------------------------------------------

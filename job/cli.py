@@ -274,8 +274,8 @@ def evaluate(
     torchrun the split is sharded over the processes and the sums all-reduced.
     """
     from job.inference import evaluate_checkpoint
-    from job.objects import Output
     from job.progress import print_evaluation
+    from job.storage import Output
 
     def run() -> dict | None:
         output = Output(json_path, "--json") if json_path and json_path != "-" else None

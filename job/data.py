@@ -1,6 +1,7 @@
 """Datasets: archives fetched from where the user points, parsed into uint8 tensors that live
 on the training device, and served as shuffled, normalised (optionally augmented) batches made
-with batched tensor ops on that device. No PIL, no DataLoader workers.
+with batched tensor ops on that device. No PIL, no DataLoader workers. After training, the test
+split that `cnn-job evaluate` scores: the archives', or a user's own files in their format.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import pickle
 import posixpath
 import re
 import tarfile
+import tempfile
 import urllib.error
 import zlib
 from collections.abc import Iterator
@@ -25,8 +27,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from job.datasets import DatasetPreset
-from job.errors import JobError
+from job.datasets import PRESETS, DatasetPreset
+from job.errors import JobError, first_line
 from job.progress import say
 from job.storage import (
     S3Store,
@@ -39,6 +41,7 @@ from job.storage import (
     http_get_bytes,
     local_path,
     parse_s3_uri,
+    read_object,
     remove_stale_partials,
     uri_kind,
 )
@@ -442,6 +445,106 @@ def read_cifar10(path: Path, user_file: str | None = None
         return torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
 
     return (*stack(CIFAR_TRAIN), *stack([CIFAR_TEST]))
+
+
+# ----------------------------------------------------------------------------------------------
+# a test split: the archives', or a user's own test files
+
+
+@dataclass
+class TestSplit:
+    images: torch.Tensor  # N×H×W×C uint8
+    labels: torch.Tensor  # N int64
+    source: str  # what the user named: a data URI or the test files
+    sha256: dict[str, str]  # file name -> sha256 of what was read
+
+
+def load_test_split(p: DatasetPreset, data_uri: str | None, cache_dir: Path,
+                    endpoint_url: str | None) -> TestSplit:
+    """The test split of the dataset's archives at `data_uri` (as `train --data-uri` takes it).
+    Each archive's download lock lets one process per machine fetch it while the others wait."""
+    check_cache_dir(cache_dir)
+    paths = fetch_archives(p, data_uri, cache_dir, endpoint_url)
+    splits = load_splits(p, paths, cache_dir)  # mapped from training's parsed cache when there
+    test_archives = [name for name in paths if p.name != "mnist" or name.startswith("t10k")]
+    return TestSplit(splits.test_images, splits.test_labels, data_uri or "the public mirrors",
+                     {name: splits.sha256[name] for name in test_archives})
+
+
+def read_test_files(p: DatasetPreset, uris: list[str], checkpoint: str,
+                    endpoint_url: str | None) -> TestSplit:
+    """A user's own labelled images in the dataset's archive format: for MNIST a gzipped IDX
+    images file and its labels file (in any order); for CIFAR-10 one python-pickle batch (like
+    `test_batch`) or a cifar-10-python.tar.gz (its test batch). Local paths or s3:// objects."""
+    images = labels = None
+    sha256 = {}
+    with tempfile.TemporaryDirectory(prefix="cnn-job-test-data.") as folder:
+        for uri in uris:
+            data = read_object(uri, "--test-data", endpoint_url)
+            name = Path(uri.rstrip("/")).name
+            sha256[name] = hashlib.sha256(data).hexdigest()
+            path = Path(folder) / f"{len(sha256)}-{name}"
+            path.write_bytes(data)
+            kind, parsed = _parse_test_file(path, data, uri)
+            if kind == "images":
+                images = _one(images, parsed, uri, "images")
+            elif kind == "labels":
+                labels = _one(labels, parsed, uri, "labels")
+            else:
+                images, labels = _one(images, parsed[0], uri, "images"), parsed[1]
+            if images is not None and tuple(images.shape[1:]) != _shape(p):
+                other = [q.name for q in PRESETS.values() if _shape(q) == tuple(images.shape[1:])]
+                what = f"{other[0]} data" if other else "images"
+                raise JobError(
+                    f"{checkpoint} is a {p.name} checkpoint ({'×'.join(map(str, _shape(p)))} images), "
+                    f"but --test-data {uri} holds {what} ({'×'.join(map(str, images.shape[1:]))}): "
+                    f"pass {p.name} test data")
+    if images is None or labels is None:
+        raise JobError(f"--test-data: {p.name} needs images and labels "
+                       f"({'an IDX images file and an IDX labels file' if p.name == 'mnist' else 'a batch'})")
+    if len(images) != len(labels):
+        raise JobError(f"--test-data: {len(images)} images but {len(labels)} labels; the files do "
+                       "not belong together")
+    if not len(images):
+        raise JobError(f"--test-data {' '.join(uris)} holds no images: pass labelled test images")
+    if bad := labels_outside(labels, len(p.class_names)):
+        raise JobError(f"--test-data {' '.join(uris)}: {bad}")
+    return TestSplit(images, labels, " ".join(uris), sha256)
+
+
+def _shape(p: DatasetPreset) -> tuple[int, int, int]:
+    return p.image_size, p.image_size, p.channels
+
+
+def _one(current, new, uri: str, what: str):
+    if current is not None:
+        raise JobError(f"--test-data {uri}: a second file of {what}; pass one of each")
+    return new
+
+
+def _parse_test_file(path: Path, data: bytes, uri: str):
+    """("images", N×H×W×C) | ("labels", N) | ("both", (images, labels)), from the file's contents."""
+    unknown = JobError(f"--test-data {uri} is not a dataset archive: pass gzipped IDX files "
+                       "(MNIST) or a CIFAR-10 python batch or tarball")
+    if data[:2] == b"\x1f\x8b":
+        with contextlib.suppress(tarfile.TarError, OSError, EOFError, zlib.error):
+            if tarfile.is_tarfile(path):
+                return "both", read_cifar10(path, uri)[2:]
+        tensor = read_idx(path, uri)
+        if tensor.ndim == 3:
+            return "images", tensor.unsqueeze(-1)
+        if tensor.ndim == 1:
+            return "labels", tensor.long()
+        raise JobError(f"--test-data {uri}: an IDX file of {tensor.ndim} dimensions; MNIST images "
+                       "have 3 (N×28×28), labels 1")
+    if data[:1] == b"\x80":  # a pickle: one CIFAR-10 batch, which may only build numpy arrays
+        try:
+            images, labels = unpickle_batch(data)
+        except (pickle.UnpicklingError, ValueError, KeyError, EOFError, TypeError,
+                AttributeError) as error:
+            raise JobError(f"--test-data {uri} is not a CIFAR-10 batch ({first_line(error, 80)})") from None
+        return "both", (torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
+    raise unknown
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""The one exception type for problems a user can cause and fix, and the redaction that keeps
-credentials written into a URI (`https://user:secret@host`) out of every line we print or store."""
+"""The one exception type for problems a user can cause and fix, the redaction that keeps
+credentials written into a URI (`https://user:secret@host`) out of every line we print or store,
+and an exception's first line for the one-line reports."""
 
 import re
 
@@ -18,3 +19,8 @@ class JobError(Exception):
 def strip_userinfo(value):
     """`https://user:secret@host/x` → `https://host/x`, anywhere in a string; other values pass."""
     return _USERINFO.sub(r"\1", value) if isinstance(value, str) else value
+
+
+def first_line(error: BaseException, limit: int, fallback: str | None = None) -> str:
+    """An exception's first line, cut to `limit` characters: for one-line reports."""
+    return (str(error).splitlines() or [fallback or type(error).__name__])[0][:limit]

@@ -26,11 +26,11 @@ from datetime import datetime, timezone
 
 import torch
 
+from job.checkpoint import LoadedCheckpoint, load_checkpoint
 from job.errors import JobError
 from job.evaluation import WithTTA
-from job.inference import LoadedCheckpoint, load_checkpoint
-from job.objects import Output
 from job.preemption import Interrupted, StopRequest
+from job.storage import Output
 
 FORMATS = ("onnx", "torch-export", "safetensors")
 SERVING_KEY = "cnn_job"  # ONNX metadata_props / safetensors metadata key; the .pt2 has cnn_job.json

@@ -1,165 +1,34 @@
-"""After training: a checkpoint loaded by URI, evaluated on a test split, and asked to classify
-images. `cnn-job evaluate` and `cnn-job predict` hand off here; `cnn-job export` (export.py)
-loads checkpoints the same way.
+"""After training: a checkpoint (loaded by URI, checkpoint.py) evaluated on a test split
+(data.py), and asked to classify images (images.py). `cnn-job evaluate` and `cnn-job predict`
+hand off here.
 
 Evaluation is training's own `evaluate()` over the same on-device batches (DeviceBatches) with
 the run's evaluation batch size and precision, so the final checkpoint of a run scores exactly
-the `final_val_acc` its training reported. Images for `predict` are decoded with Pillow and
-brought to what the dataset's images look like, then normalised by DeviceBatches too.
+the `final_val_acc` its training reported. Images for `predict` are brought to what the
+dataset's images look like, then normalised by DeviceBatches too.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import io
-import pickle
-import tarfile
-import tempfile
-import zlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from job import distributed, recipes
-from job.checkpoint import NAME_PATTERN, CheckpointManager, RunState, first_line, from_bytes
+from job import distributed
+from job.checkpoint import load_checkpoint
 from job.config import check_precision, default_cache_dir, uses_bf16
-from job.data import (
-    DeviceBatches,
-    check_cache_dir,
-    fetch_archives,
-    labels_outside,
-    load_splits,
-    read_cifar10,
-    read_idx,
-    unpickle_batch,
-)
-from job.datasets import PRESETS, DatasetPreset
+from job.data import DeviceBatches, load_test_split, read_test_files
 from job.errors import JobError, strip_userinfo
 from job.evaluation import evaluate, tta_logits
-from job.objects import read_object
+from job.images import prepare_image
 from job.step import autocast_for, choose_cuda_kernels
-from job.storage import local_path, uri_kind
-
-CHECKPOINT_HINT = "pass a checkpoint file, a checkpoint folder or an s3:// prefix or object"
-
-# ----------------------------------------------------------------------------------------------
-# a checkpoint, by URI
-
-
-@dataclass
-class LoadedCheckpoint:
-    state: dict  # the checkpoint dict, checked against checkpoint.FORMAT
-    location: str  # the file or object it came from
-
-    @property
-    def preset(self) -> DatasetPreset:
-        return PRESETS[self.state["config"]["dataset"]]
-
-    @property
-    def val_acc(self) -> float | None:
-        """The validation accuracy training reported for exactly these weights (an epoch end)."""
-        return RunState.from_checkpoint(self.state).val_acc
-
-    @property
-    def net(self) -> str:
-        return recipes.saved_net(self.state["config"])
-
-    @property
-    def recipe(self) -> recipes.Recipe:
-        """The recipe that trained these weights: it builds the net and knows its TTA views."""
-        return recipes.load(self.preset.name, self.net)
-
-    @property
-    def tta(self) -> bool:
-        """Whether the run evaluates its final weights with test-time augmentation (--tta)."""
-        return bool(self.state["config"].get("tta", False))
-
-    @property
-    def val_acc_with_tta(self) -> bool:
-        """Whether the val_acc training reported for these weights was with test-time
-        augmentation: a --tta run's final epoch only. Weights with no val_acc (inside an epoch),
-        or from before the history said: the run's --tta."""
-        return bool(RunState.from_checkpoint(self.state).evaluated.get("tta", self.tta))
-
-    def model(self, device: torch.device, channels_last: bool = True) -> torch.nn.Module:
-        """The net with the checkpoint's weights, in eval mode; channels_last as training runs it
-        (so that evaluation computes exactly what training's did)."""
-        model = self.recipe.build_model()
-        try:
-            model.load_state_dict(self.state["model"])
-        except (RuntimeError, KeyError, TypeError) as error:
-            raise JobError(f"{self.location}: its weights do not fit the {self.preset.name} net "
-                           f"(--net {self.net}) ({first_line(error, 100)})") from None
-        model = model.to(device, memory_format=torch.channels_last if channels_last
-                         else torch.contiguous_format)
-        return model.eval()
-
-    def provenance(self) -> dict:
-        """Where these weights come from: what an export or an evaluation report carries."""
-        from job.summary import git_commit
-
-        run = self.state.get("run") or {}
-        return {
-            "checkpoint": strip_userinfo(self.location),
-            "run_id": run.get("id"),
-            "step": self.state["step"],
-            "epoch": self.state["epoch"],
-            "val_acc": self.val_acc,
-            "val_acc_with_tta": self.val_acc_with_tta,
-            "data_sha256": self.state.get("data_sha256", {}),
-            "git_commit": git_commit(),
-        }
-
-
-def load_checkpoint(uri: str, endpoint_url: str | None = None,
-                    log: Callable[[str], None] = print) -> LoadedCheckpoint:
-    """A checkpoint file (local, or an s3:// object), or the one `latest` names in a checkpoint
-    folder or s3:// prefix (the newest loadable one if that is broken, said in one line)."""
-    if uri_kind(uri, "CHECKPOINT", allowed=("local", "s3")) == "s3":
-        name = uri.rstrip("/").rpartition("/")[2]
-        single = NAME_PATTERN.match(name) or name.endswith(".pt")
-    else:
-        path = local_path(uri)
-        if not path.exists():
-            raise JobError(f"{uri} does not exist: {CHECKPOINT_HINT}")
-        single = not path.is_dir()
-    if single:
-        data = read_object(uri, "CHECKPOINT", endpoint_url)
-        try:
-            return _checked(from_bytes(data), uri)
-        except ValueError as error:
-            raise JobError(f"{uri}: {error}; {CHECKPOINT_HINT}") from None
-    try:
-        found = CheckpointManager(uri, endpoint_url=endpoint_url, log=log).load_latest()
-    except JobError as error:  # none loads: drop the training advice (--resume never)
-        raise JobError(str(error).split("; delete the broken files")[0]) from None
-    if found is None:
-        raise JobError(f"no checkpoints in {uri}: {CHECKPOINT_HINT}")
-    return _checked(*found)
-
-
-def _checked(state: dict, location: str) -> LoadedCheckpoint:
-    if state["config"]["dataset"] not in PRESETS:
-        raise JobError(f"{location} is a checkpoint of an unknown dataset "
-                       f"{state['config']['dataset']!r}")
-    return LoadedCheckpoint(state, location)
-
+from job.storage import read_object
 
 # ----------------------------------------------------------------------------------------------
 # evaluate
-
-
-@dataclass
-class TestSplit:
-    images: torch.Tensor  # N×H×W×C uint8
-    labels: torch.Tensor  # N int64
-    source: str  # what the user named: a data URI or the test files
-    sha256: dict[str, str]  # file name -> sha256 of what was read
 
 
 def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data: list[str],
@@ -178,7 +47,8 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
         if test_data:
             split = read_test_files(p, test_data, checkpoint.location, endpoint_url)
         else:
-            split = load_test_split(p, data_uri or saved.get("data_uri"), cache_dir, endpoint_url)
+            split = load_test_split(p, data_uri or saved.get("data_uri"),
+                                    cache_dir or default_cache_dir(), endpoint_url)
         batch_size = batch_size or saved.get("eval_batch_size", 1000)
         if batch_size < 1:
             raise JobError("--batch-size must be at least 1")
@@ -227,140 +97,8 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
     }
 
 
-def load_test_split(p: DatasetPreset, data_uri: str | None, cache_dir: Path | None,
-                    endpoint_url: str | None) -> TestSplit:
-    """The test split of the dataset's archives at `data_uri` (as `train --data-uri` takes it).
-    Each archive's download lock lets one process per machine fetch it while the others wait."""
-    cache_dir = cache_dir or default_cache_dir()
-    check_cache_dir(cache_dir)
-    paths = fetch_archives(p, data_uri, cache_dir, endpoint_url)
-    splits = load_splits(p, paths, cache_dir)  # mapped from training's parsed cache when there
-    test_archives = [name for name in paths if p.name != "mnist" or name.startswith("t10k")]
-    return TestSplit(splits.test_images, splits.test_labels, data_uri or "the public mirrors",
-                     {name: splits.sha256[name] for name in test_archives})
-
-
-def read_test_files(p: DatasetPreset, uris: list[str], checkpoint: str,
-                    endpoint_url: str | None) -> TestSplit:
-    """A user's own labelled images in the dataset's archive format: for MNIST a gzipped IDX
-    images file and its labels file (in any order); for CIFAR-10 one python-pickle batch (like
-    `test_batch`) or a cifar-10-python.tar.gz (its test batch). Local paths or s3:// objects."""
-    images = labels = None
-    sha256 = {}
-    with tempfile.TemporaryDirectory(prefix="cnn-job-test-data.") as folder:
-        for uri in uris:
-            data = read_object(uri, "--test-data", endpoint_url)
-            name = Path(uri.rstrip("/")).name
-            sha256[name] = hashlib.sha256(data).hexdigest()
-            path = Path(folder) / f"{len(sha256)}-{name}"
-            path.write_bytes(data)
-            kind, parsed = _parse_test_file(path, data, uri)
-            if kind == "images":
-                images = _one(images, parsed, uri, "images")
-            elif kind == "labels":
-                labels = _one(labels, parsed, uri, "labels")
-            else:
-                images, labels = _one(images, parsed[0], uri, "images"), parsed[1]
-            if images is not None and tuple(images.shape[1:]) != _shape(p):
-                other = [q.name for q in PRESETS.values() if _shape(q) == tuple(images.shape[1:])]
-                what = f"{other[0]} data" if other else "images"
-                raise JobError(
-                    f"{checkpoint} is a {p.name} checkpoint ({'×'.join(map(str, _shape(p)))} images), "
-                    f"but --test-data {uri} holds {what} ({'×'.join(map(str, images.shape[1:]))}): "
-                    f"pass {p.name} test data")
-    if images is None or labels is None:
-        raise JobError(f"--test-data: {p.name} needs images and labels "
-                       f"({'an IDX images file and an IDX labels file' if p.name == 'mnist' else 'a batch'})")
-    if len(images) != len(labels):
-        raise JobError(f"--test-data: {len(images)} images but {len(labels)} labels; the files do "
-                       "not belong together")
-    if not len(images):
-        raise JobError(f"--test-data {' '.join(uris)} holds no images: pass labelled test images")
-    if bad := labels_outside(labels, len(p.class_names)):
-        raise JobError(f"--test-data {' '.join(uris)}: {bad}")
-    return TestSplit(images, labels, " ".join(uris), sha256)
-
-
-def _shape(p: DatasetPreset) -> tuple[int, int, int]:
-    return p.image_size, p.image_size, p.channels
-
-
-def _one(current, new, uri: str, what: str):
-    if current is not None:
-        raise JobError(f"--test-data {uri}: a second file of {what}; pass one of each")
-    return new
-
-
-def _parse_test_file(path: Path, data: bytes, uri: str):
-    """("images", N×H×W×C) | ("labels", N) | ("both", (images, labels)), from the file's contents."""
-    unknown = JobError(f"--test-data {uri} is not a dataset archive: pass gzipped IDX files "
-                       "(MNIST) or a CIFAR-10 python batch or tarball")
-    if data[:2] == b"\x1f\x8b":
-        with contextlib.suppress(tarfile.TarError, OSError, EOFError, zlib.error):
-            if tarfile.is_tarfile(path):
-                return "both", read_cifar10(path, uri)[2:]
-        tensor = read_idx(path, uri)
-        if tensor.ndim == 3:
-            return "images", tensor.unsqueeze(-1)
-        if tensor.ndim == 1:
-            return "labels", tensor.long()
-        raise JobError(f"--test-data {uri}: an IDX file of {tensor.ndim} dimensions; MNIST images "
-                       "have 3 (N×28×28), labels 1")
-    if data[:1] == b"\x80":  # a pickle: one CIFAR-10 batch, which may only build numpy arrays
-        try:
-            images, labels = unpickle_batch(data)
-        except (pickle.UnpicklingError, ValueError, KeyError, EOFError, TypeError,
-                AttributeError) as error:
-            raise JobError(f"--test-data {uri} is not a CIFAR-10 batch ({first_line(error, 80)})") from None
-        return "both", (torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
-    raise unknown
-
-
 # ----------------------------------------------------------------------------------------------
 # predict
-
-IMAGE_FORMATS = ("PNG", "JPEG")
-
-
-def prepare_image(data: bytes, p: DatasetPreset, name: str) -> np.ndarray:
-    """An encoded PNG or JPEG as the dataset's images look: H×W×C uint8, grayscale 28×28 for
-    MNIST, RGB 32×32 for CIFAR-10.
-
-    Any size and mode: EXIF orientation applied; 16-bit samples scaled to 8; transparency
-    composited onto black (MNIST's background); the largest centred square kept (the datasets'
-    images are square and centred) and resized to the net's side, area-averaged when shrinking,
-    bicubic when enlarging. Colours are not inverted: MNIST digits are light on dark.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    side, mode = p.image_size, "L" if p.channels == 1 else "RGB"
-    try:
-        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-        if image.format == "JPEG":  # decode at a reduced scale when the file is much larger
-            image.draft(mode, (side, side))
-        image = ImageOps.exif_transpose(image)
-        image.load()
-    except UnidentifiedImageError:
-        raise JobError(f"{name} is not a PNG or JPEG image") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise JobError(f"{name} does not decode as an image ({first_line(error, 80)})") from None
-    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit PNG: scale, not clip
-        image = Image.fromarray((np.asarray(image, np.float64) / 257).round().clip(0, 255).astype(np.uint8))
-    if image.mode in ("P", "PA") or "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "RGBa", "La"):
-        background = Image.new("RGBA", image.size, (0, 0, 0, 255))
-        image = Image.alpha_composite(background, image.convert("RGBA"))
-    image = image.convert(mode)
-    width, height = image.size
-    square = min(width, height)
-    box = ((width - square) // 2, (height - square) // 2)
-    image = image.crop((*box, box[0] + square, box[1] + square))
-    if square != side:
-        shrinking = square > side
-        image = image.resize((side, side), Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
-    return np.asarray(image, np.uint8).reshape(side, side, p.channels)
-
 
 def predict(checkpoint_uri: str, image_uris: list[str], *, top_k: int, device: str,
             endpoint_url: str | None, log: Callable[[str], None], batch_size: int = 256,

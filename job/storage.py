@@ -1,5 +1,6 @@
 """Where bytes live: local folders, HTTP(S) mirrors and S3 prefixes, told apart in one place
-(`uri_kind`) for the data and the checkpoint options alike.
+(`uri_kind`) for the data and the checkpoint options alike; and one file by URI, a local path or
+an `s3://BUCKET/KEY` object (`open_object`), read whole or written atomically.
 
 Every write is atomic: bytes go to a temporary name in the same folder, are flushed to disk,
 and only then renamed over the final name, so a reader (or a resume after a crash) sees the
@@ -9,6 +10,7 @@ old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -286,6 +288,10 @@ class LocalStore:
     def location(self, name: str) -> str:
         return str(self.folder / name)
 
+    def parent(self) -> tuple[LocalStore, str]:
+        """The folder this one is in, and its name there: where a URI named a file."""
+        return LocalStore(str(self.folder.parent)), self.folder.name
+
     def check_writable(self, option: str) -> None:
         check_writable_folder(self.folder, "checkpoint folder", option)
 
@@ -323,6 +329,10 @@ class S3Store:
 
     def location(self, name: str) -> str:
         return f"{self.uri}/{name}"
+
+    def parent(self) -> tuple[S3Store, str]:
+        """The prefix this one is in, and its last part there: where a URI named an object."""
+        return _object_in_s3(self.uri, self.endpoint_url)
 
     def errors(self, name: str | None = None):
         return s3_errors(self.location(name) if name else self.uri, self.endpoint_url)
@@ -447,3 +457,69 @@ def _read_text(path: Path) -> str | None:
         return path.read_text().strip()
     except OSError:
         return None
+
+
+# ----------------------------------------------------------------------------------------------
+# one file by URI: the after-training commands' checkpoints, images and outputs
+
+
+def open_object(uri: str, option: str, endpoint_url: str | None = None,
+                allowed: tuple[str, ...] = ("local", "s3")) -> tuple[LocalStore | S3Store, str]:
+    """The store of the file's folder or the object's prefix, and its name there:
+    `s3://bucket/a/b.pt` → (the store of s3://bucket/a, "b.pt"). The URI is classified here,
+    once, among `allowed` (local and s3, or one of them)."""
+    if uri_kind(uri, option, allowed) == "s3":
+        return _object_in_s3(uri, endpoint_url)
+    return LocalStore(uri).parent()
+
+
+def _object_in_s3(uri: str, endpoint_url: str | None) -> tuple[S3Store, str]:
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    if parent in ("s3:", "s3:/") or not name:
+        raise JobError(f"{uri} names no object; write it as s3://BUCKET/KEY")
+    return S3Store(parent, endpoint_url), name
+
+
+def read_object(uri: str, option: str, endpoint_url: str | None = None) -> bytes:
+    """The bytes of a local file or an S3 object; JobError (one line) when it cannot be read."""
+    store, name = open_object(uri, option, endpoint_url)
+    return read_whole(store, name, uri)
+
+
+def read_whole(store: LocalStore | S3Store, name: str, uri: str) -> bytes:
+    """The bytes of `name` in `store` (opened on `uri`), or one JobError line naming `uri`."""
+    try:
+        data = store.read(name)
+    except IsADirectoryError:
+        raise JobError(f"{uri} is a folder, not a file") from None
+    except OSError as error:  # a local file's: S3's arrive as JobErrors already
+        raise JobError(f"cannot read {uri} ({error.strerror or error})") from None
+    if data is None and isinstance(store, S3Store):
+        raise JobError(f"{uri} does not exist in S3; check the URI")
+    if data is None:
+        raise JobError(f"cannot read {uri} ({os.strerror(errno.ENOENT)})")
+    return data
+
+
+class Output:
+    """Where one result goes: checked before the work that produces it, written atomically."""
+
+    def __init__(self, uri: str, option: str, endpoint_url: str | None = None) -> None:
+        self.uri, self.option = uri, option
+        self.store, self.name = open_object(uri, option, endpoint_url)
+
+    def check(self) -> None:
+        """Fail fast (JobError) when the output cannot be written: before any work."""
+        if isinstance(self.store, S3Store):
+            self.store.check_bucket(self.uri)
+        else:
+            check_output_file(self.store.folder / self.name, self.option)
+
+    def write(self, data: bytes) -> str:
+        """Replace the output with `data` in one step; returns where it went."""
+        try:
+            self.store.write(self.name, data)
+        except OSError as error:
+            raise JobError(f"could not write {self.option} {self.uri} "
+                           f"({error.strerror or error}); nothing was written") from None
+        return self.store.location(self.name)

@@ -4,7 +4,15 @@ unreadable files, and the rule that decides when a step is saved."""
 import pytest
 import torch
 
-from job.checkpoint import POINTER, Checkpointer, CheckpointManager, RunState, from_bytes, to_bytes
+from job.checkpoint import (
+    POINTER,
+    Checkpointer,
+    CheckpointManager,
+    RunState,
+    from_bytes,
+    load_checkpoint,
+    to_bytes,
+)
 from job.config import TrainConfig
 from job.datasets import preset
 from job.distributed import Dist
@@ -171,3 +179,36 @@ def test_a_full_disk_says_what_is_intact(tmp_path, monkeypatch):
         manager.save(todays_checkpoint(step=20), step=20)
     assert "; the previous checkpoint step-000000010.pt is intact: free space" in str(later.value)
     assert manager.pointer() == "step-000000010.pt"
+
+
+def test_a_checkpoint_by_uri_is_a_file_a_folder_a_prefix_or_an_object(tmp_path, s3):
+    folder = tmp_path / "run"
+    write(folder, "step-000000016.pt", todays_checkpoint())
+    write(folder, "step-000000032.pt", todays_checkpoint(step=32))
+    (folder / POINTER).write_text("step-000000016.pt\n")
+    data = (folder / "step-000000032.pt").read_bytes()
+    for key in ("run/step-000000032.pt", "run/latest", "step-000000032.pt", "latest"):
+        body = data if key.endswith(".pt") else b"step-000000032.pt\n"
+        s3.client.put_object(Bucket=s3.bucket, Key=key, Body=body)
+    cases = {
+        str(folder / "step-000000032.pt"): (32, str(folder / "step-000000032.pt")),
+        str(folder): (16, str(folder / "step-000000016.pt")),  # the one `latest` names
+        f"file://{folder}/": (16, str(folder / "step-000000016.pt")),
+        f"s3://{s3.bucket}/run/step-000000032.pt": (32, f"s3://{s3.bucket}/run/step-000000032.pt"),
+        f"s3://{s3.bucket}/run/": (32, f"s3://{s3.bucket}/run/step-000000032.pt"),
+        f"s3://{s3.bucket}": (32, f"s3://{s3.bucket}/step-000000032.pt"),  # a bucket's top level
+    }
+    for uri, (step, location) in cases.items():
+        loaded = load_checkpoint(uri)
+        assert (loaded.state["step"], loaded.location, loaded.preset.name) == (step, location, "mnist")
+    (tmp_path / "empty").mkdir()
+    for uri, message in (
+        (str(tmp_path / "none.pt"), f"{tmp_path / 'none.pt'} does not exist: pass a checkpoint file"),
+        (str(tmp_path / "empty"), f"no checkpoints in {tmp_path / 'empty'}: pass a checkpoint file"),
+        (f"s3://{s3.bucket}/run/step-000000048.pt",
+         f"s3://{s3.bucket}/run/step-000000048.pt does not exist in S3; check the URI"),
+        ("ftp://h/run", "CHECKPOINT ftp://h/run: ftp:// is not supported; use a folder or s3://"),
+    ):
+        with pytest.raises(JobError) as error:
+            load_checkpoint(uri)
+        assert str(error.value).startswith(message)

@@ -16,7 +16,15 @@ import pytest
 import torch
 
 import job.data
-from job.data import DeviceBatches, fetch_archives, load_splits, read_cifar10, read_idx
+from job.data import (
+    DeviceBatches,
+    fetch_archives,
+    load_splits,
+    load_test_split,
+    read_cifar10,
+    read_idx,
+    read_test_files,
+)
 from job.datasets import preset
 from job.errors import JobError
 from tests.conftest import REPO
@@ -119,6 +127,22 @@ def test_cifar_batch_missing_from_tarball(tmp_path):
     _tarball(archive, {f"cifar-10-batches-py/data_batch_{i}": batch for i in range(1, 5)})
     with pytest.raises(JobError, match="no cifar-10-batches-py/data_batch_5 inside"):
         read_cifar10(archive)
+
+
+def test_a_users_test_files_read_as_the_archives_test_split(data_dir, mnist, cifar10, tmp_path):
+    mnist_files = [str(data_dir / "mnist" / name)  # in either order
+                   for name in ("t10k-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz")]
+    split = read_test_files(preset("mnist"), mnist_files, "run", None)
+    assert torch.equal(split.images, mnist.test_images) and torch.equal(split.labels, mnist.test_labels)
+    assert split.sha256 == {name: mnist.sha256[name] for name in split.sha256} and len(split.sha256) == 2
+    tarball = str(data_dir / "cifar10" / "cifar-10-python.tar.gz")
+    split = read_test_files(preset("cifar10"), [tarball], "run", None)
+    assert torch.equal(split.images, cifar10.test_images) and split.source == tarball
+    archives = load_test_split(preset("mnist"), str(data_dir), tmp_path, None)
+    assert torch.equal(archives.labels, mnist.test_labels) and set(archives.sha256) == {
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"}
+    with pytest.raises(JobError, match=r"run is a mnist checkpoint .* holds cifar10 data"):
+        read_test_files(preset("mnist"), [tarball], "run", None)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -758,7 +758,7 @@ class Pod:
                         f"{self.output()[-3000:]}")
 
     def kill(self) -> None:
-        """SIGKILL to the container's processes, torchrun's workers (in process groups of their own) included."""
+        """SIGKILL to the container's processes, torchrun's workers (own process groups) included."""
         if self.process.poll() is not None:
             return
         for pid in process_tree(self.process.pid):

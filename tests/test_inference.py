@@ -12,13 +12,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from typer.testing import CliRunner
 
+from job.checkpoint import load_checkpoint
 from job.cli import app
 from job.datasets import preset
 from job.errors import JobError
-from job.inference import load_checkpoint, prepare_image
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
 from tests.trained_runs import trained_run, write_cifar_batch, write_mnist_idx, write_pngs
@@ -152,38 +151,6 @@ def test_predict_on_pngs_gives_the_classes_evaluate_counts(dataset, tmp_path, da
                             f"{names[top[1]['index']]} {top[1]['probability']:.2%}\n")
 
 
-def test_images_of_any_size_and_mode_become_the_datasets_format(cifar10, mnist, tmp_path):
-    cifar, mnist_p = preset("cifar10"), preset("mnist")
-    rgb = cifar10.test_images[7].numpy()
-
-    def encoded(image: Image.Image, fmt="PNG", **options) -> bytes:
-        path = tmp_path / f"x.{fmt.lower()}"
-        image.save(path, fmt, **options)
-        return path.read_bytes()
-
-    exact = [
-        Image.fromarray(rgb),
-        Image.fromarray(rgb).resize((128, 128), Image.Resampling.NEAREST).convert("RGBA"),  # 4×, alpha
-        Image.fromarray(np.pad(rgb, ((0, 0), (16, 16), (0, 0)))),  # wider: the centred square
-    ]
-    for image in exact:
-        assert np.array_equal(prepare_image(encoded(image), cifar, "x"), rgb)
-    # a photo-sized JPEG lands close (lossy), and grayscale becomes three equal channels
-    big = prepare_image(encoded(exact[1].convert("RGB").resize((640, 640)), "JPEG", quality=95), cifar, "x")
-    assert big.shape == (32, 32, 3) and np.abs(big.astype(int) - rgb).mean() < 8
-    gray = prepare_image(encoded(Image.fromarray(rgb).convert("L")), cifar, "x")
-    assert gray.shape == (32, 32, 3) and (gray[..., 0] == gray[..., 2]).all()
-    # MNIST: RGB and 16-bit PNGs of a digit become its 28×28 grayscale pixels
-    digit = mnist.test_images[0, :, :, 0].numpy()
-    as_16_bit = Image.fromarray(digit.astype(np.uint16) * 257)
-    assert as_16_bit.mode.startswith("I")
-    for image in (Image.fromarray(digit).convert("RGB"), as_16_bit):
-        assert np.array_equal(prepare_image(encoded(image), mnist_p, "x"), digit[..., None])
-    # transparency goes onto black, MNIST's background
-    clear = Image.new("LA", (56, 56), (255, 0))
-    assert not prepare_image(encoded(clear), mnist_p, "x").any()
-
-
 def test_predict_reads_images_from_s3(s3, mnist_run, mnist, tmp_path):
     (png,) = write_pngs(mnist.test_images[:1], tmp_path)
     s3.client.upload_file(str(png), s3.bucket, "images/digit.png")
@@ -235,8 +202,6 @@ def test_images_that_do_not_decode_stop_before_any_output(mnist_run, mnist, tmp_
     result = run_cli("predict", str(mnist_run.folder), str(good), str(tmp_path / "text.png"))
     assert_one_line_error(result, str(tmp_path / "text.png"), "is not a PNG or JPEG image")
     assert result.stdout == ""  # not even the good image's line
-    with pytest.raises(JobError, match=r"cut\.png does not decode as an image"):
-        prepare_image(good.read_bytes()[:60], preset("mnist"), "cut.png")
     result = runner.invoke(app, ["predict", str(mnist_run.folder), str(good), str(tmp_path / "none.png")])
     assert result.exit_code == 2 and result.stdout == ""
     assert f"error: cannot read {tmp_path / 'none.png'}" in result.stderr

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -13,7 +14,16 @@ from job.config import TrainConfig
 from job.data import fetch_archives
 from job.datasets import preset
 from job.errors import JobError
-from job.storage import LocalStore, S3Store, open_store, parse_s3_uri, uri_kind
+from job.storage import (
+    LocalStore,
+    Output,
+    S3Store,
+    open_object,
+    open_store,
+    parse_s3_uri,
+    read_object,
+    uri_kind,
+)
 from job.train import train
 from tests.conftest import CNN_JOB, SECRET, archive_sha256, run_cli, start_s3_server
 
@@ -43,6 +53,54 @@ def test_one_dispatcher_for_data_and_checkpoint_uris(s3, tmp_path):
     with pytest.raises(JobError, match=r"^--checkpoint-uri https://h/c: https:// is not supported; "
                                        r"use a folder or s3://$"):
         open_store("https://h/c")
+
+
+def test_one_file_by_uri_is_a_store_and_a_name(s3, tmp_path):
+    store, name = open_object(f"file://{tmp_path}/a/b.pt", "CHECKPOINT")
+    assert isinstance(store, LocalStore) and (store.folder, name) == (tmp_path / "a", "b.pt")
+    store, name = open_object(f"s3://{s3.bucket}/a/b.pt", "CHECKPOINT")
+    assert isinstance(store, S3Store) and (store.bucket, store.prefix, name) == (s3.bucket, "a", "b.pt")
+    assert open_object(f"s3://{s3.bucket}/b.pt", "IMAGE")[0].prefix == ""
+    for bucket_only in (f"s3://{s3.bucket}", f"s3://{s3.bucket}/"):
+        with pytest.raises(JobError, match=r"names no object; write it as s3://BUCKET/KEY$"):
+            open_object(bucket_only, "IMAGE")
+    with pytest.raises(JobError, match=r"^IMAGE https://h/x.png: https:// is not supported; "
+                                       r"use a folder or s3://$"):
+        open_object("https://h/x.png", "IMAGE")
+
+
+def test_read_object_and_its_one_line_errors(s3, tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"local")
+    s3.client.put_object(Bucket=s3.bucket, Key="p/x.bin", Body=b"remote")
+    assert read_object(str(tmp_path / "x.bin"), "IMAGE") == b"local"
+    assert read_object(f"s3://{s3.bucket}/p/x.bin", "IMAGE") == b"remote"
+    for uri, message in ((str(tmp_path / "none.bin"), f"cannot read {tmp_path / 'none.bin'} "
+                                                      "(No such file or directory)"),
+                         (str(tmp_path), f"{tmp_path} is a folder, not a file"),
+                         (f"s3://{s3.bucket}/p/none.bin",
+                          f"s3://{s3.bucket}/p/none.bin does not exist in S3; check the URI")):
+        with pytest.raises(JobError) as error:
+            read_object(uri, "IMAGE")
+        assert str(error.value) == message
+
+
+def test_an_output_is_checked_before_the_work_and_written_whole(s3, tmp_path):
+    local = Output(str(tmp_path / "r.json"), "--json")
+    local.check()
+    assert local.write(b"{}") == str(tmp_path / "r.json")
+    assert (tmp_path / "r.json").read_bytes() == b"{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]  # no temporary file left
+    nowhere = tmp_path / "new" / "r.json"
+    with pytest.raises(JobError, match=re.escape(f"--json {nowhere}: there is no folder")):
+        Output(str(nowhere), "--json").check()
+    with pytest.raises(JobError, match=re.escape(f"--json {tmp_path} is not a regular file")):
+        Output(str(tmp_path), "--json").check()
+    remote = Output(f"s3://{s3.bucket}/out/r.json", "--output")
+    remote.check()
+    assert remote.write(b"[]") == f"s3://{s3.bucket}/out/r.json"
+    assert s3.client.get_object(Bucket=s3.bucket, Key="out/r.json")["Body"].read() == b"[]"
+    with pytest.raises(JobError, match=r"bucket no-such-bucket of s3://no-such-bucket/r\.json does not"):
+        Output("s3://no-such-bucket/r.json", "--output").check()
 
 
 def test_unsupported_scheme_is_the_same_one_line_for_data_and_checkpoints(data_dir, tmp_path):
