@@ -179,7 +179,11 @@ def check_training(dataset: str, data: Path, work: Path, device: str, small: boo
             "images_per_s": round(result["train_images_per_second"] or 0),
             "val_acc": result["final_val_acc"], "precision": result["precision"],
             "compile": result["compile"], "epochs": result["epochs"],
-            "peak_gpu_gib": result.get("gpu/max_memory_allocated_gib"), "device": result["device"]}
+            "peak_gpu_gib": result.get("gpu/max_memory_allocated_gib"), "device": result["device"],
+            # where the start-up went, phase by phase from the process's start, and the first
+            # steps (kernels loaded, the capture) after it
+            "startup_s": {phase: round(s, 3) for phase, s in result.get("startup_s", {}).items()},
+            "first_steps_s": {name: round(s, 3) for name, s in result.get("first_steps_s", {}).items()}}
 
 
 def no_tta_accuracy(folder: Path, data: Path, work: Path, device: str) -> float | None:
@@ -510,6 +514,22 @@ def main() -> int:
     return 0 if all(row["ok"] is not False for row in report["checks"]) else 1
 
 
+def startup_table(rows: list[dict]) -> list[str]:
+    """Each training row's start-up, phase by phase (seconds), then its first steps: where the
+    time before training goes, without a profiler."""
+    timed = [row for row in rows if row.get("startup_s")]
+    if not timed:
+        return []
+    phases = list(dict.fromkeys(p for row in timed for p in [*row["startup_s"], *row["first_steps_s"]]))
+    lines = ["", "| start-up (s) | " + " | ".join(p.removesuffix("_s").replace("_", " ") for p in phases)
+             + " |", "|---|" + "---:|" * len(phases)]
+    for row in timed:
+        seconds = {**row["startup_s"], **row["first_steps_s"]}
+        lines.append(f"| {row['step']} | " + " | ".join(
+            "-" if seconds.get(p) is None else f"{seconds[p]:.2f}" for p in phases) + " |")
+    return lines
+
+
 def render_table(report: dict) -> str:
     """The report as a Markdown table (as docs/performance.md shows it), then the CUDA graph's speed-up
     and the targets, one line each."""
@@ -529,6 +549,7 @@ def render_table(report: dict) -> str:
                 value = f"{value:.2f}"
             cells.append("-" if value is None else str(value))
         lines.append("| " + " | ".join(cells) + " |")
+    lines += startup_table(report["checks"])
     rows = {row["step"]: row for row in report["checks"]}
     lines.append("")
     for dataset in ("mnist", "cifar10", "cifar10 --net fast"):

@@ -12,6 +12,7 @@ toolchain on the GPU machine.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Callable
 
 import torch
@@ -78,6 +79,9 @@ class TrainStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.full_batch = batch_size  # the only batch size the graph holds
         self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, y, loss
+        # Seconds of the run's first steps, each synchronised: what start-up costs beyond the
+        # first step (kernels loaded, handles made, the capture). See `_timed`.
+        self.first_steps_s: dict[str, float] = {}
 
     @property
     def mode(self) -> str:
@@ -87,20 +91,42 @@ class TrainStep:
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
         self.optimizer.set_lr(lr)
-        if not self.graphed or len(labels) != self.full_batch:
+        if not self.graphed:
+            done = "first_eager_step_s" in self.first_steps_s
+            return self._timed("second_eager_step" if done else "first_eager_step", self.eager,
+                               images, labels)
+        if len(labels) != self.full_batch:  # a short batch: the graph's shapes are static
             return self.eager(images, labels)
         if self.graph is None and self.warm_steps < WARMUP_STEPS:
             self.warm_steps += 1
-            return self._on_side_stream(images, labels)
+            return self._timed("warmup_steps", self._on_side_stream, images, labels, add=True)
         if self.graph is None:
-            self._capture(images, labels)
+            self._timed("graph_capture", self._capture, images, labels)
             if self.graph is None:
                 return self.eager(images, labels)
+        return self._timed("first_replay", self._replay, images, labels)
+
+    def _replay(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         static_images, static_labels, static_loss = self.static
         static_images.copy_(images)
         static_labels.copy_(labels)
         self.graph.replay()
         return static_loss
+
+    def _timed(self, name: str, work: Callable, images: torch.Tensor, labels: torch.Tensor,
+               add: bool = False):
+        """`work(images, labels)`, timed into first_steps_s[name + "_s"] the first time (every
+        time with `add`: the seconds add up), synchronised on CUDA so that they are the
+        device's too. Once timed, it runs untimed: no sync."""
+        key = f"{name}_s"
+        if key in self.first_steps_s and not add:
+            return work(images, labels)
+        started = time.perf_counter()
+        result = work(images, labels)
+        if images.is_cuda:
+            torch.cuda.synchronize(images.device)
+        self.first_steps_s[key] = self.first_steps_s.get(key, 0.0) + time.perf_counter() - started
+        return result
 
     def eager(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         with self.autocast():

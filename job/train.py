@@ -33,11 +33,14 @@ RECORD_INDICES_ENV = "CNN_JOB_RECORD_INDICES"  # PATH: each rank appends its bat
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) training as configured; returns the summary (rank 0's is complete)."""
+    clock = Clock()
     d = distributed.setup(cfg.device, cfg.collective_timeout_s)
+    torch.empty(0, device=d.device)  # CUDA's context is made here, not inside a later phase
+    clock.mark("device_init")
     checkpoints = CheckpointManager(cfg.checkpoint_uri, cfg.keep_checkpoints,
                                     cfg.s3_endpoint_url, log=functools.partial(say, d.is_main))
     try:
-        return _train(cfg, d, checkpoints)
+        return _train(cfg, d, checkpoints, clock)
     finally:
         checkpoints.release()  # the next job on this run need not wait for the lease to expire
         distributed.teardown(d)
@@ -63,20 +66,38 @@ def load_data(cfg: TrainConfig, d: Dist) -> ImageSplits:
 
 
 class Clock:
-    """The run's timings: seconds spent training (epochs, evaluation excluded), the images they
-    trained, images per second between log steps, and the start-up until the first step."""
+    """The run's timings: the start-up phase by phase until the first step, seconds spent
+    training (epochs, evaluation excluded), the images they trained, and images per second
+    between log steps."""
 
     def __init__(self) -> None:
         self.train_seconds, self.trained_images = 0.0, 0
-        self.seconds_to_first_step: float | None = None
+        # (phase, seconds since the process started when it ended), from the process's start:
+        # the phases' seconds add up to the time to the first step.
+        self.marks: list[tuple[str, float]] = []
+        self.mark("interpreter_and_imports")
         self.begin_epoch()
+
+    def mark(self, phase: str) -> None:
+        """`phase` of the start-up has just ended."""
+        self.marks.append((phase, process_seconds()))
+
+    @property
+    def seconds_to_first_step(self) -> float | None:
+        return self.marks[-1][1] if self.marks[-1][0] == "until_the_loop" else None
+
+    def startup_s(self) -> dict[str, float]:
+        """Each start-up phase's seconds, in order."""
+        ends = [0.0] + [end for _, end in self.marks]
+        return {phase: end - ends[index] for index, (phase, end) in enumerate(self.marks)}
 
     def begin_epoch(self) -> None:
         self.epoch_started = self.since = time.perf_counter()
         self.images_since = 0
 
     def before_step(self) -> None:
-        self.seconds_to_first_step = self.seconds_to_first_step or process_seconds()
+        if self.seconds_to_first_step is None:
+            self.mark("until_the_loop")  # the loop's own start: the epoch, the progress bar
 
     def count(self, images: int) -> None:
         self.trained_images += images
@@ -145,7 +166,7 @@ def claim_outputs(cfg: TrainConfig, checkpoints: CheckpointManager) -> None:
                         f"{checkpoints.store.uri}")
 
 
-def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
+def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager, clock: Clock) -> Setup:
     say_main = functools.partial(say, d.is_main)
     step_mode = resolve_compile(cfg.compile, d.device, d.enabled)  # refused before any work
     error = None
@@ -155,21 +176,26 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> Setup:
         except JobError as refused:
             error = refused
     distributed.fail_together(d, error)
+    clock.mark("claim_outputs")
 
     splits = load_data(cfg, d)
+    clock.mark("read_data")
     p = preset(cfg.dataset)
     recipe = recipes.load(cfg.dataset, cfg.net)
     torch.manual_seed(cfg.seed)
     choose_cuda_kernels(d.device)
     model = recipe.build_model().to(d.device, memory_format=torch.channels_last)
+    clock.mark("model_build")
     train_batches = recipe.train_batches(
         splits.train_images, splits.train_labels, d.device, cfg.batch_size, augment=cfg.augment,
         seed=cfg.seed, rank=d.rank, world_size=d.world_size)
-    training = recipe.start(model, train_batches, cfg.lr)
     test_batches = DeviceBatches(
         splits.test_images, splits.test_labels, p, d.device, cfg.eval_batch_size,
         shuffle=False, rank=d.rank, world_size=d.world_size,
     )
+    clock.mark("data_to_device")
+    training = recipe.start(model, train_batches, cfg.lr)  # e.g. whitening filters, optimiser
+    clock.mark("recipe_start")
     # An audit trail of which images each rank trained on, in order (tests read it).
     train_batches.record_to = os.environ.get(RECORD_INDICES_ENV) or None
     autocast = autocast_for(cfg.precision, d.device)
@@ -251,7 +277,8 @@ def finish(cfg: TrainConfig, d: Dist, job: Setup, run: RunState, tracker, clock:
                                # how steps ran in the end (a failed capture runs eagerly)
                                {**job.environment, "compile": job.step.mode},
                                clock.seconds_to_first_step),
-               "net": cfg.net, "tta": cfg.tta, **gpu_memory(d.device)}
+               "net": cfg.net, "tta": cfg.tta, "startup_s": clock.startup_s(),
+               "first_steps_s": job.step.first_steps_s, **gpu_memory(d.device)}
     if d.is_main and cfg.summary_json and not preempted_by:
         write_summary(Path(cfg.summary_json), summary)
     tracker.close(summary, wait_s=tracking.WAIT_AFTER_STOP_S if preempted_by else None)
@@ -262,17 +289,18 @@ def finish(cfg: TrainConfig, d: Dist, job: Setup, run: RunState, tracker, clock:
 # the loop
 
 
-def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager) -> dict:
-    job = set_up(cfg, d, checkpoints)
+def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager, clock: Clock) -> dict:
+    job = set_up(cfg, d, checkpoints, clock)
     batches, checkpointer = job.train_batches, job.checkpointer
     run = checkpointer.resume() if cfg.resume == "auto" else RunState()
+    clock.mark("resume")
     tracker = start_tracker(cfg, d, job, run.wandb_run_id)
+    clock.mark("tracker_start")
     epoch_images = batches.remaining(0)  # all ranks' images in a whole epoch
     run_images = cfg.epochs * epoch_images
     job.say(f"training {cfg.dataset} (--net {cfg.net}) on {d.world_size} × {d.device.type}: "
             f"{epoch_images} images/epoch, batch {cfg.batch_size}/process")
 
-    clock = Clock()
     with tracker, StopRequest() as stop:
         while run.epoch < cfg.epochs and not stop.decided(d):  # all ranks, after each epoch
             run.begin_epoch(d)

@@ -40,12 +40,16 @@ def test_dry_run_on_cpu_runs_every_step(data_dir, tmp_path):
         cold, warm = steps[f"train {dataset}, cold cache, 1 epoch of 640"], steps[f"train {dataset}, eager"]
         assert cold["ok"] and cold["epochs"] == 1
         assert 0 < warm["first_step_s"] < warm["wall_s"]
+        # the start-up's phases add up to the first step (to the table's rounding)
+        assert sum(warm["startup_s"].values()) == pytest.approx(warm["first_step_s"], abs=0.03)
+        assert set(warm["first_steps_s"]) == {"first_eager_step_s", "second_eager_step_s"}
     assert report["cifar10_data"].startswith("synthetic")
     assert steps["cpu → cpu checkpoint"]["ok"] and steps["SIGTERM on cpu"]["ok"]
     assert steps["single-rank gloo process group and DDP step under torchrun"]["ok"]
     assert steps["cnn-job launch, 1 worker on cpu"]["ok"]
     assert steps["pytest -m gpu"]["ok"] is not False
     assert "gpu-check on" in result.stdout and "| train mnist, eager | True |" in table.read_text()
+    assert "| start-up (s) | interpreter and imports | device init |" in table.read_text()
     # the profiler's tables of both nets' steps, each headed by its wall time per step
     tables = profile.read_text()
     assert "mnist, eager, batch 64, 10 steps" in tables and "cifar10, eager" in tables

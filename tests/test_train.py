@@ -66,6 +66,16 @@ def test_short_training_learns(tmp_path, data_dir):
         assert written[key] == summary[key]
     assert written["world_size"] == 1 and written["epochs"] == 1
     assert written["train_images_per_second"] == pytest.approx(6000 / written["train_seconds"])
+    # Start-up, phase by phase from the process's start: they add up to the first step.
+    phases = written["startup_s"]
+    assert list(phases) == ["interpreter_and_imports", "device_init", "claim_outputs", "read_data",
+                            "model_build", "data_to_device", "recipe_start", "resume",
+                            "tracker_start", "until_the_loop"]
+    assert all(seconds >= 0 for seconds in phases.values())
+    assert sum(phases.values()) == pytest.approx(written["seconds_to_first_step"], abs=1e-6)
+    assert phases["interpreter_and_imports"] > 0.1  # this process's start: pytest's, here
+    # Eager on the CPU: the first two steps, each timed on its own.
+    assert set(written["first_steps_s"]) == {"first_eager_step_s", "second_eager_step_s"}
 
 
 def test_cifar10_short_training_learns(tmp_path, data_dir):
