@@ -57,6 +57,15 @@ MIRROR_AND_SHIFTS = TTA(mirror_and_shifts, (0.25, 0.25, 0.125, 0.125, 0.125, 0.1
                         "identity, mirror, up-left, its mirror, down-right, its mirror")
 
 
+def shifts(images: torch.Tensor) -> list[torch.Tensor]:
+    """mirror_and_shifts' unmirrored views: identity, up-left, down-right (for images, such as
+    digits, whose mirror image is another thing)."""
+    return mirror_and_shifts(images)[::2]
+
+
+SHIFTS = TTA(shifts, (0.5, 0.25, 0.25), "identity, up-left, down-right")
+
+
 def tta_logits(model, images: torch.Tensor, tta: TTA) -> torch.Tensor:
     """The weighted sum (in float32) of the model's logits over the views, a forward pass each:
     the memory of one batch, not of all views at once."""

@@ -31,6 +31,7 @@ RECIPES: dict[tuple[str, str], str] = {
     ("mnist", "seed"): "seed",
     ("cifar10", "seed"): "seed",
     ("cifar10", "fast"): "fast",
+    ("mnist", "fast"): "fast_mnist",
 }
 NETS = tuple(dict.fromkeys(net for _, net in RECIPES))
 # The settings each recipe's DEFAULTS gives: left out on the command line, they are the recipe's.
