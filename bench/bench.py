@@ -14,6 +14,8 @@ first training step (`seconds_to_first_step` in its summary).
 augmentation (evaluation is not timed), and with accuracy, full default runs (10 epochs) for
 seeds 0 and 1 (--seeds): each one's final accuracy with test-time augmentation (what training reports),
 and its final checkpoint's without (`cnn-job evaluate --no-tta`), their means and spreads.
+--net fast on MNIST (`--nets fast-mnist`, part of the default): its whole default run (one
+epoch) for each of --seeds: its final accuracy, training seconds and images/s, and their mean.
 Results print as markdown tables and are written to bench/results-<device>.json (the fields
 of the nets not run this time are kept, and so are the accuracy runs recorded for other seeds:
 `--seeds 1` adds seed 1 to a recorded seed 0, and the means and spreads cover both).
@@ -131,6 +133,23 @@ def fast_net(data_uri: str, device: str, workdir: Path, limit: int | None, accur
     return {**result, **accuracy_over(runs)}
 
 
+def fast_mnist(data_uri: str, device: str, workdir: Path, seeds: tuple[int, ...] = (0, 1)) -> dict:
+    """MNIST's --net fast, its whole default run (one epoch) once per seed: accuracy, training
+    seconds and images/s, and the wall time of the command."""
+    runs = []
+    for seed in seeds:
+        full = cnn_job("mnist", data_uri, device, workdir, "--net", "fast", "--seed", str(seed))
+        runs.append({"seed": seed, "val_acc": full["final_val_acc"], "epochs": full["epochs"],
+                     "train_seconds": full["train_seconds"], "wall_seconds": full["wall_seconds"],
+                     "seconds_to_first_step": full["seconds_to_first_step"],
+                     "train_images_per_second": full["train_images_per_second"]})
+    accuracies = [run["val_acc"] for run in runs]
+    return {"device": device, "mean_val_acc": statistics.mean(accuracies),
+            "spread_val_acc": max(accuracies) - min(accuracies),
+            "mean_train_seconds": statistics.mean(run["train_seconds"] for run in runs),
+            "runs": sorted(runs, key=lambda run: run["seed"])}
+
+
 def accuracy_over(runs: list[dict]) -> dict:
     """The mean and spread (max - min) of the runs' accuracies, with the runs, by seed."""
     runs = sorted(runs, key=lambda run: run["seed"])
@@ -150,15 +169,20 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=None, help="images per speed epoch")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the full-length runs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
-                        help="--nets fast: the seeds of its full runs")
-    parser.add_argument("--nets", nargs="+", default=["seed"], choices=["seed", "fast"],
+                        help="--nets fast and fast-mnist: the seeds of their full runs")
+    parser.add_argument("--nets", nargs="+", default=["seed", "fast-mnist"],
+                        choices=["seed", "fast", "fast-mnist"],
                         help="seed: the seed nets on --datasets; fast: --net fast on CIFAR-10 "
-                             "(2 full runs of ~1 hour each on a 2-core CPU)")
+                             "(2 full runs of ~1 hour each on a 2-core CPU); fast-mnist: --net "
+                             "fast on MNIST, one epoch per seed (--seeds)")
     args = parser.parse_args()
 
-    rows, fast = [], None
+    rows, fast, mnist_fast = [], None, None
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        if "fast-mnist" in args.nets:
+            mnist_fast = fast_mnist(args.data_uri, args.device, workdir, tuple(args.seeds))
+            print(json.dumps({"fast_mnist": mnist_fast}), flush=True)
         if "fast" in args.nets:
             fast = fast_net(args.data_uri, args.device, workdir, args.limit_train,
                             not args.no_accuracy, tuple(args.seeds))
@@ -215,6 +239,13 @@ def main() -> None:
         shown = [f"{fast[key]:.2%}" if key in fast else "-"
                  for key in ("mean_val_acc_tta", "mean_val_acc_no_tta", "spread_val_acc_tta")]
         print(f"| fast | {fast['images_per_second']:,.0f} | {' | '.join(shown)} |")
+    if mnist_fast:
+        print("\n| net | seeds | val acc (mean) | spread | train s (mean) | img/s |")
+        print("|---|---:|---:|---:|---:|---:|")
+        print(f"| mnist --net fast | {len(mnist_fast['runs'])} | {mnist_fast['mean_val_acc']:.2%} | "
+              f"{mnist_fast['spread_val_acc']:.2%} | {mnist_fast['mean_train_seconds']:.1f} | "
+              f"{statistics.mean(r['train_images_per_second'] for r in mnist_fast['runs']):,.0f} |")
+        results["fast_mnist"] = mnist_fast
     results.update({"device": device_name, "torch": torch.__version__})
     results.update({"rows": rows} if rows else {})
     if fast:

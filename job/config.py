@@ -75,8 +75,9 @@ PER_RECIPE_HELP = {
                    "23% of the run, then → 0.07).",
     "augment": "CIFAR-10 only: the recipe's random crops and flips (seed: 4 px zero padding and a "
                "flip; fast: 2 px reflected and the alternating flip).",
-    "tta": "Evaluate the final weights with the recipe's test-time augmentation (6 views: mirror, "
-           "1 px shifts), logits weighted; the other epochs' evaluations see the net alone.",
+    "tta": "Evaluate the final weights with the recipe's test-time augmentation (its views' "
+           "logits weighted: mirror and 1 px shifts; digits shifts only); the other epochs' "
+           "evaluations see the net alone.",
 }
 
 
