@@ -128,7 +128,14 @@ class WandbTracker(NullTracker):
             artifact = wandb.Artifact(f"model-{self.run_id}", type="model", metadata=metadata)
             uri = location if "://" in location else Path(location).resolve().as_uri()
             # A reference, not a copy: the checkpoint stays where the job wrote it.
-            artifact.add_reference(uri, name=Path(location).name, checksum=False)
+            try:
+                artifact.add_reference(uri, name=Path(location).name, checksum=False)
+            except ValueError:
+                # Retention (--keep-checkpoints) deleted a local checkpoint before this thread
+                # came to it: there is no model left to point at, and W&B must go on logging.
+                if "://" in location or Path(location).exists():
+                    raise
+                return
             self.run.log_artifact(artifact, aliases=aliases)
 
         self._guard(log)

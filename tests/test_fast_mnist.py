@@ -135,7 +135,8 @@ def test_evaluate_predict_and_onnx_export_agree_with_training(tmp_path, data_dir
 def test_under_launch_sigterm_stops_with_75_and_one_process_resumes_with_wandb(tmp_path, data_dir):
     """DDP: two workers (global batch 2 × 32), SIGTERM mid-epoch → 75 with a checkpoint; one
     process at batch 128 continues at that image, every image of the epoch trained once, and
-    W&B (offline) records the resumed run's curves and summary."""
+    W&B (offline) records the resumed run's curves and summary: checkpoints every 2 steps, 3
+    kept, so retention deletes some before W&B's thread references them, and W&B goes on."""
     from tests.wandb_records import offline_runs
 
     folder, record = tmp_path / "ckpt", tmp_path / "indices"
@@ -167,4 +168,5 @@ def test_under_launch_sigterm_stops_with_75_and_one_process_resumes_with_wandb(t
     (run,) = offline_runs(tmp_path / "wandb")
     assert run.config["net"] == "fast" and run.summary["final_val_acc"] == summary["final_val_acc"]
     assert any("val/acc" in row for row in run.history)
+    assert "W&B logging failed" not in resumed.stdout + resumed.stderr
     assert recipes.saved_net(read(summary["checkpoint"])["config"]) == "fast"
