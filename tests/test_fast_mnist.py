@@ -7,7 +7,6 @@ a whole epoch (≥ 99.0%, mean of 2 seeds) is `make bench`'s to measure, not a t
 
 import json
 import os
-import signal
 import subprocess
 from collections import Counter
 
@@ -22,7 +21,7 @@ from job.recipes import load
 from job.recipes.fast_mnist import BETAS, DEFAULTS, FastMnistNet
 from job.train import train
 from tests.conftest import CNN_JOB, run_cli
-from tests.test_resume import served, wait_for
+from tests.test_resume import served, stop_under_launch
 from tests.trained_runs import write_pngs
 
 
@@ -144,16 +143,8 @@ def test_under_launch_sigterm_stops_with_75_and_one_process_resumes_with_wandb(t
             str(folder), "--cache-dir", str(tmp_path / "cache"), "--device", "cpu",
             "--limit-train", "4096", "--checkpoint-every-steps", "2"]
     env = {**os.environ, "CNN_JOB_RECORD_INDICES": f"{record}-first", "WANDB_MODE": "disabled"}
-    launcher = subprocess.Popen([str(CNN_JOB), "launch", "--nproc-per-node", "2", *args,
-                                 "--batch-size", "32"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    wait_for((folder / "latest").exists, process=launcher)
-    launcher.send_signal(signal.SIGTERM)
-    _, err = launcher.communicate(timeout=300)
-    assert launcher.returncode == 75, err[-2000:]
-    stopped = read(folder / (folder / "latest").read_text().strip())
-    position = stopped["epoch_position"]
-    assert stopped["world_size"] == 2 and 0 < position < 4096 and position % 64 == 0
+    position = stop_under_launch(args, 32, folder, env)["epoch_position"]
+    assert 0 < position < 4096
 
     env.update(CNN_JOB_RECORD_INDICES=f"{record}-then", WANDB_MODE="offline",
                WANDB_DIR=str(tmp_path / "wandb"))

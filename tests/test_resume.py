@@ -130,6 +130,21 @@ def launcher(processes: int) -> list[str]:
     return [str(TORCHRUN), "--nproc-per-node", str(processes), "--standalone", "-m", "job", "train"]
 
 
+def stop_under_launch(args: list[str], batch_size: int, folder: Path, env: dict) -> dict:
+    """`cnn-job launch` of 2 workers running `args` at `batch_size`, SIGTERM once `folder` holds
+    a checkpoint: exit 75, and the checkpoint it wrote (by 2 processes)."""
+    launcher = subprocess.Popen([str(CNN_JOB), "launch", "--nproc-per-node", "2", *args,
+                                 "--batch-size", str(batch_size)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    wait_for((folder / "latest").exists, process=launcher)
+    launcher.send_signal(signal.SIGTERM)
+    _, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 75, err[-2000:]
+    stopped = torch.load(folder / (folder / "latest").read_text().strip(), weights_only=True)
+    assert stopped["world_size"] == 2 and stopped["epoch_position"] % (2 * batch_size) == 0
+    return stopped
+
+
 def served(record: Path) -> list[int]:
     """Every training index recorded by every rank, epoch 1 only."""
     indices = []
