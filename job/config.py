@@ -93,8 +93,8 @@ class TrainConfig:
     and one environment variable (`CNN_JOB_EPOCHS`, ...); its metadata holds the option's help."""
 
     dataset: str = setting(help=f"Which dataset: {' or '.join(DATASETS)}.")
-    net: str = setting("seed", "The recipe, with the defaults it brings below. "
-                       + recipes.net_help())
+    net: str = setting("seed", "The recipe (it brings the defaults below): "
+                       + recipes.net_help() + ".")
     # None: not given, so the recipe's DEFAULTS; an option given, even the default's value, stays.
     epochs: int | None = per_recipe("epochs")
     batch_size: int | None = per_recipe("batch_size")

@@ -28,7 +28,7 @@ def received(monkeypatch):
 
 
 def test_help_explains_every_option():
-    result = runner.invoke(app, ["train", "--help"], env={"TERMINAL_WIDTH": "240", "COLUMNS": "240"})
+    result = runner.invoke(app, ["train", "--help"], env={"TERMINAL_WIDTH": "400", "COLUMNS": "400"})
     assert result.exit_code == 0
     for option in ("--epochs", "--batch-size", "--lr", "--seed", "--device", "--precision", "--lr-schedule",
                    "--data-uri", "--cache-dir", "--checkpoint-uri", "--resume",

@@ -511,7 +511,7 @@ def test_every_manifests_pods_run_in_the_image(name, image, s3, secret, data_dir
         assert image.wait(container_name) == 0, image.logs(container_name)[-3000:]
     state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{name}")
     assert state["world_size"] == len(indexes) and state["epoch"] == 1
-    assert f"training mnist on {len(indexes)} × cpu" in image.logs(started[0])
+    assert f"training mnist (--net seed) on {len(indexes)} × cpu" in image.logs(started[0])
 
 
 # ----------------------------------------------------------------------------------------------

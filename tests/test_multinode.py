@@ -258,7 +258,7 @@ def test_one_node_launch_needs_no_rendezvous_and_prints_no_torch_log_lines(data_
                      timeout=WAIT_S)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    assert "training mnist on 2 × cpu: 256 images/epoch" in output
+    assert "training mnist (--net seed) on 2 × cpu: 256 images/epoch" in output
     assert not re.search(r"^[WE]\d{4} ", output, re.MULTILINE) and "OMP_NUM_THREADS" not in output
     assert "val_acc" in output and "Traceback" not in output
 

@@ -101,8 +101,8 @@ def net_help() -> str:
     modules: dict[str, list[tuple[str, str]]] = {}
     for (dataset, net), module in RECIPES.items():
         modules.setdefault(module, []).append((dataset, net))
-    return " ".join(f"{pairs[0][1]} ({', '.join(d for d, _ in pairs)}): {summary(*pairs[0])}."
-                    for pairs in sorted(modules.values(), key=lambda p: NETS.index(p[0][1])))
+    return "; ".join(f"{pairs[0][1]} ({', '.join(d for d, _ in pairs)}): {summary(*pairs[0])}"
+                     for pairs in sorted(modules.values(), key=lambda p: NETS.index(p[0][1])))
 
 
 def load(dataset: str, net: str) -> Recipe:

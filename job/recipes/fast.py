@@ -1,4 +1,4 @@
-"""airbench94: ~94% in 10 epochs.
+"""airbench94, ~94% in 10 epochs
 
 A whitened, BatchNormed CNN trained with Nesterov SGD and lookahead, evaluated with TTA.
 

@@ -1,4 +1,4 @@
-"""MNIST in one epoch to ≥ 99%.
+"""One epoch to ≥ 99%
 
 A three-convolution BatchNorm CNN of 29,434 weights, one epoch of batch 256 with Adam at a
 high rate and short memory (lr 0.01, betas 0.7 and 0.9) on the triangle schedule: mean

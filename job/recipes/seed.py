@@ -1,4 +1,4 @@
-"""The seed CNNs, trained with Adam.
+"""The seed CNNs, trained with Adam
 
 Conv-ReLU-maxpool blocks, then two fully connected layers, as the project's origin wrote them:
 CIFAR-10 conv 3→32→64→128 (kernel 3, padding 1), a 2×2 max-pool after each conv, FC
