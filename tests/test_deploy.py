@@ -573,6 +573,14 @@ def test_every_manifest_runs_the_same_image_on_its_own_settings_and_checkpoints(
     assert len(settings) == len(checkpoints) == len(FOLDERS)
 
 
+@pytest.mark.parametrize("name", FOLDERS)
+def test_every_training_container_says_how_it_ended(name):
+    # The job's last line from /dev/termination-log, or the log's tail when it failed without
+    # one: in `kubectl describe pod` and the pod's status.
+    container = the_container(the_job(load_folder(FOLDERS[name])))
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
 def test_indexed_job_finds_rank_0_through_the_headless_service():
     objects = load_folder(FOLDERS["indexed-job"])
     job = the_job(objects)
