@@ -38,6 +38,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
+from job.errors import JobError
 from job.preemption import PREEMPTED_EXIT_CODE
 from tests.conftest import CNN_JOB, REPO, _free_port, process_tree
 from tests.test_preemption import read_checkpoint
@@ -49,6 +50,7 @@ FOLDERS = {  # one `kubectl apply -f` each
     "indexed-job": REPO / "k8s" / "multinode",  # for clusters with neither JobSet nor the Trainer
     "jobset": REPO / "k8s" / "jobset",
     "trainjob": REPO / "k8s" / "trainjob",
+    "sweep": REPO / "k8s" / "sweep",  # an Indexed Job of independent trials, one GPU each
 }
 MULTI_NODE = ("indexed-job", "jobset", "trainjob")
 MANIFESTS = sorted(path for folder in FOLDERS.values() for path in folder.glob("*.yaml"))
@@ -116,10 +118,11 @@ def test_kubernetes_objects_pass_strict_validation_on_every_minor_from_1_31(tmp_
     versions = [arg for version in KUBERNETES_VERSIONS for arg in ("-k", version)]
     result = tool("kubernetes-validate", "--strict", *versions, *map(str, built_in))
     assert result.returncode == 0, result.stdout + result.stderr
-    for version in KUBERNETES_VERSIONS:  # every file, every version: none skipped
+    objects = sum(1 for path in built_in for doc in yaml.safe_load_all(path.read_text()) if doc)
+    for version in KUBERNETES_VERSIONS:  # every object of every file, every version: none skipped
         passed = re.findall(rf" passed for .* against version {version.rsplit('.', 1)[0]}$",
                             result.stdout, re.M)
-        assert len(passed) == len(built_in), (version, result.stdout)
+        assert len(passed) == objects, (version, result.stdout)
     # Strict means strict: a misspelt field fails (without --strict it would pass).
     job = (REPO / "k8s" / "job.yaml").read_text()
     misspelt = write(tmp_path / "job.yaml", job.replace("ttlSecondsAfterFinished", "ttlSecondsAfterFinish"))
@@ -433,20 +436,24 @@ def pod_failure_action(job_spec: dict, exit_code: int, conditions=()) -> tuple[s
     """What the Job controller does with a failed pod: (action, the Job's failure message).
 
     The first podFailurePolicy rule that matches: FailJob (with the message the controller
-    writes), Ignore, or Count when none does (kubernetes, pkg/controller/job/
+    writes), FailIndex (that index fails, no message: the Job goes on unless maxFailedIndexes
+    is passed), Ignore, or Count when none does (kubernetes, pkg/controller/job/
     pod_failure_policy.go). `exit_code` is the container's, 128+N for a kill by signal N.
     """
     container = the_container({"spec": job_spec})["name"]
     for index, rule in enumerate(job_spec.get("podFailurePolicy", {}).get("rules", [])):
         action, on_exit = rule["action"], rule.get("onExitCodes")
+        if action == "FailIndex":  # the API server refuses it without per-index retries
+            assert "backoffLimitPerIndex" in job_spec, "FailIndex needs backoffLimitPerIndex"
         if on_exit and on_exit.get("containerName", container) == container and exit_code != 0 \
                 and (exit_code in on_exit["values"]) == (on_exit["operator"] == "In"):
             return action, (f"Container {container} for pod ns/pod failed with exit code "
-                            f"{exit_code} matching {action} rule at index {index}")
+                            f"{exit_code} matching {action} rule at index {index}"
+                            if action == "FailJob" else "")
         for pattern in rule.get("onPodConditions", []):
             if pattern["type"] in conditions and pattern.get("status", "True") == "True":
                 return action, (f"Pod ns/pod has condition {pattern['type']} matching {action} "
-                                f"rule at index {index}")
+                                f"rule at index {index}" if action == "FailJob" else "")
     return "Count", ""
 
 
@@ -484,6 +491,7 @@ JOB_ACTIONS = {  # per pod: the Job controller replaces pods one at a time
     "evicted, killed at the grace period": "Ignore",
     "crashed, or lost a peer": "Count", "killed (out of memory)": "Count",
 }
+TRIAL_ACTIONS = {**JOB_ACTIONS, "bad input": "FailIndex"}  # a sweep's: that trial, not the rest
 JOBSET_ACTIONS = {  # the whole set
     "bad input": "FailJobSet", "preempted": "RestartJobSetAndIgnoreMaxRestarts",
     "evicted": "RestartJobSetAndIgnoreMaxRestarts",
@@ -497,8 +505,8 @@ def test_failures_are_handled_by_exit_code_and_pods_fit_a_gpu(name):
     objects = load_folder(FOLDERS[name])
     job, jobset = the_job(objects), the_jobset(objects)
     if jobset is None:  # the Job's own podFailurePolicy decides, pod by pod
-        assert {end: pod_failure_action(job["spec"], *how)[0]
-                for end, how in POD_ENDS.items()} == JOB_ACTIONS
+        assert {end: pod_failure_action(job["spec"], *how)[0] for end, how in POD_ENDS.items()} \
+            == (TRIAL_ACTIONS if name == "sweep" else JOB_ACTIONS)
         retries = job["spec"].get("backoffLimitPerIndex", job["spec"].get("backoffLimit"))
         assert retries > 0 and job["spec"]["podReplacementPolicy"] == "Failed"
         assert job["spec"]["ttlSecondsAfterFinished"] > 0
@@ -562,15 +570,68 @@ def test_pods_are_restricted_and_write_only_to_their_volumes(name):
 
 
 def test_every_manifest_runs_the_same_image_on_its_own_settings_and_checkpoints():
-    images, settings, checkpoints = set(), set(), set()
+    images, config_maps, checkpoints = set(), [], set()
     for folder in FOLDERS.values():
         objects = load_folder(folder)
-        images.add(the_container(the_job(objects))["image"])
-        ((_, name), config), = [(key, obj) for key, obj in objects.items() if key[0] == "ConfigMap"]
-        settings.add(name)  # applying one folder must not change another's settings
-        checkpoints.add(config["data"]["CNN_JOB_CHECKPOINT_URI"])  # nor resume its run
+        container = the_container(the_job(objects))
+        images.add(container["image"])
+        # Applying one folder must not change another's settings (or sweep file)...
+        config_maps += [name for kind, name in objects if kind == "ConfigMap"]
+        (settings,) = [source["configMapRef"]["name"] for source in container["envFrom"]
+                       if "configMapRef" in source]
+        # ... nor resume its run: a run's checkpoints, or a sweep's, each trial's below it.
+        uri = objects["ConfigMap", settings]["data"].get("CNN_JOB_CHECKPOINT_URI")
+        checkpoints.add(uri or yaml.safe_load(sweep_file(objects)[1])["checkpoint_uri"])
     assert len(images) == 1, images
-    assert len(settings) == len(checkpoints) == len(FOLDERS)
+    assert len(set(config_maps)) == len(config_maps) and len(checkpoints) == len(FOLDERS)
+
+
+def sweep_file(objects: dict) -> tuple[str, str]:
+    """The sweep file the pod's `cnn-job sweep run PATH` reads: PATH, and its text from the
+    ConfigMap mounted, read-only, on PATH's folder."""
+    job = the_job(objects)
+    container = the_container(job)
+    path = pod_process(objects, {}, {}, 0)[0][-1]
+    folder, _, file_name = path.rpartition("/")
+    (mount,) = [mount for mount in container["volumeMounts"] if mount["mountPath"] == folder]
+    (volume,) = [volume for volume in job["spec"]["template"]["spec"]["volumes"]
+                 if volume["name"] == mount["name"]]
+    assert mount["readOnly"] is True
+    keys = {item["path"]: item["key"] for item in volume["configMap"].get("items", [])}
+    return path, objects["ConfigMap", volume["configMap"]["name"]]["data"][keys.get(file_name, file_name)]
+
+
+def test_sweep_runs_one_trial_per_index_of_the_sweep_file_it_mounts():
+    objects = load_folder(FOLDERS["sweep"])
+    job = the_job(objects)
+    spec = job["spec"]
+    argv, env = pod_process(objects, {}, {}, 5)
+    path, text = sweep_file(objects)
+    # `cnn-job sweep run FILE` without --trial: the trial is JOB_COMPLETION_INDEX, the pod's index.
+    assert argv == ["cnn-job", "sweep", "run", path] and env["JOB_COMPLETION_INDEX"] == "5"
+    assert spec["completionMode"] == "Indexed"
+    # One index per trial, as `cnn-job sweep plan` counts them: the grid's combinations × the
+    # random draws × the seeds.
+    sweep = yaml.safe_load(text)
+    trials = sweep["random"]["count"] * len(sweep["seeds"])
+    for values in sweep["grid"].values():
+        trials *= len(values)
+    assert spec["completions"] == trials == 16
+    assert 1 <= spec["parallelism"] <= spec["completions"]
+    assert the_container(job)["resources"]["limits"]["nvidia.com/gpu"] == 1  # a trial per GPU
+    assert sweep["dataset"] == "cifar10" and sweep["checkpoint_uri"].startswith("s3://")
+    # Each trial retried on its own: bad input fails that trial only, a stop or an eviction is
+    # not counted, and too many failed trials end the sweep.
+    assert pod_failure_action(spec, 2)[0] == "FailIndex"
+    assert pod_failure_action(spec, PREEMPTED_EXIT_CODE)[0] == "Ignore"
+    assert pod_failure_action(spec, 1, ("DisruptionTarget",))[0] == "Ignore"
+    assert spec["backoffLimitPerIndex"] > 0 and "backoffLimit" not in spec
+    assert 0 < spec["maxFailedIndexes"] < spec["completions"]
+    assert spec["podReplacementPolicy"] == "Failed"
+    # Kueue is optional: its label is there to uncomment, not set.
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+    assert re.search(r"^ +# kueue\.x-k8s\.io/queue-name: \S+$",
+                     (FOLDERS["sweep"] / "job.yaml").read_text(), re.M)
 
 
 @pytest.mark.parametrize("name", FOLDERS)
@@ -579,6 +640,22 @@ def test_every_training_container_says_how_it_ended(name):
     # one: in `kubectl describe pod` and the pod's status.
     container = the_container(the_job(load_folder(FOLDERS[name])))
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_the_readme_exit_statuses_are_what_every_manifest_acts_on():
+    # The README's table of exit statuses; what the code exits with; what each manifest does.
+    rows = dict(re.findall(r"^\| (\d+) \| ([^|]+) \|$", (REPO / "README.md").read_text(), re.M))
+    assert rows["2"].startswith("bad input") and JobError.exit_code == 2
+    assert rows[str(PREEMPTED_EXIT_CODE)].startswith("preempted") and "resume" in rows["75"]
+    for name, folder in FOLDERS.items():
+        objects = load_folder(folder)
+        jobset = the_jobset(objects)
+        if jobset is None:  # never retried; retried, not counted
+            assert pod_failure_action(the_job(objects)["spec"], 2)[0] in ("FailJob", "FailIndex")
+            assert pod_failure_action(the_job(objects)["spec"], PREEMPTED_EXIT_CODE)[0] == "Ignore"
+        else:
+            assert jobset_action(jobset, 2) == "FailJobSet", name
+            assert jobset_action(jobset, PREEMPTED_EXIT_CODE) == "RestartJobSetAndIgnoreMaxRestarts"
 
 
 def test_indexed_job_finds_rank_0_through_the_headless_service():
