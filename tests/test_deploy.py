@@ -812,8 +812,12 @@ class Pod:
         self.dir = tmp_path / f"{name}-{attempt}"
         self.volumes, self.home = pod_volumes(objects, self.dir), self.dir / "home"
         self.home.mkdir()
+        # The kubelet's empty /dev/termination-log, here: the container's termination message.
+        self.termination_log = self.dir / "termination-log"
+        self.termination_log.touch()
         _, manifest_env = pod_process(objects, secret, {}, index)
-        overrides = {**local_overrides(manifest_env, s3, self.volumes, self.home, run), **extra_env}
+        overrides = {**local_overrides(manifest_env, s3, self.volumes, self.home, run),
+                     "CNN_JOB_TERMINATION_LOG": str(self.termination_log), **extra_env}
         self.argv, self.env = pod_process(objects, secret, overrides, index)
         if self.argv[0] == "cnn-job":  # the image's console script is the venv's here
             self.argv[0] = str(CNN_JOB)
@@ -875,10 +879,12 @@ def test_single_job_trains_from_s3_and_checkpoints_to_s3(s3, secret, data_dir, t
     pods.append(pod)
     assert pod.argv[:2] == [str(CNN_JOB), "train"]
     assert pod.wait() == 0, pod.output()[-3000:]
-    assert "training mnist on 1 × cpu" in pod.output()
+    assert "training mnist (--net seed) on 1 × cpu" in pod.output()
     pod.check_it_wrote_only_to_volumes()
     state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/single")
     assert state["world_size"] == 1 and state["epoch"] == 1 and state["step"] == 10  # 640 / 64
+    assert re.fullmatch(rf"done: val_acc \d+\.\d\d% at step 10, model s3://{s3.bucket}/runs/single/"
+                        r"step-000000010\.pt", pod.termination_log.read_text())
 
 
 def start_pods(name: str, s3, secret, tmp_path, run, pods, **extra_env) -> list[Pod]:
@@ -899,7 +905,7 @@ def start_pods(name: str, s3, secret, tmp_path, run, pods, **extra_env) -> list[
 
 def wait_until_training(pod: Pod) -> None:
     deadline = time.monotonic() + 180
-    while "training mnist on 2" not in pod.output():
+    while "training mnist (--net seed) on 2" not in pod.output():
         assert time.monotonic() < deadline and pod.process.poll() is None, pod.output()[-3000:]
         time.sleep(0.1)
 
@@ -913,7 +919,7 @@ def test_multi_node_manifest_trains_as_two_ranks(name, s3, secret, data_dir, tmp
         assert pod.argv[:2] == [str(CNN_JOB), "launch"] and pod.argv[-2:] == ["--", "train"]
     for pod in started:
         assert pod.wait() == 0, pod.output()[-3000:]
-    assert "training mnist on 2 × cpu" in started[0].output()
+    assert "training mnist (--net seed) on 2 × cpu" in started[0].output()
     for pod in started:
         pod.check_it_wrote_only_to_volumes()
     state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{name}")
@@ -940,6 +946,8 @@ def test_preempted_pod_stops_every_rank_with_75_and_the_set_resumes(
     assert "Traceback" not in rank_0.output() + rank_1.output()
     stopped = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{run}")
     assert stopped["world_size"] == 2 and 0 < stopped["step"] < ALL_STEPS
+    assert rank_0.termination_log.read_text() == (
+        f"stopped at epoch 1, step {stopped['step']}: run the same command to resume")
     objects = load_folder(FOLDERS[name])
     jobset = the_jobset(objects)
     if jobset is None:  # each pod replaced, none counted
@@ -995,6 +1003,11 @@ def test_bad_input_fails_the_run_at_once(name, s3, secret, data_dir, tmp_path, p
     statuses = [pod.wait(timeout_s=120) for pod in started]
     assert statuses == [2, 2], [pod.output()[-2000:] for pod in started]
     assert "Traceback" not in started[0].output()
+    # Rank 0's one line is pod 0's termination message; the other pods write none, so that
+    # Kubernetes shows their log's last lines (FallbackToLogsOnError), ending in the same line.
+    assert started[0].termination_log.read_text().startswith("error: ")
+    assert started[0].termination_log.read_text() in started[0].output()
+    assert started[1].termination_log.read_text() == ""
     objects = load_folder(FOLDERS[name])
     jobset = the_jobset(objects)
     if jobset is None:
