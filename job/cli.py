@@ -363,7 +363,10 @@ def _run(action):
 
 def main() -> None:
     """Console-script entry: usage errors, like JobErrors, are one line and exit status 2."""
+    from job.progress import write_termination_message
+
     status = _main()
+    write_termination_message()  # its last line, for `kubectl describe pod`: done, stopped, error
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a worker of `cnn-job launch` (or torchrun)
         from job.launch import record_status
 

@@ -35,8 +35,54 @@ DEFAULT_PROGRESS_INTERVAL_S = 10.0
 
 
 def print_error(message: str) -> None:
-    """One line on stderr, nothing else (no traceback, no box, no credential)."""
-    print(f"error: {strip_userinfo(message)}", file=sys.stderr, flush=True)
+    """One line on stderr, nothing else (no traceback, no box, no credential); the command's
+    last line, unless it goes on to say another."""
+    line = f"error: {strip_userinfo(message)}"
+    print(line, file=sys.stderr, flush=True)
+    set_last_line(line)
+
+
+# ----------------------------------------------------------------------------------------------
+# the last line: how the command ended, for Kubernetes' termination message
+
+# Kubernetes shows this file's text as the container's termination message (`kubectl describe
+# pod`, `status.containerStatuses[].state.terminated.message`) and keeps at most 4096 bytes.
+TERMINATION_LOG_ENV = "CNN_JOB_TERMINATION_LOG"
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+TERMINATION_MESSAGE_MAX_BYTES = 4096
+
+_last_line: str | None = None
+
+
+def set_last_line(line: str) -> None:
+    """Say how the command ended: `done: ...`, `stopped at ...`, `error: ...`; the latest wins."""
+    global _last_line
+    _last_line = strip_userinfo(line)
+
+
+def write_termination_message() -> None:
+    """The last line, into CNN_JOB_TERMINATION_LOG (default /dev/termination-log, which the
+    kubelet creates in every container), by rank 0 only (torchrun's other workers keep quiet;
+    `cnn-job launch`, which has no RANK, writes what it said last). Nothing when no line was
+    set, the file is not there, or it cannot be written: a message must never change how the
+    command ends."""
+    if _last_line is None or os.environ.get("RANK", "0") != "0":
+        return
+    path = os.environ.get(TERMINATION_LOG_ENV) or DEFAULT_TERMINATION_LOG
+    # Cut to the limit on a character boundary, as Kubernetes would cut it anyway.
+    message = _last_line.encode()[:TERMINATION_MESSAGE_MAX_BYTES].decode(errors="ignore").encode()
+    try:
+        # A file that is there only (the kubelet's, or a test's): never one made in a /dev that
+        # a process running as root outside a pod could write to. Truncated: the latest line.
+        descriptor = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    except OSError:
+        return
+    try:
+        os.write(descriptor, message)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
 
 
 class ImagesPerSecondColumn(ProgressColumn):

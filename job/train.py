@@ -22,7 +22,7 @@ from job.errors import JobError
 from job.evaluation import evaluate
 from job.optim import lr_at
 from job.preemption import PREEMPTED_EXIT_CODE, StopRequest
-from job.progress import EpochProgress, say
+from job.progress import EpochProgress, say, set_last_line
 from job.recipes.base import Recipe, Training
 from job.step import TrainStep, autocast_for, choose_cuda_kernels, resolve_compile
 from job.storage import check_output_file
@@ -281,8 +281,19 @@ def finish(cfg: TrainConfig, d: Dist, job: Setup, run: RunState, tracker, clock:
                "first_steps_s": job.step.first_steps_s, **gpu_memory(d.device)}
     if d.is_main and cfg.summary_json and not preempted_by:
         write_summary(Path(cfg.summary_json), summary)
+    if d.is_main:  # how the run ended, in one line: the pod's termination message
+        set_last_line(_last_line(summary, run))
     tracker.close(summary, wait_s=tracking.WAIT_AFTER_STOP_S if preempted_by else None)
     return summary
+
+
+def _last_line(summary: dict, run: RunState) -> str:
+    if summary["preempted_by"]:  # the epoch it stopped in, counted from 1 as the progress lines do
+        epoch = run.epoch + (1 if run.epoch_position else 0)
+        return f"stopped at epoch {epoch}, step {run.step}: run the same command to resume"
+    val_acc = summary["final_val_acc"]
+    return (f"done: val_acc {'-' if val_acc is None else format(val_acc, '.2%')} at step "
+            f"{summary['steps']}, model {summary['checkpoint']}")
 
 
 # ----------------------------------------------------------------------------------------------

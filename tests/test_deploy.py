@@ -38,6 +38,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
+from job.errors import JobError
 from job.preemption import PREEMPTED_EXIT_CODE
 from tests.conftest import CNN_JOB, REPO, _free_port, process_tree
 from tests.test_preemption import read_checkpoint
@@ -49,6 +50,7 @@ FOLDERS = {  # one `kubectl apply -f` each
     "indexed-job": REPO / "k8s" / "multinode",  # for clusters with neither JobSet nor the Trainer
     "jobset": REPO / "k8s" / "jobset",
     "trainjob": REPO / "k8s" / "trainjob",
+    "sweep": REPO / "k8s" / "sweep",  # an Indexed Job of independent trials, one GPU each
 }
 MULTI_NODE = ("indexed-job", "jobset", "trainjob")
 MANIFESTS = sorted(path for folder in FOLDERS.values() for path in folder.glob("*.yaml"))
@@ -116,10 +118,11 @@ def test_kubernetes_objects_pass_strict_validation_on_every_minor_from_1_31(tmp_
     versions = [arg for version in KUBERNETES_VERSIONS for arg in ("-k", version)]
     result = tool("kubernetes-validate", "--strict", *versions, *map(str, built_in))
     assert result.returncode == 0, result.stdout + result.stderr
-    for version in KUBERNETES_VERSIONS:  # every file, every version: none skipped
+    objects = sum(1 for path in built_in for doc in yaml.safe_load_all(path.read_text()) if doc)
+    for version in KUBERNETES_VERSIONS:  # every object of every file, every version: none skipped
         passed = re.findall(rf" passed for .* against version {version.rsplit('.', 1)[0]}$",
                             result.stdout, re.M)
-        assert len(passed) == len(built_in), (version, result.stdout)
+        assert len(passed) == objects, (version, result.stdout)
     # Strict means strict: a misspelt field fails (without --strict it would pass).
     job = (REPO / "k8s" / "job.yaml").read_text()
     misspelt = write(tmp_path / "job.yaml", job.replace("ttlSecondsAfterFinished", "ttlSecondsAfterFinish"))
@@ -433,20 +436,24 @@ def pod_failure_action(job_spec: dict, exit_code: int, conditions=()) -> tuple[s
     """What the Job controller does with a failed pod: (action, the Job's failure message).
 
     The first podFailurePolicy rule that matches: FailJob (with the message the controller
-    writes), Ignore, or Count when none does (kubernetes, pkg/controller/job/
+    writes), FailIndex (that index fails, no message: the Job goes on unless maxFailedIndexes
+    is passed), Ignore, or Count when none does (kubernetes, pkg/controller/job/
     pod_failure_policy.go). `exit_code` is the container's, 128+N for a kill by signal N.
     """
     container = the_container({"spec": job_spec})["name"]
     for index, rule in enumerate(job_spec.get("podFailurePolicy", {}).get("rules", [])):
         action, on_exit = rule["action"], rule.get("onExitCodes")
+        if action == "FailIndex":  # the API server refuses it without per-index retries
+            assert "backoffLimitPerIndex" in job_spec, "FailIndex needs backoffLimitPerIndex"
         if on_exit and on_exit.get("containerName", container) == container and exit_code != 0 \
                 and (exit_code in on_exit["values"]) == (on_exit["operator"] == "In"):
             return action, (f"Container {container} for pod ns/pod failed with exit code "
-                            f"{exit_code} matching {action} rule at index {index}")
+                            f"{exit_code} matching {action} rule at index {index}"
+                            if action == "FailJob" else "")
         for pattern in rule.get("onPodConditions", []):
             if pattern["type"] in conditions and pattern.get("status", "True") == "True":
                 return action, (f"Pod ns/pod has condition {pattern['type']} matching {action} "
-                                f"rule at index {index}")
+                                f"rule at index {index}" if action == "FailJob" else "")
     return "Count", ""
 
 
@@ -484,6 +491,7 @@ JOB_ACTIONS = {  # per pod: the Job controller replaces pods one at a time
     "evicted, killed at the grace period": "Ignore",
     "crashed, or lost a peer": "Count", "killed (out of memory)": "Count",
 }
+TRIAL_ACTIONS = {**JOB_ACTIONS, "bad input": "FailIndex"}  # a sweep's: that trial, not the rest
 JOBSET_ACTIONS = {  # the whole set
     "bad input": "FailJobSet", "preempted": "RestartJobSetAndIgnoreMaxRestarts",
     "evicted": "RestartJobSetAndIgnoreMaxRestarts",
@@ -497,8 +505,8 @@ def test_failures_are_handled_by_exit_code_and_pods_fit_a_gpu(name):
     objects = load_folder(FOLDERS[name])
     job, jobset = the_job(objects), the_jobset(objects)
     if jobset is None:  # the Job's own podFailurePolicy decides, pod by pod
-        assert {end: pod_failure_action(job["spec"], *how)[0]
-                for end, how in POD_ENDS.items()} == JOB_ACTIONS
+        assert {end: pod_failure_action(job["spec"], *how)[0] for end, how in POD_ENDS.items()} \
+            == (TRIAL_ACTIONS if name == "sweep" else JOB_ACTIONS)
         retries = job["spec"].get("backoffLimitPerIndex", job["spec"].get("backoffLimit"))
         assert retries > 0 and job["spec"]["podReplacementPolicy"] == "Failed"
         assert job["spec"]["ttlSecondsAfterFinished"] > 0
@@ -562,15 +570,92 @@ def test_pods_are_restricted_and_write_only_to_their_volumes(name):
 
 
 def test_every_manifest_runs_the_same_image_on_its_own_settings_and_checkpoints():
-    images, settings, checkpoints = set(), set(), set()
+    images, config_maps, checkpoints = set(), [], set()
     for folder in FOLDERS.values():
         objects = load_folder(folder)
-        images.add(the_container(the_job(objects))["image"])
-        ((_, name), config), = [(key, obj) for key, obj in objects.items() if key[0] == "ConfigMap"]
-        settings.add(name)  # applying one folder must not change another's settings
-        checkpoints.add(config["data"]["CNN_JOB_CHECKPOINT_URI"])  # nor resume its run
+        container = the_container(the_job(objects))
+        images.add(container["image"])
+        # Applying one folder must not change another's settings (or sweep file)...
+        config_maps += [name for kind, name in objects if kind == "ConfigMap"]
+        (settings,) = [source["configMapRef"]["name"] for source in container["envFrom"]
+                       if "configMapRef" in source]
+        # ... nor resume its run: a run's checkpoints, or a sweep's, each trial's below it.
+        uri = objects["ConfigMap", settings]["data"].get("CNN_JOB_CHECKPOINT_URI")
+        checkpoints.add(uri or yaml.safe_load(sweep_file(objects)[1])["checkpoint_uri"])
     assert len(images) == 1, images
-    assert len(settings) == len(checkpoints) == len(FOLDERS)
+    assert len(set(config_maps)) == len(config_maps) and len(checkpoints) == len(FOLDERS)
+
+
+def sweep_file(objects: dict) -> tuple[str, str]:
+    """The sweep file the pod's `cnn-job sweep run PATH` reads: PATH, and its text from the
+    ConfigMap mounted, read-only, on PATH's folder."""
+    job = the_job(objects)
+    container = the_container(job)
+    path = pod_process(objects, {}, {}, 0)[0][-1]
+    folder, _, file_name = path.rpartition("/")
+    (mount,) = [mount for mount in container["volumeMounts"] if mount["mountPath"] == folder]
+    (volume,) = [volume for volume in job["spec"]["template"]["spec"]["volumes"]
+                 if volume["name"] == mount["name"]]
+    assert mount["readOnly"] is True
+    keys = {item["path"]: item["key"] for item in volume["configMap"].get("items", [])}
+    return path, objects["ConfigMap", volume["configMap"]["name"]]["data"][keys.get(file_name, file_name)]
+
+
+def test_sweep_runs_one_trial_per_index_of_the_sweep_file_it_mounts():
+    objects = load_folder(FOLDERS["sweep"])
+    job = the_job(objects)
+    spec = job["spec"]
+    argv, env = pod_process(objects, {}, {}, 5)
+    path, text = sweep_file(objects)
+    # `cnn-job sweep run FILE` without --trial: the trial is JOB_COMPLETION_INDEX, the pod's index.
+    assert argv == ["cnn-job", "sweep", "run", path] and env["JOB_COMPLETION_INDEX"] == "5"
+    assert spec["completionMode"] == "Indexed"
+    # One index per trial, as `cnn-job sweep plan` counts them: the grid's combinations × the
+    # random draws × the seeds.
+    sweep = yaml.safe_load(text)
+    trials = sweep["random"]["count"] * len(sweep["seeds"])
+    for values in sweep["grid"].values():
+        trials *= len(values)
+    assert spec["completions"] == trials == 16
+    assert 1 <= spec["parallelism"] <= spec["completions"]
+    assert the_container(job)["resources"]["limits"]["nvidia.com/gpu"] == 1  # a trial per GPU
+    assert sweep["dataset"] == "cifar10" and sweep["checkpoint_uri"].startswith("s3://")
+    # Each trial retried on its own: bad input fails that trial only, a stop or an eviction is
+    # not counted, and too many failed trials end the sweep.
+    assert pod_failure_action(spec, 2)[0] == "FailIndex"
+    assert pod_failure_action(spec, PREEMPTED_EXIT_CODE)[0] == "Ignore"
+    assert pod_failure_action(spec, 1, ("DisruptionTarget",))[0] == "Ignore"
+    assert spec["backoffLimitPerIndex"] > 0 and "backoffLimit" not in spec
+    assert 0 < spec["maxFailedIndexes"] < spec["completions"]
+    assert spec["podReplacementPolicy"] == "Failed"
+    # Kueue is optional: its label is there to uncomment, not set.
+    assert "kueue.x-k8s.io/queue-name" not in job["metadata"]["labels"]
+    assert re.search(r"^ +# kueue\.x-k8s\.io/queue-name: \S+$",
+                     (FOLDERS["sweep"] / "job.yaml").read_text(), re.M)
+
+
+@pytest.mark.parametrize("name", FOLDERS)
+def test_every_training_container_says_how_it_ended(name):
+    # The job's last line from /dev/termination-log, or the log's tail when it failed without
+    # one: in `kubectl describe pod` and the pod's status.
+    container = the_container(the_job(load_folder(FOLDERS[name])))
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+
+
+def test_the_readme_exit_statuses_are_what_every_manifest_acts_on():
+    # The README's table of exit statuses; what the code exits with; what each manifest does.
+    rows = dict(re.findall(r"^\| (\d+) \| ([^|]+) \|$", (REPO / "README.md").read_text(), re.M))
+    assert rows["2"].startswith("bad input") and JobError.exit_code == 2
+    assert rows[str(PREEMPTED_EXIT_CODE)].startswith("preempted") and "resume" in rows["75"]
+    for name, folder in FOLDERS.items():
+        objects = load_folder(folder)
+        jobset = the_jobset(objects)
+        if jobset is None:  # never retried; retried, not counted
+            assert pod_failure_action(the_job(objects)["spec"], 2)[0] in ("FailJob", "FailIndex")
+            assert pod_failure_action(the_job(objects)["spec"], PREEMPTED_EXIT_CODE)[0] == "Ignore"
+        else:
+            assert jobset_action(jobset, 2) == "FailJobSet", name
+            assert jobset_action(jobset, PREEMPTED_EXIT_CODE) == "RestartJobSetAndIgnoreMaxRestarts"
 
 
 def test_indexed_job_finds_rank_0_through_the_headless_service():
@@ -727,8 +812,12 @@ class Pod:
         self.dir = tmp_path / f"{name}-{attempt}"
         self.volumes, self.home = pod_volumes(objects, self.dir), self.dir / "home"
         self.home.mkdir()
+        # The kubelet's empty /dev/termination-log, here: the container's termination message.
+        self.termination_log = self.dir / "termination-log"
+        self.termination_log.touch()
         _, manifest_env = pod_process(objects, secret, {}, index)
-        overrides = {**local_overrides(manifest_env, s3, self.volumes, self.home, run), **extra_env}
+        overrides = {**local_overrides(manifest_env, s3, self.volumes, self.home, run),
+                     "CNN_JOB_TERMINATION_LOG": str(self.termination_log), **extra_env}
         self.argv, self.env = pod_process(objects, secret, overrides, index)
         if self.argv[0] == "cnn-job":  # the image's console script is the venv's here
             self.argv[0] = str(CNN_JOB)
@@ -790,10 +879,12 @@ def test_single_job_trains_from_s3_and_checkpoints_to_s3(s3, secret, data_dir, t
     pods.append(pod)
     assert pod.argv[:2] == [str(CNN_JOB), "train"]
     assert pod.wait() == 0, pod.output()[-3000:]
-    assert "training mnist on 1 × cpu" in pod.output()
+    assert "training mnist (--net seed) on 1 × cpu" in pod.output()
     pod.check_it_wrote_only_to_volumes()
     state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/single")
     assert state["world_size"] == 1 and state["epoch"] == 1 and state["step"] == 10  # 640 / 64
+    assert re.fullmatch(rf"done: val_acc \d+\.\d\d% at step 10, model s3://{s3.bucket}/runs/single/"
+                        r"step-000000010\.pt", pod.termination_log.read_text())
 
 
 def start_pods(name: str, s3, secret, tmp_path, run, pods, **extra_env) -> list[Pod]:
@@ -814,7 +905,7 @@ def start_pods(name: str, s3, secret, tmp_path, run, pods, **extra_env) -> list[
 
 def wait_until_training(pod: Pod) -> None:
     deadline = time.monotonic() + 180
-    while "training mnist on 2" not in pod.output():
+    while "training mnist (--net seed) on 2" not in pod.output():
         assert time.monotonic() < deadline and pod.process.poll() is None, pod.output()[-3000:]
         time.sleep(0.1)
 
@@ -828,7 +919,7 @@ def test_multi_node_manifest_trains_as_two_ranks(name, s3, secret, data_dir, tmp
         assert pod.argv[:2] == [str(CNN_JOB), "launch"] and pod.argv[-2:] == ["--", "train"]
     for pod in started:
         assert pod.wait() == 0, pod.output()[-3000:]
-    assert "training mnist on 2 × cpu" in started[0].output()
+    assert "training mnist (--net seed) on 2 × cpu" in started[0].output()
     for pod in started:
         pod.check_it_wrote_only_to_volumes()
     state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{name}")
@@ -855,6 +946,8 @@ def test_preempted_pod_stops_every_rank_with_75_and_the_set_resumes(
     assert "Traceback" not in rank_0.output() + rank_1.output()
     stopped = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{run}")
     assert stopped["world_size"] == 2 and 0 < stopped["step"] < ALL_STEPS
+    assert rank_0.termination_log.read_text() == (
+        f"stopped at epoch 1, step {stopped['step']}: run the same command to resume")
     objects = load_folder(FOLDERS[name])
     jobset = the_jobset(objects)
     if jobset is None:  # each pod replaced, none counted
@@ -910,6 +1003,11 @@ def test_bad_input_fails_the_run_at_once(name, s3, secret, data_dir, tmp_path, p
     statuses = [pod.wait(timeout_s=120) for pod in started]
     assert statuses == [2, 2], [pod.output()[-2000:] for pod in started]
     assert "Traceback" not in started[0].output()
+    # Rank 0's one line is pod 0's termination message; the other pods write none, so that
+    # Kubernetes shows their log's last lines (FallbackToLogsOnError), ending in the same line.
+    assert started[0].termination_log.read_text().startswith("error: ")
+    assert started[0].termination_log.read_text() in started[0].output()
+    assert started[1].termination_log.read_text() == ""
     objects = load_folder(FOLDERS[name])
     jobset = the_jobset(objects)
     if jobset is None:
