@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from PIL import Image
 
 from job.sweep import load_plan
 from tests.conftest import CNN_JOB, run_cli
+from tests.test_signals import wait_for
 from tests.wandb_records import records
 
 WAIT_S = 120
@@ -37,18 +37,6 @@ def write(path: Path, text: str) -> Path:
 
 def status(root: Path, index: int) -> dict:
     return json.loads((root / f"trial-{index:03d}" / "trial.json").read_text())
-
-
-def wait_for(condition, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while not condition():
-        if process.poll() is not None:
-            out, err = process.communicate()
-            pytest.fail(f"it exited ({process.returncode}) first:\n{out}\n{err}")
-        if time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"nothing after {WAIT_S} s")
-        time.sleep(0.01)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,17 +142,16 @@ def four(tmp_path_factory, data_dir):
     trial = subprocess.Popen([str(CNN_JOB), "sweep", "run", str(sweep_file), "--trial", "1"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wait_for((root / "trial-001" / "latest").exists, trial)
+    wait_for("trial 1's first checkpoint", (root / "trial-001" / "latest").exists, trial)
     trial.send_signal(signal.SIGTERM)
     out, err = trial.communicate(timeout=WAIT_S)
     stopped = {"returncode": trial.returncode, "stdout": out, "stderr": err,
                "status": status(root, 1)}
-    started = time.time()
     parallel = run_cli("sweep", "run", str(sweep_file), "--parallel", "2")
     statuses = [status(root, index) for index in range(4)]
     again = run_cli("sweep", "run", str(sweep_file), "--parallel", "2")
     return {"root": root, "file": sweep_file, "folder": folder, "stopped": stopped,
-            "parallel": parallel, "statuses": statuses, "again": again, "started": started}
+            "parallel": parallel, "statuses": statuses, "again": again}
 
 
 def test_a_trial_stopped_by_sigterm_exits_75_and_says_where(four):
