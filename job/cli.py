@@ -226,6 +226,102 @@ def checkpoints_list(
 
 
 # ----------------------------------------------------------------------------------------------
+# cnn-job sweep ...: many runs of train, one per trial (job/sweep.py)
+
+sweep_app = typer.Typer(help="Sweeps: a YAML file of settings to try, each trial a resumable "
+                        "training run (docs/sweeps.md).", no_args_is_help=True)
+app.add_typer(sweep_app, name="sweep")
+SweepFileArgument = Annotated[str, typer.Argument(
+    help="The sweep file (YAML): dataset, checkpoint_uri, fixed, grid, random, seeds.",
+    show_default=False)]
+
+
+@sweep_app.command("plan")
+def sweep_plan(
+    sweep_file: SweepFileArgument,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the expanded plan as JSON.")]
+    = False,
+) -> None:
+    """The trials a sweep file expands to, in order: grid × random draws × seeds."""
+    from job.progress import print_sweep_plan
+    from job.sweep import load_plan
+
+    plan = _run(lambda: load_plan(sweep_file))
+    if as_json:
+        print(json.dumps({**plan.identity(), "checkpoint_uri": plan.root}, indent=2))
+    else:
+        print_sweep_plan(plan.identity(), plan.root)
+
+
+@sweep_app.command("run")
+def sweep_run(
+    sweep_file: SweepFileArgument,
+    trial: Annotated[int | None, typer.Option(
+        help="The trial to run, in this process.", show_default="JOB_COMPLETION_INDEX "
+        "(a Kubernetes Indexed Job's pod)")] = None,
+    parallel: Annotated[int | None, typer.Option(
+        help="Run every trial not finished yet on this machine, K at a time, each a child "
+        "process (one GPU each, or the CPU's cores shared).", show_default=False)] = None,
+) -> None:
+    """Run one trial as `cnn-job train` with its settings (resumable, exit 75 on a signal), or
+    every trial with --parallel K (exit 0 all finished, 1 one failed, 75 stopped).
+
+    A trial takes the file's settings only: CNN_JOB_* variables do not reach it.
+    """
+    from job.sweep import load_plan, run_parallel, run_trial, trial_from_environment, trial_line
+
+    plan = _run(lambda: load_plan(sweep_file))
+    if parallel is not None:
+        raise typer.Exit(_run(lambda: run_parallel(plan, parallel, _say)))
+    index = _run(lambda: trial if trial is not None else trial_from_environment())
+    status = _run(lambda: run_trial(plan, index, run_training))
+    if status["status"] == "stopped":
+        print(trial_line(status), flush=True)
+        raise typer.Exit(PREEMPTED_EXIT_CODE)
+    _print_where_the_model_is(status["summary"], plan.trial_uri(index), plan.endpoint_url)
+    print(trial_line(status), flush=True)
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+@sweep_app.command("report")
+def sweep_report(
+    uri: Annotated[str, typer.Argument(help="The sweep's root: its checkpoint_uri, a folder or "
+                                       "s3://BUCKET/PREFIX.", show_default=False)],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON instead.")]
+    = False,
+    plot: Annotated[Path | None, typer.Option(
+        help="Also draw val_acc against each swept option into this PNG.", show_default=False)]
+    = None,
+    s3_endpoint_url: EndpointOption = None,
+) -> None:
+    """The trials best first, from the sweep's status files (no checkpoint is loaded)."""
+    from job.progress import print_sweep_report
+    from job.storage import check_output_file
+    from job.sweep import report
+
+    def run():
+        if plot:
+            check_output_file(plot, "--plot")
+        plan, rows = report(uri, s3_endpoint_url)
+        if plot:
+            from job.sweep_plot import save_plot
+
+            save_plot(plan, rows, plot)
+        return plan, rows
+
+    plan, rows = _run(run)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print_sweep_report(plan, rows, uri)
+    if plot:
+        print(f"plot: {plot}", file=sys.stderr if as_json else sys.stdout)
+
+
+# ----------------------------------------------------------------------------------------------
 # after training: cnn-job evaluate, predict, export
 
 CheckpointArgument = Annotated[str, typer.Argument(

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
+from pathlib import Path
 
 from job.errors import JobError
 from job.storage import LocalStore, S3Store, atomic_write_bytes
@@ -70,6 +71,33 @@ class LocalLock:
 
     def check(self) -> None:
         """An flock is never taken away from a live holder."""
+
+    def is_held(self) -> bool | None:
+        """Whether a live job holds the folder, asked without taking the lock (which would
+        refuse a job starting at that moment): the kernel's table of locks, /proc/locks, names
+        the folder's inode while an flock is on it. None when that cannot be told."""
+        try:
+            st = self.store.folder.stat()
+            table = Path("/proc/locks").read_text()
+        except FileNotFoundError:
+            return False if not self.store.folder.exists() else None
+        except OSError:
+            return None
+        for line in table.splitlines():
+            fields = line.split()
+            if len(fields) < 6 or fields[1] != "FLOCK":  # "->" lines are waiters
+                continue
+            major, minor, inode = fields[5].split(":")
+            if ((int(major, 16), int(minor, 16), int(inode))
+                    == (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)):
+                return True
+        return False
+
+    def holder(self) -> str:
+        try:
+            return self.holder_file.read_text().strip()
+        except OSError:
+            return "another process"
 
     def release(self) -> None:
         if self.fd is not None:
@@ -186,6 +214,16 @@ class S3Lease:
         with contextlib.suppress(Exception):
             return self._look()
         return None
+
+    def is_held(self) -> bool:
+        """Whether a live job holds the run: a lease renewed within its period (one read)."""
+        with self.store.errors():
+            current = self._look()
+        return current is not None and current[1] < self.lease_s
+
+    def holder(self) -> str:
+        current = self._look_quietly()
+        return current[2] if current else "unknown"
 
     def check(self) -> None:
         if self.lost_to:

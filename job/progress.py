@@ -269,3 +269,45 @@ def print_predictions(predictions: list[dict], as_json: bool) -> None:
             continue
         top = "  ".join(f"{guess['class']} {guess['probability']:.2%}" for guess in prediction["top"])
         print(f"{prediction['image']}  {top}", flush=True)
+
+
+def _setting(value) -> str:
+    return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def print_sweep_plan(plan: dict, root: str) -> None:
+    """`cnn-job sweep plan`: one row per trial, one column per swept option."""
+    fixed = ", ".join(f"{name} {_setting(value)}" for name, value in plan["fixed"].items())
+    table = Table(title=f"sweep {plan['name']}: {plan['dataset']}, {len(plan['trials'])} trials",
+                  title_justify="left")
+    table.add_column("trial", justify="right", no_wrap=True)
+    for name in plan["swept"]:
+        table.add_column(name + (" (log)" if name in plan["log_scale"] else ""), justify="right",
+                         no_wrap=True)
+    for trial in plan["trials"]:
+        table.add_row(f"{trial['trial']:03d}",
+                      *(_setting(trial["settings"].get(name)) for name in plan["swept"]))
+    print_table(table)
+    console.print(strip_userinfo(f"fixed: {fixed or 'nothing (the recipe defaults)'}"))
+    console.print(strip_userinfo(f"root: {root} (trial N in {root.rstrip('/')}/trial-NNN)"))
+
+
+def print_sweep_report(plan: dict, rows: list[dict], root: str) -> None:
+    """`cnn-job sweep report`: the trials best first."""
+    table = Table(title=f"sweep {plan['name']}", title_justify="left")
+    for column in ("trial", "status", *plan["swept"], "epochs", "val acc", "train s"):
+        table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
+    for row in rows:
+        status = row["status"] + (f": {row['error']}" if row.get("error") else "")
+        table.add_row(f"{row['trial']:03d}", status,
+                      *(_setting(row["settings"].get(name)) for name in plan["swept"]),
+                      str(row["epochs"]),
+                      "-" if row["val_acc"] is None else f"{row['val_acc']:.2%}",
+                      "-" if row["train_seconds"] is None else f"{row['train_seconds']:.1f}")
+    print_table(table)
+    console.print(strip_userinfo(f"root: {root}"))
+    best = next((row for row in rows if row["status"] == "finished"), None)
+    if best:
+        settings = ", ".join(f"{k} {_setting(v)}" for k, v in best["settings"].items())
+        console.print(strip_userinfo(f"best: trial {best['trial']:03d} ({settings}) val_acc "
+                                     f"{best['val_acc']:.2%}: cnn-job evaluate {best['uri']}"))
