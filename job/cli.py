@@ -20,7 +20,7 @@ from job.config import TrainConfig, default_cache_dir, default_checkpoint_uri
 from job.datasets import DATASETS, preset
 from job.errors import JobError, strip_userinfo
 from job.preemption import PREEMPTED_EXIT_CODE, Interrupted, handle_signals_from_here
-from job.progress import print_error
+from job.progress import print_error, set_last_line
 
 app = typer.Typer(
     name="cnn-job",
@@ -276,10 +276,16 @@ def sweep_run(
     index = _run(lambda: trial if trial is not None else trial_from_environment())
     status = _run(lambda: run_trial(plan, index, run_training))
     if status["status"] == "stopped":
-        print(trial_line(status), flush=True)
+        _last_line(trial_line(status))
         raise typer.Exit(PREEMPTED_EXIT_CODE)
     _print_where_the_model_is(status["summary"], plan.trial_uri(index), plan.endpoint_url)
-    print(trial_line(status), flush=True)
+    _last_line(trial_line(status))
+
+
+def _last_line(line: str) -> None:
+    """A command's closing line, on stdout and in the pod's termination message."""
+    print(line, flush=True)
+    set_last_line(line)
 
 
 def _say(message: str) -> None:

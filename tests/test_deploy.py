@@ -601,7 +601,7 @@ def sweep_file(objects: dict) -> tuple[str, str]:
     return path, objects["ConfigMap", volume["configMap"]["name"]]["data"][keys.get(file_name, file_name)]
 
 
-def test_sweep_runs_one_trial_per_index_of_the_sweep_file_it_mounts():
+def test_sweep_runs_one_trial_per_index_of_the_sweep_file_it_mounts(tmp_path):
     objects = load_folder(FOLDERS["sweep"])
     job = the_job(objects)
     spec = job["spec"]
@@ -610,13 +610,12 @@ def test_sweep_runs_one_trial_per_index_of_the_sweep_file_it_mounts():
     # `cnn-job sweep run FILE` without --trial: the trial is JOB_COMPLETION_INDEX, the pod's index.
     assert argv == ["cnn-job", "sweep", "run", path] and env["JOB_COMPLETION_INDEX"] == "5"
     assert spec["completionMode"] == "Indexed"
-    # One index per trial, as `cnn-job sweep plan` counts them: the grid's combinations × the
-    # random draws × the seeds.
+    # One index per trial, as `cnn-job sweep plan` counts them (the file checked as it would be).
+    from job.sweep import load_plan
+
     sweep = yaml.safe_load(text)
-    trials = sweep["random"]["count"] * len(sweep["seeds"])
-    for values in sweep["grid"].values():
-        trials *= len(values)
-    assert spec["completions"] == trials == 16
+    (tmp_path / "sweep.yaml").write_text(text)
+    assert spec["completions"] == len(load_plan(str(tmp_path / "sweep.yaml")).trials) == 16
     assert 1 <= spec["parallelism"] <= spec["completions"]
     assert the_container(job)["resources"]["limits"]["nvidia.com/gpu"] == 1  # a trial per GPU
     assert sweep["dataset"] == "cifar10" and sweep["checkpoint_uri"].startswith("s3://")
