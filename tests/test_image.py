@@ -24,10 +24,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import yaml
 
 from job.preemption import PREEMPTED_EXIT_CODE
 from tests.conftest import CNN_JOB, REPO, _free_port
-from tests.test_deploy import FOLDERS, IMAGE, load_folder, pod_process, the_container, the_job
+from tests.test_deploy import (
+    FOLDERS,
+    IMAGE,
+    load_folder,
+    pod_process,
+    s3_keys,
+    sweep_file,
+    the_container,
+    the_job,
+)
 from tests.test_preemption import assert_same_weights, read_checkpoint
 from tests.test_storage import push_mnist
 from tests.wandb_records import OfflineRun, offline_runs
@@ -138,10 +148,11 @@ class Image:
     def wait(self, name: str) -> int:
         return int(self.engine_output("wait", name).split()[-1])
 
-    def stop(self, name: str) -> tuple[int, float]:
-        """`stop -t 60` (SIGTERM, then SIGKILL after 60 s): the exit status and seconds taken."""
+    def stop(self, name: str, grace_s: int = STOP_TIMEOUT_S) -> tuple[int, float]:
+        """`stop -t 60` (SIGTERM, then SIGKILL after grace_s, 60 s unless told): the exit status
+        and seconds taken."""
         started = time.monotonic()
-        self.engine_output("stop", "-t", str(STOP_TIMEOUT_S), name)
+        self.engine_output("stop", "-t", str(grace_s), name)
         return self.wait(name), time.monotonic() - started
 
     def is_running(self, name: str) -> bool:
@@ -441,16 +452,20 @@ def security_flags(engine: str, pod: dict, container: dict) -> list[str]:
     return flags
 
 
-def volume_flags(image: Image, pod: dict, container: dict) -> list[str]:
-    """emptyDirs become tmpfs (a fresh pod starts with them empty), /dev/shm included; any
-    other volume (a PVC, ...) a fresh named volume."""
+def volume_flags(image: Image, pod: dict, container: dict,
+                 folders: dict[str, Path] | None = None) -> list[str]:
+    """emptyDirs become tmpfs (a fresh pod starts with them empty), /dev/shm included; a volume
+    named in `folders` (a ConfigMap's files) that host folder; any other volume (a PVC, ...) a
+    fresh named volume."""
     volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
     flags = []
     for mount in container.get("volumeMounts", []):
         assert "subPath" not in mount, mount
         volume, path = volumes[mount["name"]], mount["mountPath"]
         read_only = ",ro" if mount.get("readOnly") else ""
-        if "emptyDir" in volume:
+        if mount["name"] in (folders or {}):
+            flags.append(f"--volume={folders[mount['name']]}:{path}{read_only and ':ro'}")
+        elif "emptyDir" in volume:
             size = volume["emptyDir"].get("sizeLimit")
             size_option = f",size={size.replace('Gi', 'g').replace('Mi', 'm')}" if size else ""
             if path == "/dev/shm":  # the engine's own /dev/shm, at the emptyDir's size
@@ -485,12 +500,24 @@ def secret(s3):
             "WANDB_API_KEY": "unused-wandb-is-disabled-in-tests"}
 
 
-@pytest.mark.parametrize("name", list(FOLDERS))
+def start_pod(image: Image, job: dict, argv: list[str], env: dict, what: str,
+              folders: dict[str, Path] | None = None, mounts: tuple[str, ...] = ()) -> str:
+    """One pod of `job` as a container: argv and env from pod_process, its securityContext and
+    volumes as engine flags, on the host's network (S3 and rank 0 are on its loopback)."""
+    pod, container = job["spec"]["template"]["spec"], the_container(job)
+    env = {key: value for key, value in env.items() if IMAGE["ENV"].get(key) != value}
+    return image.start(*argv[1:], what=what, network="host", entrypoint=argv[0], env=env,
+                       mounts=mounts, flags=(*security_flags(image.engine, pod, container),
+                                             *volume_flags(image, pod, container, folders)))
+
+
+# The sweep's pods each train a trial of its sweep file, not one run of the ConfigMap's settings:
+# test_sweep_pods_run_their_trials_and_a_stopped_trial_resumes runs them.
+@pytest.mark.parametrize("name", [name for name in FOLDERS if name != "sweep"])
 def test_every_manifests_pods_run_in_the_image(name, image, s3, secret, data_dir):
     push_mnist(s3, data_dir)
     objects = load_folder(FOLDERS[name])
     job = the_job(objects)
-    pod, container = job["spec"]["template"]["spec"], the_container(job)
     completions = job["spec"].get("completions", 1)  # a pod per node of a multi-node manifest
     indexes = list(range(completions)) if completions > 1 else [None]
     _, manifest_env = pod_process(objects, secret, {}, indexes[0])
@@ -499,19 +526,116 @@ def test_every_manifests_pods_run_in_the_image(name, image, s3, secret, data_dir
     for prefix in ("", "PET_"):
         if f"{prefix}MASTER_ADDR" in manifest_env:
             overrides.update({f"{prefix}MASTER_ADDR": "127.0.0.1", f"{prefix}MASTER_PORT": port})
-    started = []
-    for index in indexes:
-        argv, env = pod_process(objects, secret, overrides, index)
-        env = {key: value for key, value in env.items() if IMAGE["ENV"].get(key) != value}
-        started.append(image.start(*argv[1:], what=f"pod{index}", network="host",
-                                   entrypoint=argv[0], env=env,
-                                   flags=(*security_flags(image.engine, pod, container),
-                                          *volume_flags(image, pod, container))))
+    started = [start_pod(image, job, *pod_process(objects, secret, overrides, index), f"pod{index}")
+               for index in indexes]
     for container_name in started:
         assert image.wait(container_name) == 0, image.logs(container_name)[-3000:]
     state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{name}")
     assert state["world_size"] == len(indexes) and state["epoch"] == 1
     assert f"training mnist (--net seed) on {len(indexes)} × cpu" in image.logs(started[0])
+
+
+# ----------------------------------------------------------------------------------------------
+# 7b. the sweep's pods: a trial per index, from the sweep file its ConfigMap mounts
+
+
+SWEEP = "mnist-sweep"
+
+
+def sweep_to_here(text: str, s3, data_uri: str) -> str:
+    """The manifest's sweep file, its structure kept, with only what must point here changed:
+    MNIST from this test's bucket for one short epoch on CPU, a checkpoint every step into the
+    bucket, W&B off; every grid list and the random draws cut to one, and two seeds: 2 trials."""
+    sweep = yaml.safe_load(text)
+    assert sweep["dataset"] == "cifar10" and sweep["checkpoint_uri"].startswith("s3://")
+    assert len(sweep["seeds"]) >= 2
+    sweep.update(name=SWEEP, dataset="mnist", checkpoint_uri=f"s3://{s3.bucket}/sweeps/{SWEEP}",
+                 seeds=sweep["seeds"][:2])
+    # 1024 images: 16 steps of the file's batch size (64), a checkpoint after each, so that the
+    # stop lands mid-epoch, well before the end.
+    sweep["fixed"] = {**sweep.get("fixed", {}), "epochs": 1, "limit_train": 1024, "device": "cpu",
+                      "data_uri": data_uri, "s3_endpoint_url": s3.endpoint,
+                      "wandb_mode": "disabled", "checkpoint_every_steps": 1}
+    sweep["grid"] = {option: values[:1] for option, values in sweep.get("grid", {}).items()}
+    if "random" in sweep:
+        sweep["random"]["count"] = 1
+    return yaml.safe_dump(sweep, sort_keys=False)
+
+
+def test_sweep_pods_run_their_trials_and_a_stopped_trial_resumes(image, s3, secret, data_dir,
+                                                                   tmp_path):
+    data_uri = push_mnist(s3, data_dir)
+    objects = load_folder(FOLDERS["sweep"])
+    job = the_job(objects)
+    pod, container = job["spec"]["template"]["spec"], the_container(job)
+    # The sweep file, changed for here, where the pod mounts its ConfigMap (read-only).
+    path, text = sweep_file(objects)
+    folder, _, file_name = path.rpartition("/")
+    (mount,) = [mount for mount in container["volumeMounts"] if mount["mountPath"] == folder]
+    config_map = tmp_path / "config-map"
+    config_map.mkdir(mode=0o755)
+    (config_map / file_name).write_text(sweep_to_here(text, s3, data_uri))
+    (config_map / file_name).chmod(0o644)
+    # A trial takes the file's settings only; of the environment, what the job reads by itself:
+    # the S3 endpoint (pointed here, as for the training manifests) and W&B's (off).
+    _, manifest_env = pod_process(objects, secret, {}, 0)
+    assert manifest_env["AWS_ENDPOINT_URL"]
+    overrides = {"AWS_ENDPOINT_URL": s3.endpoint, **NO_WANDB}
+    message_path = container.get("terminationMessagePath", "/dev/termination-log")
+    root = f"sweeps/{SWEEP}"
+
+    def start(index: int, what: str) -> tuple[str, Path]:
+        """Pod `index`, with the kubelet's empty termination-log file, writable by any UID."""
+        termination_log = tmp_path / f"termination-log-{what}"
+        termination_log.touch()
+        termination_log.chmod(0o666)  # as the kubelet makes it, for a container of any UID
+        argv, env = pod_process(objects, secret, overrides, index)
+        assert argv[1:] == ["sweep", "run", path] and env["JOB_COMPLETION_INDEX"] == str(index)
+        return start_pod(image, job, argv, env, what, folders={mount["name"]: config_map},
+                         mounts=(f"{termination_log}:{message_path}",)), termination_log
+
+    def trial(index: int) -> dict:
+        key = f"{root}/trial-{index:03d}/trial.json"
+        return json.loads(s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
+
+    def checkpointed() -> bool:  # trial 1's first checkpoint in S3
+        return any(re.search(r"/(step-\d+\.pt|latest)$", key)
+                   for key in s3_keys(s3, f"{root}/trial-001/"))
+
+    # Both trials at once, as the Job starts them (parallelism 2 or more); trial 1 is stopped
+    # as Kubernetes stops a pod: SIGTERM, then SIGKILL after the grace period.
+    assert job["spec"]["parallelism"] >= 2
+    (first, first_message), (second, second_message) = start(0, "trial0"), start(1, "trial1")
+    wait_until("trial 1's first checkpoint", checkpointed, still=lambda: image.is_running(second))
+    grace_s = pod["terminationGracePeriodSeconds"]
+    status, seconds = image.stop(second, grace_s)
+    assert status == PREEMPTED_EXIT_CODE and seconds < grace_s, image.logs(second)[-3000:]
+    stopped = trial(1)
+    assert stopped["status"] == "stopped" and stopped["steps"] > 0, stopped
+    assert second_message.read_text() == (
+        f"trial 001 stopped at epoch 0, step {stopped['steps']} (val_acc -): run it again to "
+        f"resume (exit status {PREEMPTED_EXIT_CODE})")
+    assert image.wait(first) == 0, image.logs(first)[-3000:]
+    assert trial(0)["status"] == "finished"
+    assert re.fullmatch(r"trial 000 finished: val_acc \d+\.\d\d%, epochs 1 \(.*\bseed 0\)",
+                        first_message.read_text()), first_message.read_text()
+
+    # The replacement pod: the same command for index 1 resumes the trial where it stopped.
+    again, again_message = start(1, "trial1-again")
+    assert image.wait(again) == 0, image.logs(again)[-3000:]
+    assert (f"resumed from s3://{s3.bucket}/{root}/trial-001/step-{stopped['steps']:09d}.pt"
+            in image.logs(again).replace("\n", ""))
+    finished = trial(1)
+    assert finished["status"] == "finished" and finished["steps"] == trial(0)["steps"], finished
+    assert again_message.read_text().startswith("trial 001 finished: val_acc ")
+
+    report = image.run("sweep", "report", f"s3://{s3.bucket}/{root}", "--json", network="host",
+                       env=s3.env)
+    assert report.returncode == 0, report.stderr
+    rows = json.loads(report.stdout)
+    assert sorted((row["trial"], row["status"], row["epochs"]) for row in rows) == [
+        (0, "finished", 1), (1, "finished", 1)]
+    assert s3.env["AWS_SECRET_ACCESS_KEY"] not in report.stdout + report.stderr
 
 
 # ----------------------------------------------------------------------------------------------
