@@ -72,9 +72,13 @@ class Plan:
         return trial_uri(self.root, index)
 
     def config(self, index: int) -> TrainConfig:
-        """Trial `index` as `cnn-job train` would run it: the file's settings only (no
-        CNN_JOB_* variable), in its own checkpoint folder, under its own run name."""
-        return TrainConfig(dataset=self.dataset, **self.fixed, **self.trials[index],
+        """Trial `index` as `cnn-job train` would run it: the file's settings only, in its own
+        checkpoint folder, under its own run name. Of the CNN_JOB_* variables only the cache
+        folder reaches a trial, where the file does not set one: it is the machine's (a pod's
+        /cache volume), and changes no result."""
+        machine = {"cache_dir": Path(os.environ["CNN_JOB_CACHE_DIR"])} if (
+            os.environ.get("CNN_JOB_CACHE_DIR") and "cache_dir" not in self.fixed) else {}
+        return TrainConfig(dataset=self.dataset, **machine, **self.fixed, **self.trials[index],
                            checkpoint_uri=self.trial_uri(index),
                            run_name=f"{self.name}-trial-{index:03d}")
 

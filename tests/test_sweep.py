@@ -235,14 +235,16 @@ fixed: {{net: fast, limit_train: 512, device: cpu, data_uri: {data_dir}}}
 seeds: [0, 1]
 """)
     assert run_cli("sweep", "plan", str(sweep_file)).returncode == 0
-    # The trial takes the file's settings only: CNN_JOB_EPOCHS does not reach it. Its closing
-    # line is also the pod's termination message.
+    # The trial takes the file's settings only: CNN_JOB_EPOCHS does not reach it; the machine's
+    # cache folder does. Its closing line is also the pod's termination message.
     message = tmp_path / "termination-log"
     message.write_text("")
     trial = run_cli("sweep", "run", str(sweep_file),
                     env={"JOB_COMPLETION_INDEX": "1", "CNN_JOB_EPOCHS": "3",
+                         "CNN_JOB_CACHE_DIR": str(tmp_path / "machine-cache"),
                          "CNN_JOB_TERMINATION_LOG": str(message)})
     assert trial.returncode == 0, trial.stderr
+    assert any((tmp_path / "machine-cache" / "parsed").iterdir())
     assert trial.stdout.strip().splitlines()[-1].startswith("trial 001 finished: val_acc ")
     assert message.read_text() == trial.stdout.strip().splitlines()[-1]
     stored = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="sweeps/two/trial-001/trial.json")
