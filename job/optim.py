@@ -34,6 +34,10 @@ EPS = 1e-8
 # False: each parameter in its own storage and updates over lists of tensors, the path the
 # equivalence tests (tests/test_optim.py) compare against.
 FLAT_BUFFERS = True
+# Where each parameter starts in a flat buffer: on a boundary of this many bytes, as the CUDA
+# caching allocator places a tensor of its own, since cuDNN and cuBLAS choose kernels (and vector
+# loads) by the pointers' alignment too.
+FLAT_ALIGNMENT_BYTES = 512
 
 # ----------------------------------------------------------------------------------------------
 # learning-rate schedules
@@ -66,7 +70,9 @@ class FlatBuffers:
     and their gradients into another of the same length: each parameter's `.data` and `.grad`
     become views of them with the parameter's own shape and strides (a channels_last conv weight
     stays channels_last, so the net computes exactly what it did). A state (moments, momentum)
-    is one more buffer of that length (`zeros`), seen per parameter through `views`.
+    is one more buffer of that length (`zeros`), seen per parameter through `views`. Each
+    parameter starts FLAT_ALIGNMENT_BYTES-aligned; the gaps between them are zeros in every
+    buffer, which every update leaves at zero.
 
     The gradients are never dropped: zero_grad zeroes their buffer in place and backward adds
     into it. So a parameter that gets no gradient in a step is updated with a zero one, where
@@ -80,12 +86,15 @@ class FlatBuffers:
         if any(p.dtype != first.dtype or p.device != first.device for p in params):
             raise ValueError("flat buffers need every parameter of one dtype on one device")
         self.layout: list[tuple[torch.Size, tuple[int, ...], int]] = []  # shape, strides, offset
-        offset = 0
+        self.ends: list[int] = []  # where each parameter's elements end
+        align, offset = FLAT_ALIGNMENT_BYTES // first.element_size(), 0
         for p in params:
+            offset = -(-offset // align) * align
             # empty_like keeps a dense tensor's strides exactly, channels_last included
             self.layout.append((p.shape, torch.empty_like(p).stride(), offset))
             offset += p.numel()
-        self.params = torch.empty(offset, dtype=first.dtype, device=first.device)
+            self.ends.append(offset)
+        self.params = torch.zeros(offset, dtype=first.dtype, device=first.device)
         self.grads = torch.zeros_like(self.params)
         self.grad_views = self.views(self.grads)
         self.addresses = [view.data_ptr() for view in self.views(self.params)]
@@ -103,6 +112,10 @@ class FlatBuffers:
 
     def zeros(self) -> torch.Tensor:
         return torch.zeros_like(self.params)
+
+    def span(self, buffer: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The part of `buffer` that holds parameters start to stop - 1 (and the gaps between)."""
+        return buffer[self.layout[start][2]:self.ends[stop - 1]]
 
     def claim_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Each parameter's gradient back in the buffer, should anything have replaced it (a
@@ -348,11 +361,11 @@ class SGD(_Optimizer):
             state["momentum_buffer"] = buffer
         start = 0
         for group in self.groups:
-            end = start + sum(p.numel() for p in group["params"])
+            stop = start + len(group["params"])
             self.group_slices.append(
-                tuple([buffer[start:end]] if group["params"] else []
+                tuple([self.flat.span(buffer, start, stop)] if stop > start else []
                       for buffer in (self.flat.params, self.flat.grads, momentum)))
-            start = end
+            start = stop
 
     # ------------------------------------------------------------------------------------------
     # torch.optim.SGD's state_dict format (plus each group's name and lr_scale)

@@ -207,7 +207,8 @@ def test_flat_buffers_train_bit_for_bit_as_the_per_tensor_path(monkeypatch, net,
     """Adam (seed nets) and the fast recipe's SGD (three groups, the whitening bias frozen by
     lr_scale 0 halfway): the same losses, weights and state_dict tensors, compared exactly
     (torch.equal), after six steps at a changing rate from the same weights and batches. The
-    parameters are views of one buffer, in their own layouts (conv weights channels_last)."""
+    parameters are views of one buffer, in their own layouts (conv weights channels_last), each
+    starting aligned; the gaps between them stay zero."""
     ours, flat_optimizer, flat_losses = trained(monkeypatch, True, net, dataset)
     theirs, per_tensor, per_tensor_losses = trained(monkeypatch, False, net, dataset)
     assert all(map(torch.equal, flat_losses, per_tensor_losses))
@@ -218,6 +219,11 @@ def test_flat_buffers_train_bit_for_bit_as_the_per_tensor_path(monkeypatch, net,
         if p.requires_grad:  # the fast net's frozen weights are in no optimiser
             assert p.untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
             assert p.grad.untyped_storage().data_ptr() == grads.untyped_storage().data_ptr()
+            assert (p.data_ptr() - buffer.data_ptr()) % optim.FLAT_ALIGNMENT_BYTES == 0
+    gaps = torch.ones(len(buffer), dtype=torch.bool)
+    for (_, _, start), end in zip(flat_optimizer.flat.layout, flat_optimizer.flat.ends):
+        gaps[start:end] = False
+    assert gaps.any() and not buffer[gaps].any() and not grads[gaps].any()
     convs = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
     assert_same_states(flat_optimizer.state_dict(), per_tensor.state_dict())
