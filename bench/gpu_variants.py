@@ -2,9 +2,10 @@
 
 Each variant is a copy of the checkout with text replaced in its files (no knob is added to the
 job for an experiment); each runs `cnn-job train` as a user would, on one warm dataset cache,
-and reports its summary's train seconds, seconds to the first step and wall seconds. CIFAR-10
-is the folder given (--data), or a synthetic 50,000-image set (speed only: its accuracy means
-nothing). Run from the checkout, on the GPU machine:
+and reports its summary's train seconds, seconds to the first step (and its start-up phases),
+wall seconds and final accuracy. The data is the folder given (--data, with cifar10/ and
+mnist/), or synthetic sets of the real sizes (speed only: their accuracy means nothing). Run
+from the checkout, on the GPU machine:
 
     PYTHONPATH=. python3 bench/gpu_variants.py --out results
 
@@ -37,11 +38,29 @@ VARIANTS: dict[str, list[tuple[str, str, str]]] = {
     "cudnn search, 1 algorithm": [("job/step.py", "torch.backends.cudnn.benchmark = False",
                                    "torch.backends.cudnn.benchmark = True; "
                                    "torch.backends.cudnn.benchmark_limit = 1")],
+    # the optimisers over lists of per-parameter tensors instead of one flat buffer apiece
+    "per-tensor optimiser": [("job/optim.py", "FLAT_BUFFERS = True", "FLAT_BUFFERS = False")],
 }
 # What each found, on an H200 (2026-11-26, synthetic CIFAR-10, train seconds of 2 fast runs / 1
 # seed run, base then with cudnn.benchmark = True): fast 2.91, 2.65 against 7.27, 3.9; seed 2.36
 # against 5.52; with benchmark_limit 1, fast 6.13, 3.55 and seed 4.71. So the job runs without it.
-RUNS = [("cifar10", "fast"), ("cifar10", "fast"), ("cifar10", "seed")]
+RUNS = [("cifar10", "fast"), ("cifar10", "fast"), ("cifar10", "seed"), ("mnist", "seed")]
+
+
+def write_synthetic_mnist(folder: Path, train: int = 60000, test: int = 10000) -> None:
+    """Random MNIST-shaped images in the real gzipped IDX files, so the job's real loader runs."""
+    import gzip
+
+    import numpy as np
+
+    generator = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", train), ("t10k", test)):
+        for kind, dims, values in (("images-idx3", (n, 28, 28), 256), ("labels-idx1", (n,), 10)):
+            header = bytes([0, 0, 8, len(dims)]) + b"".join(d.to_bytes(4, "big") for d in dims)
+            data = generator.integers(0, values, dims, dtype=np.uint8).tobytes()
+            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb", compresslevel=1) as out:
+                out.write(header + data)
 
 
 def variant_tree(name: str, edits: list[tuple[str, str, str]], root: Path) -> Path:
@@ -69,7 +88,8 @@ def train(tree: Path, data: Path, cache: Path, folder: Path, net: str, dataset: 
         return {"ok": False, "detail": (result.stdout + result.stderr)[-600:]}
     s = json.loads(summary.read_text())
     return {"ok": True, "wall_s": round(wall, 2), "first_step_s": round(s["seconds_to_first_step"], 2),
-            "train_s": round(s["train_seconds"], 2), "val_acc": s["final_val_acc"]}
+            "train_s": round(s["train_seconds"], 2), "val_acc": s["final_val_acc"],
+            "startup_s": {phase: round(seconds, 3) for phase, seconds in s["startup_s"].items()}}
 
 
 def main() -> int:
@@ -86,31 +106,38 @@ def main() -> int:
         data = root / "data"
         (data / "cifar10").mkdir(parents=True)
         write_synthetic_cifar(data / CIFAR, train=50000, test=10000)
+        write_synthetic_mnist(data / "mnist")
     cache = root / "cache"
     small = ["--epochs", "1", "--limit-train", "2048", "--no-tta"]
-    # the archive parsed into the cache, and the GPU's kernels loaded once, before any timing
-    warm = train(variant_tree("warm-up", [], root), data, cache, root / "warm", "fast", "cifar10",
-                 args.device, *small)
-    print(json.dumps({"warm-up": warm}), flush=True)
+    # the archives parsed into the cache, and the GPU's kernels loaded once, before any timing
+    warm_tree = variant_tree("warm-up", [], root)
+    for dataset, net in dict.fromkeys(RUNS):
+        warm = train(warm_tree, data, cache, root / f"warm-{dataset}-{net}", net, dataset,
+                     args.device, *small)
+        print(json.dumps({"warm-up": {"dataset": dataset, "net": net, **warm}}), flush=True)
     rows = []
     for name in args.variants:
         tree = variant_tree(name, VARIANTS[name], root)
         for dataset, net in RUNS:
-            row = {"variant": name, "net": net,
+            row = {"variant": name, "dataset": dataset, "net": net,
                    **train(tree, data, cache, root / f"ckpt-{len(rows)}", net, dataset,
                            args.device, *(small if args.small else []))}
             rows.append(row)
             print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "variants.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| variant | net | train s (each) | first step s | wall s |", "|---|---|---|---:|---:|"]
+    lines = ["| variant | net | train s (each) | first step s | wall s | val acc (each) |",
+             "|---|---|---|---:|---:|---|"]
     for name in args.variants:
-        for net in dict.fromkeys(n for _, n in RUNS):
-            mine = [r for r in rows if r["variant"] == name and r["net"] == net and r["ok"]]
+        for dataset, net in dict.fromkeys(RUNS):
+            mine = [r for r in rows if r["variant"] == name and r["dataset"] == dataset
+                    and r["net"] == net and r["ok"]]
             if mine:
-                lines.append(f"| {name} | {net} | {', '.join(str(r['train_s']) for r in mine)} | "
+                accuracies = ", ".join(f"{r['val_acc']:.4f}" for r in mine)
+                lines.append(f"| {name} | {dataset} {net} | "
+                             f"{', '.join(str(r['train_s']) for r in mine)} | "
                              f"{statistics.median(r['first_step_s'] for r in mine):.2f} | "
-                             f"{statistics.median(r['wall_s'] for r in mine):.2f} |")
+                             f"{statistics.median(r['wall_s'] for r in mine):.2f} | {accuracies} |")
     table = "\n".join(lines)
     (args.out / "variants.md").write_text(table + "\n")
     print(table)

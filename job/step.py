@@ -149,10 +149,13 @@ class TrainStep:
         # The input buffers: a capture runs nothing, so they are filled before each replay.
         static_images = torch.empty_like(images)  # keeps channels_last
         static_labels = torch.empty_like(labels)
-        self.optimizer.zero_grad()  # backward allocates the gradients in the graph's memory
         graph, stream = torch.cuda.CUDAGraph(), torch.cuda.current_stream()
         try:
             with torch.cuda.graph(graph):
+                # Flat buffers (job/optim.py): the gradients are zeroed in place at every replay
+                # and backward adds into them. Otherwise they are dropped here, and backward
+                # allocates them in the graph's memory.
+                self.optimizer.zero_grad()
                 # autocast's cache of bf16 weights would be captured stale: off in a graph
                 with self.autocast(cache_enabled=False):
                     loss, reported = self.criterion(self.model(static_images), static_labels)

@@ -1,0 +1,130 @@
+"""The optimisers' flat buffers against their per-tensor path (FLAT_BUFFERS in job/optim.py), on
+the CPU: images per second of the eager training step (job/step.py's TrainStep) of the seed
+MNIST and CIFAR-10 nets (Adam, batch 64) and of the fast net (SGD in three groups, batch 256),
+on random batches (speed only). In each run a fresh net and optimiser of each setting take turns,
+ten steps at a time, so that a busy machine slows both alike.
+
+    .venv/bin/python bench/optim_speed.py [--runs 3] [--steps 300] [--fast-steps 40] [--json F]
+
+It prints one JSON line per run and setting, then a Markdown table: the medians of the runs,
+the ratio of the medians and of each run's pair, the fastest block each setting ran, and the
+optimiser's update alone (microseconds, fastest).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from job import optim
+from job.recipes import load
+from job.recipes.base import mean_cross_entropy
+from job.recipes.fast import fast_sgd, init_whitening, summed_smoothed_cross_entropy
+from job.step import TrainStep
+
+NETS = {"mnist seed": ("mnist", "seed", 64), "cifar10 seed": ("cifar10", "seed", 64),
+        "cifar10 fast": ("cifar10", "fast", 256)}
+WARMUP_STEPS = 5  # untimed: the first steps allocate the states and warm the caches
+BLOCK_STEPS = 10  # the two settings take turns this many steps at a time
+UPDATE_BLOCKS = 20  # blocks of optimiser updates alone, per setting
+
+
+def random_batches(dataset: str, batch_size: int, count: int) -> list:
+    generator = torch.Generator().manual_seed(0)
+    shape = (batch_size, 3, 32, 32) if dataset == "cifar10" else (batch_size, 1, 28, 28)
+    return [(torch.randn(shape, generator=generator).contiguous(memory_format=torch.channels_last),
+             torch.randint(0, 10, (batch_size,), generator=generator)) for _ in range(count)]
+
+
+def built(dataset: str, net: str, batch_size: int, flat: bool, batches: list) -> TrainStep:
+    """A fresh net, its recipe's optimiser (flat or per-tensor) and loss, as an eager TrainStep."""
+    optim.FLAT_BUFFERS = flat  # read when the optimiser is built
+    torch.manual_seed(0)
+    model = load(dataset, net).build_model().to(memory_format=torch.channels_last)
+    if net == "seed":
+        optimizer, criterion = optim.Adam(model.parameters(), 1e-3), mean_cross_entropy
+    else:
+        init_whitening(model, batches[0][0])
+        optimizer, criterion = fast_sgd(model, 0.2, batch_size), summed_smoothed_cross_entropy(1)
+    return TrainStep(model, optimizer, lambda **kw: torch.autocast("cpu", enabled=False, **kw),
+                     graphed=False, say=print, batch_size=batch_size, criterion=criterion)
+
+
+def one_run(dataset: str, net: str, batch_size: int, steps: int) -> dict[bool, dict]:
+    """Per setting (flat or not): images per second of `steps` steps and of its fastest block
+    (the least disturbed by the machine's other work), and the microseconds of the optimiser's
+    update alone (its fastest block, after the last step's backward). The settings take turns
+    in blocks of BLOCK_STEPS, flat first in even blocks and second in odd ones."""
+    batches = random_batches(dataset, batch_size, 8)
+    steppers = {flat: built(dataset, net, batch_size, flat, batches) for flat in (True, False)}
+    blocks_s: dict[bool, list[float]] = {flat: [] for flat in steppers}
+    for step in steppers.values():
+        for index in range(WARMUP_STEPS):
+            step(*batches[index % len(batches)], 1e-3)
+    for block in range(0, steps, BLOCK_STEPS):
+        for flat in (True, False) if block // BLOCK_STEPS % 2 == 0 else (False, True):
+            started = time.perf_counter()
+            for index in range(block, block + BLOCK_STEPS):
+                steppers[flat](*batches[index % len(batches)], 1e-3)
+            blocks_s[flat].append(time.perf_counter() - started)
+    update_blocks_s: dict[bool, list[float]] = {flat: [] for flat in steppers}
+    for _ in range(UPDATE_BLOCKS):
+        for flat, step in steppers.items():
+            started = time.perf_counter()
+            for _ in range(BLOCK_STEPS):
+                step.optimizer.step()
+            update_blocks_s[flat].append(time.perf_counter() - started)
+    return {flat: {"images_per_second": len(s) * BLOCK_STEPS * batch_size / sum(s),
+                   "best_block_images_per_second": BLOCK_STEPS * batch_size / min(s),
+                   "update_us": 1e6 * min(update_blocks_s[flat]) / BLOCK_STEPS}
+            for flat, s in blocks_s.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs of each setting per net")
+    parser.add_argument("--steps", type=int, default=300, help="timed steps of a seed net's run")
+    parser.add_argument("--fast-steps", type=int, default=40, help="timed steps of the fast net's")
+    parser.add_argument("--json", type=Path, default=None, help="also write the runs here")
+    parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
+    args = parser.parse_args()
+    rows = []
+    for name in args.nets:
+        dataset, net, batch_size = NETS[name]
+        steps = args.fast_steps if net == "fast" else args.steps
+        for run in range(args.runs):
+            for flat, figures in one_run(dataset, net, batch_size, steps).items():
+                row = {"net": name, "batch": batch_size, "run": run, "flat": flat, "steps": steps,
+                       **{key: round(value, 1) for key, value in figures.items()}}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"\n{torch.get_num_threads()} threads, torch {torch.__version__}\n")
+    print("| net | batch | flat images/s: median (runs) | per-tensor | flat / per-tensor: "
+          "medians (each run) | best blocks: flat, per-tensor | update µs: flat, per-tensor "
+          "|\n|---|---:|---|---|---|---|---|")
+    for name in args.nets:
+        flat, per_tensor = ([r for r in rows if r["net"] == name and r["flat"] == setting]
+                            for setting in (True, False))
+        rates = [[r["images_per_second"] for r in setting] for setting in (flat, per_tensor)]
+        ratios = ", ".join(f"{a / b:.2f}" for a, b in zip(*rates))
+        best = [max(r["best_block_images_per_second"] for r in setting)
+                for setting in (flat, per_tensor)]
+        update = [min(r["update_us"] for r in setting) for setting in (flat, per_tensor)]
+        print(f"| {name} | {NETS[name][2]} | "
+              + " | ".join(f"{statistics.median(r):.0f} ({', '.join(f'{v:.0f}' for v in r)})"
+                           for r in rates)
+              + f" | {statistics.median(rates[0]) / statistics.median(rates[1]):.2f} ({ratios}) | "
+              f"{best[0]:.0f}, {best[1]:.0f} | {update[0]:.0f}, {update[1]:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
