@@ -153,6 +153,14 @@ class _Optimizer:
             for p in self.params:
                 p.grad = None
 
+    def _ready(self) -> None:
+        """Before an update: the state made at the first step, and with flat buffers each
+        gradient back in its buffer (see FlatBuffers.claim_grads)."""
+        if not self.state[0]:
+            self._init_state()
+        if self.flat is not None:
+            self.flat.claim_grads(self.params)
+
 
 class Adam(_Optimizer):
     """Adam over one group of float32 parameters on one device, no weight decay or amsgrad."""
@@ -180,10 +188,8 @@ class Adam(_Optimizer):
 
     @torch.no_grad()
     def step(self) -> None:
-        if not self.state[0]:
-            self._init_state()
+        self._ready()
         if self.flat is not None:
-            self.flat.claim_grads(self.params)
             params, grads, steps = [self.flat.params], [self.flat.grads], [self.state[0]["step"]]
             exp_avgs, exp_avg_sqs = [self.moments[0]], [self.moments[1]]
         else:
@@ -322,10 +328,7 @@ class SGD(_Optimizer):
 
     @torch.no_grad()
     def step(self) -> None:
-        if not self.state[0]:
-            self._init_state()
-        if self.flat is not None:
-            self.flat.claim_grads(self.params)
+        self._ready()
         for group, rate, (params, grads, buffers) in zip(self.groups, self.group_lr,
                                                           self._group_tensors()):
             if not params:
