@@ -9,14 +9,19 @@ torchrun forwards it to every worker. Two regimes:
   removed, multipart uploads aborted, and the CLI prints one line and exits 75.
 - Inside the loop, `StopRequest` only raises a flag; the loop checks it between steps, and under
   DDP the ranks sum their flags at the same steps so that they all stop after the same step,
-  checkpoint, and exit 75. A second Ctrl-C aborts at once.
+  checkpoint, and exit 75. A second Ctrl-C aborts at once (exit 130), as a `kill -9` would: the
+  step or checkpoint under way is dropped (an upload never completes, a local file stays a
+  `.partial` that the next run removes), the newest checkpoint written before it stays.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "preempted, nothing lost, safe to retry"
+ABORTED_EXIT_CODE = 130  # the shell's status for a process ended by Ctrl-C
 CHECK_EVERY_STEPS = 10  # under DDP the flag costs a collective (and a GPU sync) when read
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -31,6 +36,19 @@ class Interrupted(BaseException):
     def __init__(self, signal_name: str) -> None:
         super().__init__(signal_name)
         self.signal_name = signal_name
+
+
+def abort_at_once() -> None:
+    """A second Ctrl-C: one line, then leave without waiting for anything (an upload in flight
+    holds threads that an exception could not stop)."""
+    from job.progress import print_error, write_termination_message
+
+    print_error("a second Ctrl-C: stopped at once, dropping the step or checkpoint under way; "
+                "the newest checkpoint written before it stays: run the same command to resume "
+                f"from it (exit status {ABORTED_EXIT_CODE})")
+    write_termination_message()
+    sys.stdout.flush()
+    os._exit(ABORTED_EXIT_CODE)
 
 
 def _raise_interrupted(signum, frame) -> None:
@@ -59,7 +77,7 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         if self.signal_name and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+            abort_at_once()
         self.signal_name = signal.Signals(signum).name
 
     def agreed(self, d, step: int) -> bool:

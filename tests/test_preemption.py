@@ -2,6 +2,7 @@
 where an uninterrupted one does (CPU, fixed seed), in one process and under torchrun."""
 
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from job.preemption import PREEMPTED_EXIT_CODE
+from job.preemption import ABORTED_EXIT_CODE, PREEMPTED_EXIT_CODE
+from job.train import RECORD_INDICES_ENV
 from tests.conftest import CNN_JOB
 
 TORCHRUN = Path(sys.executable).parent / "torchrun"
@@ -115,3 +117,36 @@ def test_sigint_behaves_like_sigterm(data_dir, tmp_path):
     assert code == PREEMPTED_EXIT_CODE, err
     assert "preempted by SIGINT" in out
     assert read_checkpoint(None, folder)["epoch_step"] > 0
+
+
+def test_a_second_sigint_while_the_checkpoint_is_written_aborts_with_one_line(
+        s3, relay, data_dir, tmp_path):
+    # The stop's checkpoint upload is held by a relay in front of the bucket, so the second
+    # Ctrl-C lands while it is under way, as an impatient user's would. A whole MNIST epoch
+    # (no --limit-train) keeps the epoch's own checkpoint far away.
+    held = relay(s3.endpoint, hold_put="/run/step-")
+    record = tmp_path / "indices"
+    process = subprocess.Popen(
+        [str(CNN_JOB), "train", "mnist", "--data-uri", str(data_dir), "--device", "cpu",
+         "--checkpoint-uri", f"s3://{s3.bucket}/run", "--epochs", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "AWS_ENDPOINT_URL": held.url, RECORD_INDICES_ENV: str(record)})
+
+    def wait_until(condition, what):
+        deadline = time.monotonic() + 300
+        while not condition():
+            assert process.poll() is None and time.monotonic() < deadline, (
+                f"no {what}: {process.communicate()}")
+            time.sleep(0.01)
+
+    wait_until(Path(f"{record}.rank0").exists, "training step")  # inside the loop
+    process.send_signal(signal.SIGINT)
+    wait_until(held.holding.is_set, "checkpoint upload")  # the first one's stop is under way
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=20)  # at once: the held upload is not waited for
+
+    assert process.returncode == ABORTED_EXIT_CODE, err
+    assert err.splitlines()[-1].startswith("error: a second Ctrl-C: stopped at once"), err
+    assert "Traceback" not in err
+    listed = s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="run/").get("Contents", [])
+    assert not [o["Key"] for o in listed if "/step-" in o["Key"]]  # nothing half-written
