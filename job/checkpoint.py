@@ -320,7 +320,12 @@ class CheckpointManager:
         return None
 
     def describe(self) -> list[dict]:
-        """Every checkpoint, newest first: what `cnn-job checkpoints list` shows."""
+        """Every checkpoint, newest first: what `cnn-job checkpoints list` shows. A local path
+        that is no folder is a mistake, not an empty run (an S3 prefix has no such state)."""
+        if isinstance(self.store, LocalStore) and not self.store.folder.is_dir():
+            what = "is a file" if self.store.folder.exists() else "does not exist"
+            raise JobError(f"{self.store.uri} {what}: pass the checkpoint folder a run writes "
+                           "(--checkpoint-uri), or an s3:// prefix")
         pointer = self.pointer()
         objects = {o.name: o for o in self.store.list()}
         rows = []
@@ -450,6 +455,14 @@ def _checked(state: dict, location: str) -> LoadedCheckpoint:
 
 # Settings that define a run: a resume that changes one would not continue the run it names.
 # (Batch size, world size and --epochs may change: see Checkpointer.resume and the README.)
+def _as_option(name: str, value) -> str:
+    """A setting as it is passed: `--seed 1`, and a flag as one (`--augment`, `--no-augment`)."""
+    option = name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{option}" if value else f"--no-{option}"
+    return f"--{option} {value}"
+
+
 RUN_DEFINING = ("net", "seed", "limit_train", "augment", "lr", "lr_schedule")
 RUN_DEFINING_BEFORE = {"net": recipes.NET_BEFORE_RECIPES}  # what checkpoints before a setting had
 
@@ -463,12 +476,12 @@ class Checkpointer:
     """
 
     def __init__(self, manager: CheckpointManager, cfg, d: Dist, model, training,
-                 data_sha256: dict, epoch_remaining: Callable[[int], int]) -> None:
+                 data_sha256: dict, batches) -> None:
         self.manager, self.log = manager, manager.log
         self.cfg, self.d, self.model = cfg, d, model
         self.training = training  # the recipe's: its optimiser and any state it saves beside it
         self.data_sha256 = data_sha256
-        self.epoch_remaining = epoch_remaining  # images an epoch still serves after a position
+        self.batches = batches  # the training batches: what an epoch serves after a position
         self.every_steps = cfg.checkpoint_every_steps
         self.location: str | None = None  # the newest checkpoint written or resumed from
 
@@ -485,6 +498,7 @@ class Checkpointer:
         self.model.load_state_dict(state["model"])
         restore_rng_states(state["rng"], self.d.device)
         run = RunState.from_checkpoint(state)
+        self._check_epochs_left(state, run)
         self.location = location
         self.log(f"resumed from {location} (epoch {run.epoch + 1}, step {run.epoch_step} of it, "
                  f"image {run.epoch_position} of its order; {run.step} in all)")
@@ -514,11 +528,10 @@ class Checkpointer:
             ours = getattr(self.cfg, name)
             theirs = saved.get(name, RUN_DEFINING_BEFORE.get(name, ours))
             if ours != theirs:
-                option = "--" + name.replace("_", "-")
                 raise JobError(
-                    f"{option} {ours} differs from the run in {self.manager.store.uri} "
-                    f"({option} {theirs}): a resume continues that run; pass {option} {theirs}, "
-                    f"or {fix}")
+                    f"{_as_option(name, ours)} differs from the run in {self.manager.store.uri} "
+                    f"({_as_option(name, theirs)}): a resume continues that run; pass "
+                    f"{_as_option(name, theirs)}, or {fix}")
         for archive, digest in state.get("data_sha256", {}).items():
             ours = self.data_sha256.get(archive)
             if ours != digest:
@@ -527,15 +540,37 @@ class Checkpointer:
                     f"{self.manager.store.uri} ({archive}: sha256 {str(ours)[:12]}… here, "
                     f"{digest[:12]}… there): point --data-uri at the run's data, or {fix}")
 
+    def _check_epochs_left(self, state: dict, run: RunState) -> None:
+        """A resume may lengthen or shorten a run, never end it before where it already is:
+        its last epoch's evaluation, TTA and the recipe's finish (lookahead) would not describe
+        the weights `latest` holds."""
+        started = run.epoch + (1 if run.epoch_position else 0)
+        planned = state["config"].get("epochs", self.cfg.epochs)
+        cut_at_a_boundary = self.cfg.epochs == run.epoch and planned > self.cfg.epochs
+        if self.cfg.epochs < started or cut_at_a_boundary:
+            where = (f"inside epoch {started}" if run.epoch_position
+                     else f"after epoch {run.epoch}")
+            raise JobError(
+                f"--epochs {self.cfg.epochs} ends before the run in {self.manager.store.uri}, "
+                f"which is {where} (step {run.step}) of the {planned} it planned: a resume cannot "
+                f"end a run before where it is; pass --epochs {max(started, run.epoch + 1)} or "
+                f"more (--epochs {planned} as planned), or start a new run with --resume never "
+                "and another --checkpoint-uri")
+
     def _say_what_changed(self, state: dict, run: RunState) -> None:
         """One line for each allowed change (batch size, world size, --epochs)."""
         saved = state["config"]
         before = (saved.get("batch_size"), state.get("world_size", 1))
         now = (self.cfg.batch_size, self.d.world_size)
         if before != now and run.epoch_position:
+            remaining = self.batches.remaining(run.epoch_position)
+            left_out = len(self.batches.images) - run.epoch_position - remaining
+            use = (f"{left_out} images at the end of that order are left out of it (the recipe "
+                   "serves only whole batches)" if left_out
+                   else "so each image is still used once in it")
             self.log(f"batch {now[0]} × {now[1]} processes (the run had {before[0]} × {before[1]}): "
-                     f"continuing epoch {run.epoch + 1} at image {run.epoch_position} of its order, "
-                     "so each image is still used once in it")
+                     f"continuing epoch {run.epoch + 1} at image {run.epoch_position} of its order "
+                     f"with {remaining} images more; {use}")
         elif before != now:
             self.log(f"batch {now[0]} × {now[1]} processes from here (the run had "
                      f"{before[0]} × {before[1]})")
@@ -547,7 +582,7 @@ class Checkpointer:
         """The mid-epoch rule: every --checkpoint-every-steps steps, except at an epoch's last
         step, whose checkpoint follows its evaluation."""
         return bool(self.every_steps and run.step % self.every_steps == 0
-                    and self.epoch_remaining(run.epoch_position) > 0)
+                    and self.batches.remaining(run.epoch_position) > 0)
 
     def save(self, run: RunState, tracker, *, force: bool = False,
              val_acc: float | None = None) -> bool:

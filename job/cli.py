@@ -335,7 +335,8 @@ CheckpointArgument = Annotated[str, typer.Argument(
          "or s3://.", show_default=False)]
 DeviceOption = Annotated[str, _option("device")]
 TtaOption = Annotated[bool | None, typer.Option(
-    "--tta/--no-tta", help="Test-time augmentation (6 views, logits weighted).", envvar="CNN_JOB_TTA",
+    "--tta/--no-tta", help="Test-time augmentation: the recipe's views' logits weighted (CIFAR-10: "
+    "mirror and 1 px shifts, 6 views; MNIST: shifts, 3).", envvar="CNN_JOB_TTA",
     show_default="as training evaluated these weights: on for --net fast's final ones")]
 
 
@@ -450,8 +451,22 @@ def export(
                                             log=_note, tta=tta))
     metadata = result["metadata"]
     print(f"{result['output']}  {result['format']}  {result['bytes']:,} bytes  {metadata['dataset']} "
-          f"step {metadata['step']}  val_acc "
-          f"{'-' if metadata['val_acc'] is None else format(metadata['val_acc'], '.2%')}")
+          f"step {metadata['step']}  {_exported_val_acc(metadata, checkpoint)}")
+
+
+def _exported_val_acc(metadata: dict, checkpoint: str) -> str:
+    """Training's val_acc, said of the file only where the file computes what was measured."""
+    if metadata["val_acc"] is None:
+        return "val_acc -"
+    measured = format(metadata["val_acc"], ".2%")
+    trained_tta, file_tta = metadata["val_acc_with_tta"], metadata["test_time_augmentation"]
+    if metadata["format"] == "safetensors":  # weights only: TTA is the server's to apply
+        return f"val_acc {measured}" + (" (training's, with TTA)" if trained_tta else "")
+    if trained_tta == file_tta:
+        return f"val_acc {measured}" + (" (with TTA)" if file_tta else "")
+    return (f"val_acc - (training's {measured} was {'with' if trained_tta else 'without'} TTA; "
+            f"this file's logits are {'with' if file_tta else 'without'} it: "
+            f"`cnn-job evaluate {checkpoint} --{'' if file_tta else 'no-'}tta` scores them)")
 
 
 def _run(action):

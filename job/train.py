@@ -210,7 +210,7 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager, clock: Clo
         test_batches=test_batches,
         autocast=autocast,
         checkpointer=Checkpointer(checkpoints, cfg, d, model, training, splits.sha256,
-                                  train_batches.remaining),
+                                  train_batches),
         environment=provenance(d.world_size, d.device, uses_bf16(cfg.precision, d.device.type),
                                splits.sha256, step_mode),
         class_names=p.class_names,

@@ -1,6 +1,8 @@
 """Checkpoints without a training run: the format, retention, the pointer, the fallback past
 unreadable files, and the rule that decides when a step is saved."""
 
+import types
+
 import pytest
 import torch
 
@@ -124,12 +126,16 @@ def test_only_unreadable_checkpoints_is_an_error_not_a_fresh_start(tmp_path):
         CheckpointManager(str(tmp_path)).load_latest()
 
 
+# the training batches as the checkpointer sees them: an epoch of 640 images
+EPOCH_OF_640 = types.SimpleNamespace(images=range(640), remaining=lambda position: 640 - position)
+
+
 def test_save_rule(tmp_path):
     cfg = TrainConfig(dataset="mnist", checkpoint_uri=str(tmp_path), checkpoint_every_steps=5)
     model = load("mnist", "seed").build_model()
     training = Training(torch.optim.Adam(model.parameters()))
     checkpointer = Checkpointer(CheckpointManager(str(tmp_path), log=lambda _: None), cfg, CPU,
-                                model, training, {}, epoch_remaining=lambda position: 640 - position)
+                                model, training, {}, EPOCH_OF_640)
     run = RunState()
     run.begin_epoch(CPU)
     written = []
@@ -142,7 +148,7 @@ def test_save_rule(tmp_path):
     assert from_bytes((tmp_path / "step-000000005.pt").read_bytes())["epoch_loss"] == [640.0, 320.0]
     assert checkpointer.save(run, NullTracker(), force=True) and checkpointer.location.endswith("10.pt")
     never = Checkpointer(CheckpointManager(str(tmp_path / "n")), TrainConfig(dataset="mnist"), CPU,
-                         model, training, {}, epoch_remaining=lambda position: 640 - position)
+                         model, training, {}, EPOCH_OF_640)
     assert not any(never.save(RunState(step=s, epoch_step=s, epoch_position=64 * s), NullTracker())
                    for s in range(1, 10))
 
@@ -212,3 +218,25 @@ def test_a_checkpoint_by_uri_is_a_file_a_folder_a_prefix_or_an_object(tmp_path, 
         with pytest.raises(JobError) as error:
             load_checkpoint(uri)
         assert str(error.value).startswith(message)
+
+
+def test_a_fast_resume_at_another_batch_size_says_which_images_it_leaves_out(tmp_path):
+    # The fast recipe serves whole batches only: resumed at batch 384 from image 512 of 2000,
+    # it trains 1408 more (3 batches of 384 end at 1920) and leaves 80 of the order out.
+    images = torch.zeros(2000, 32, 32, 3, dtype=torch.uint8)
+    batches = load("cifar10", "fast").train_batches(images, torch.zeros(2000, dtype=torch.long),
+                                                    CPU.device, 384, augment=True, seed=0)
+    batches.record_to = str(tmp_path / "indices")
+    said = []
+    cfg = TrainConfig(dataset="cifar10", net="fast", batch_size=384, checkpoint_uri=str(tmp_path))
+    checkpointer = Checkpointer(CheckpointManager(str(tmp_path), log=said.append), cfg, CPU,
+                                None, None, {}, batches)
+    checkpointer._say_what_changed({"config": {"batch_size": 512, "epochs": 10}, "world_size": 1},
+                                   RunState(epoch_step=1, step=1, epoch_position=512))
+    assert said == ["batch 384 × 1 processes (the run had 512 × 1): continuing epoch 1 at image "
+                    "512 of its order with 1408 images more; 80 images at the end of that order "
+                    "are left out of it (the recipe serves only whole batches)"]
+    for _ in batches.epoch(0, 512):
+        pass
+    served = (tmp_path / "indices.rank0").read_text().split()
+    assert len([i for i in served if not i.endswith(":")]) == 1408  # what the line said

@@ -238,6 +238,18 @@ def test_piped_checkpoint_list_keeps_whole_names_and_the_latest_marker(tmp_path)
     assert "…" not in result.stdout
 
 
+@pytest.mark.parametrize("where", ["missing", "a file"])
+def test_listing_a_path_that_is_no_checkpoint_folder_is_one_line_and_exit_2(tmp_path, where):
+    path = tmp_path / "run"
+    if where == "a file":
+        path.write_text("root:x:0:0:root:/root:/bin/bash\n")  # as /etc/passwd would be
+    result = run_cli("checkpoints", "list", str(path))
+    what = "is a file" if where == "a file" else "does not exist"
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"error: {path} {what}: pass the checkpoint folder a run writes "
+                             "(--checkpoint-uri), or an s3:// prefix\n")
+
+
 def test_after_training_commands_answer_help_without_loading_torch():
     run_without_torch("from typer.testing import CliRunner; from job.cli import app; "
                       "assert all(CliRunner().invoke(app, [c, '--help']).exit_code == 0 "

@@ -363,6 +363,13 @@ def test_onnx_export_of_a_fast_run_carries_tta_and_matches_pytorch(tmp_path, sma
     assert metadata["net"] == "fast" and metadata["test_time_augmentation"] is True
     assert metadata["tta_weights"] == list(MIRROR_AND_SHIFTS.weights)
     assert metadata["val_acc"] == summary["final_val_acc"] and metadata["val_acc_with_tta"] is True
+    assert f"val_acc {summary['final_val_acc']:.2%} (with TTA)" in result.stdout
+    plain_file = run_cli("export", str(tmp_path / "ckpt"), "--format", "onnx", "--output",
+                         str(tmp_path / "plain.onnx"), "--no-tta")
+    assert plain_file.returncode == 0, plain_file.stderr  # it does not claim TTA's accuracy
+    assert (f"val_acc - (training's {summary['final_val_acc']:.2%} was with TTA; this file's "
+            f"logits are without it: `cnn-job evaluate {tmp_path / 'ckpt'} --no-tta` scores them)"
+            in plain_file.stdout.replace("\n", "")), plain_file.stdout
 
     net = load("cifar10", "fast").build_model().eval()
     net.load_state_dict(read(summary["checkpoint"])["model"])

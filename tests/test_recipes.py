@@ -142,3 +142,14 @@ def test_a_checkpoint_from_before_recipes_is_the_seed_recipes():
 def test_help_shows_each_recipes_defaults():
     assert recipes.default_text("epochs").startswith("seed: 5; fast: ")
     assert "seed (mnist, cifar10)" in recipes.net_help()
+
+
+@pytest.mark.parametrize(("dataset", "net"), list(recipes.RECIPES))
+def test_tta_mirrors_only_what_a_mirror_leaves_in_its_class(dataset, net):
+    # A mirrored CIFAR-10 truck is a truck; a mirrored 2 is no digit at all.
+    p = load(dataset, net).dataset
+    images = torch.arange(2 * p.channels * p.image_size ** 2, dtype=torch.float32).view(
+        2, p.channels, p.image_size, p.image_size)
+    views = load(dataset, net).tta.views(images)
+    mirrored = any(torch.equal(view, images.flip(-1)) for view in views)
+    assert mirrored == (dataset == "cifar10") and len(views) == (6 if mirrored else 3)

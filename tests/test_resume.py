@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from job import recipes
+from job.checkpoint import from_bytes, to_bytes
 from job.config import TrainConfig
 from job.errors import JobError
 from job.train import train
@@ -109,6 +110,50 @@ def test_a_resume_on_other_data_is_refused(tmp_path, data_dir):
     labels.write_bytes(gzip.compress(gzip.decompress(labels.read_bytes()), compresslevel=1, mtime=1))
     with pytest.raises(JobError, match=r"data differs from the run's in .*t10k-labels-idx1-ubyte.gz"):
         train(config(tmp_path, data_dir, epochs=2, data_uri=str(other.parent)))
+
+
+def test_a_flag_that_changes_the_run_is_suggested_as_a_flag(tmp_path, data_dir):
+    cifar = dict(dataset="cifar10", limit_train=300, eval_batch_size=500)
+    train(config(tmp_path, data_dir, **cifar))
+    with pytest.raises(JobError) as refused:
+        train(config(tmp_path, data_dir, epochs=2, augment=True, **cifar))
+    # a value the CLI takes: --augment is a flag (--augment True would be refused)
+    assert "--augment differs from the run in" in str(refused.value)
+    assert "pass --no-augment, or" in str(refused.value)
+
+
+def point_latest_at(folder: Path, name: str, **config_changes) -> dict:
+    """Make `name` the folder's newest checkpoint, as if the run had stopped there (the later
+    ones removed), with `config_changes` to the settings it records."""
+    for later in step_files(folder):
+        if later > name:
+            (folder / later).unlink()
+    state = from_bytes((folder / name).read_bytes())
+    state["config"].update(config_changes)
+    (folder / name).write_bytes(to_bytes(state))
+    (folder / "latest").write_text(name)
+    return state
+
+
+def test_a_resume_with_fewer_epochs_than_the_run_has_started_is_refused(tmp_path, data_dir):
+    # 16 steps an epoch; a checkpoint every 5 steps: step 20 is inside epoch 2.
+    train(config(tmp_path, data_dir, epochs=2, checkpoint_every_steps=5, keep_checkpoints=10))
+    folder = tmp_path / "ckpt"
+    stopped = point_latest_at(folder, "step-000000020.pt")
+    assert stopped["epoch"] == 1 and stopped["epoch_position"] > 0
+    with pytest.raises(JobError) as refused:
+        train(config(tmp_path, data_dir, epochs=1))
+    assert str(refused.value).startswith(
+        f"--epochs 1 ends before the run in {folder}, which is inside epoch 2 (step 20) of the "
+        "2 it planned: a resume cannot end a run before where it is; pass --epochs 2 or more")
+    assert (folder / "latest").read_text() == "step-000000020.pt"  # nothing written
+
+    # After epoch 1 of a run planned for 3: --epochs 1 would skip the last epoch's finish.
+    point_latest_at(folder, "step-000000016.pt", epochs=3)
+    with pytest.raises(JobError, match=r"which is after epoch 1 \(step 16\) of the 3 it planned"
+                                       r".*pass --epochs 2 or more \(--epochs 3 as planned\)"):
+        train(config(tmp_path, data_dir, epochs=1))
+    assert train(config(tmp_path, data_dir, epochs=2))["epochs"] == 2  # a shorter plan, ahead
 
 
 # ----------------------------------------------------------------------------------------------

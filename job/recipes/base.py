@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from job.data import DeviceBatches
 from job.datasets import DatasetPreset
-from job.evaluation import MIRROR_AND_SHIFTS, TTA
+from job.evaluation import MIRROR_AND_SHIFTS, SHIFTS, TTA
 
 
 def mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor):
@@ -60,10 +60,14 @@ class Recipe:
     """A net and how to train and evaluate it, for one dataset. Each recipe module defines a
     subclass named `Recipe` and a DEFAULTS literal (see job/recipes/__init__.py)."""
 
-    tta: TTA = MIRROR_AND_SHIFTS  # the views evaluation averages with --tta
-
     def __init__(self, dataset: DatasetPreset) -> None:
         self.dataset = dataset
+
+    @property
+    def tta(self) -> TTA:
+        """The views evaluation averages with --tta: mirrored ones only where a mirrored image
+        is still of its class (not a digit: a mirrored 2 is no 2)."""
+        return MIRROR_AND_SHIFTS if self.dataset.augmentable else SHIFTS
 
     def build_model(self) -> torch.nn.Module:
         """The net, freshly initialised from torch's global generator (seeded by the caller)."""

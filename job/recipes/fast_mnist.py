@@ -13,7 +13,6 @@ from __future__ import annotations
 from torch import nn
 
 from job.data import DeviceBatches
-from job.evaluation import SHIFTS
 from job.optim import Adam
 from job.recipes import base
 
@@ -55,8 +54,6 @@ class FastMnistNet(nn.Sequential):
 
 
 class Recipe(base.Recipe):
-    tta = SHIFTS  # digits are not mirror images of themselves: shifted views only
-
     def build_model(self) -> FastMnistNet:
         return FastMnistNet(num_classes=len(self.dataset.class_names))
 

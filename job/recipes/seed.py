@@ -4,7 +4,8 @@ Conv-ReLU-maxpool blocks, then two fully connected layers, as the project's orig
 CIFAR-10 conv 3→32→64→128 (kernel 3, padding 1), a 2×2 max-pool after each conv, FC
 2048→128→10; MNIST conv 1→32→64, FC 3136→128→10. Cross-entropy, Adam at 1e-3, batch 64, 5
 epochs (~99% on MNIST, ~74% on CIFAR-10). `--augment` adds a random 4-px-padded crop and a flip
-on CIFAR-10; `--tta` evaluates the final weights on 6 views.
+on CIFAR-10; `--tta` evaluates the final weights on 6 views (mirrored and shifted; on MNIST
+the 3 shifted ones: a mirrored digit is no digit).
 """
 
 from __future__ import annotations
