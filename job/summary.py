@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from job.errors import JobError
 from job.storage import atomic_write_bytes
 
 _IMPORTED_AT = time.monotonic()
@@ -78,4 +79,11 @@ def build_summary(dataset: str, run, train_seconds: float, trained_images: int,
 
 
 def write_summary(path: Path, summary: dict) -> None:
-    atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
+    """--summary-json, whole or not at all; a full or read-only filesystem is one line (the run's
+    checkpoints are written by then: the same command, with room, writes it)."""
+    try:
+        atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
+    except OSError as error:
+        raise JobError(f"could not write --summary-json {path} ({error.strerror or error}); "
+                       f"nothing was written there; the run's model is {summary.get('checkpoint')}: "
+                       "free space and run the same command to write it") from None

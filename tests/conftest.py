@@ -312,3 +312,39 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         elif isinstance(value, float):
             value = round(value, 2)
         terminalreporter.write_line(f"{name}: {value}")
+
+
+# ----------------------------------------------------------------------------------------------
+# small filesystems: full, read-only
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """mount(size_kib) → a folder that is a tmpfs of that size (root only: skipped with one
+    line elsewhere), unmounted after the test."""
+    mounted = []
+
+    def mount(size_kib: int = 256, name: str = "tmpfs") -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs",
+                                 str(folder)], capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or 'not root'}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def fill(folder: Path) -> None:
+    """Fill `folder`'s filesystem to the last byte."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        with contextlib.suppress(OSError):
+            while os.write(fd, b"\0" * 4096):
+                pass
+    finally:
+        os.close(fd)

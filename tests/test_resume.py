@@ -22,7 +22,7 @@ from job.checkpoint import from_bytes, to_bytes
 from job.config import TrainConfig
 from job.errors import JobError
 from job.train import train
-from tests.conftest import CNN_JOB, SECRET, run_cli
+from tests.conftest import CNN_JOB, SECRET, fill, run_cli
 from tests.test_preemption import TORCHRUN, assert_same_weights, read_checkpoint
 
 
@@ -375,6 +375,20 @@ def test_summary_json_must_be_a_file_checked_before_training(tmp_path, data_dir)
         assert result.stderr.count("\n") == 1
         assert not (tmp_path / "ckpt" / "latest").exists()  # no training happened
     assert Path("/dev/null").is_char_device()
+
+
+def test_a_summary_json_on_a_filesystem_full_by_the_end_is_one_line(tmp_path, data_dir, tmpfs):
+    full = tmpfs(64)
+    fill(full)  # new names still fit (the check before training passes); their bytes do not
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--cache-dir",
+                     str(tmp_path / "cache"), "--checkpoint-uri", str(tmp_path / "ckpt"),
+                     "--device", "cpu", "--epochs", "1", "--limit-train", "640",
+                     "--summary-json", str(full / "summary.json"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"error: could not write --summary-json {full / 'summary.json'} (No space left on device); "
+        f"nothing was written there; the run's model is {tmp_path / 'ckpt'}/step-")
+    assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no half-written file
 
 
 def test_credentials_in_an_endpoint_never_reach_output_or_checkpoints(tmp_path, data_dir):
