@@ -7,14 +7,17 @@ split that `cnn-job evaluate` scores: the archives', or a user's own files in th
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import gzip
 import hashlib
 import io
 import json
+import math
 import pickle
 import posixpath
 import re
+import shutil
 import tarfile
 import tempfile
 import urllib.error
@@ -31,6 +34,7 @@ from job.datasets import PRESETS, DatasetPreset
 from job.errors import JobError, first_line
 from job.progress import say
 from job.storage import (
+    CHUNK_BYTES,
     S3Store,
     atomic_output,
     atomic_write_bytes,
@@ -66,7 +70,7 @@ def fetch_archives(
         return _download_all_s3(p, data_uri, cache_dir, endpoint_url)
     if kind == "http":
         base = data_uri.rstrip("/")
-        cache = cache_dir / _slug(base) / p.name
+        cache = cache_path(cache_dir, data_uri, _slug(base), p.name)
         return _download_all(p, [f"{base}/{p.name}"], cache, published=False, sums_url=base)
     folder = local_path(data_uri) / p.name
     paths = {a.name: folder / a.name for a in p.archives}
@@ -96,12 +100,19 @@ def _download_all_s3(
     p: DatasetPreset, data_uri: str, cache_dir: Path, endpoint_url: str | None
 ) -> dict[str, Path]:
     store = _dataset_store(p, data_uri, endpoint_url)
-    cache = cache_dir / "s3" / store.bucket / store.prefix
+    cache = cache_path(cache_dir, data_uri, "s3", store.bucket, store.prefix)
     paths = {}
     for archive in p.archives:
         dest = cache / archive.name
         with _download_lock(dest):  # one process per machine downloads; the others reuse it
-            store.download(archive.name, dest)
+            before = _file_identity(dest)
+            try:
+                store.download(archive.name, dest)  # a cached copy whose ETag matches is kept
+            except OSError as error:  # the cache's disk: boto3's own errors are JobErrors here
+                if _file_identity(dest) == before:
+                    raise _no_room(p, archive.name, dest, error) from None
+                # The archive landed; only its ETag marker did not: fetched again next time.
+                _cannot_cache(cache_dir, dest.with_name(dest.name + ".etag"), error)
         paths[archive.name] = dest
     return paths
 
@@ -123,12 +134,15 @@ def push_archives(
 
 
 @contextlib.contextmanager
-def _download_lock(dest: Path) -> Iterator[None]:
+def _download_lock(dest: Path) -> Iterator[OSError | None]:
     """Hold `dest`'s lock and delete the temporary files of a download of it that was killed
-    outright: every writer of `dest` takes this lock, so none of them is a live one's."""
-    with file_lock(dest):
-        remove_stale_partials(dest.parent, glob.escape(dest.name))
-        yield
+    outright: every writer of `dest` takes this lock, so none of them is a live one's. Yields
+    the error where the disk refuses the lock (see _try_lock): a cached copy may still serve."""
+    with _try_lock(dest) as refused:
+        if refused is None:
+            with contextlib.suppress(OSError):  # a folder that refuses it refuses the download too
+                remove_stale_partials(dest.parent, glob.escape(dest.name))
+        yield refused
 
 
 def _slug(url: str) -> str:
@@ -146,8 +160,10 @@ def _download_all(
         dest = cache / archive.name
         md5 = archive.md5 if published else None
         sha256 = sha256_sums.get(f"{p.name}/{archive.name}")
-        with _download_lock(dest):
+        with _download_lock(dest) as refused:
             if not (dest.is_file() and _cached_copy_ok(dest, md5, sha256)):
+                if refused:
+                    raise _no_room(p, archive.name, dest, refused)
                 _download_one(p, archive.name, bases, dest, md5)
                 if sha256 and file_digest(dest) != sha256:
                     dest.unlink()
@@ -173,6 +189,8 @@ def _download_one(p: DatasetPreset, name: str, bases: list[str], dest: Path, md5
             http_download(url, dest, expected_md5=md5)
             return
         except (urllib.error.URLError, OSError, ValueError) as error:
+            if _refused_by_disk(error):
+                raise _no_room(p, name, dest, error) from None
             failures.append(f"{url}: {getattr(error, 'reason', None) or error}")
     raise JobError(
         f"could not download {p.name} ({'; '.join(failures)}); without internet, "
@@ -198,6 +216,94 @@ def _read_sha256_sums(base_url: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
+# the cache folder: paths kept inside it, and writes a full or read-only disk may refuse
+
+
+def cache_path(cache_dir: Path, uri: str, *parts: str) -> Path:
+    """`cache_dir`/`parts`, the parts taken from `uri`: a JobError naming the URI unless the path
+    resolves inside `cache_dir`. storage.py's parsing refuses `..` in a URI; this guards every
+    cache path derived from one, whatever slipped through."""
+    path = cache_dir.joinpath(*parts)
+    if not path.resolve().is_relative_to(cache_dir.resolve()):
+        raise JobError(f"--data-uri {uri} would be cached outside --cache-dir {cache_dir}; "
+                       "write it without '..' in its path")
+    return path
+
+
+# Errors of a disk that will not take the cache's files; a network error is none of them.
+DISK_REFUSALS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+_WARNED_CACHES: set[Path] = set()  # one warning per cache folder and process
+
+
+def _refused_by_disk(error: BaseException) -> bool:
+    """A download's error that is the cache's disk refusing the file (urllib wraps the network's
+    own errors, connection refused included, in URLError)."""
+    return (isinstance(error, OSError) and not isinstance(error, urllib.error.URLError)
+            and error.errno in DISK_REFUSALS)
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or first_line(error, 120)
+
+
+def _no_room(p: DatasetPreset, name: str, dest: Path, error: OSError) -> JobError:
+    """A download with nowhere to go: the data itself cannot be had."""
+    return JobError(f"cannot write the data cache at {dest.parent} ({_reason(error)}), so "
+                    f"{p.name}'s {name} cannot be downloaded: free space there, or pass another "
+                    "--cache-dir (or CNN_JOB_CACHE_DIR)")
+
+
+def _cannot_cache(cache_dir: Path, path: Path, error: OSError) -> None:
+    """The cache only saves time: where its disk refuses a write (full, read-only, no permission),
+    the run goes on from memory, and says so once."""
+    if cache_dir not in _WARNED_CACHES:
+        _WARNED_CACHES.add(cache_dir)
+        say(True, f"warning: cannot write the data cache at {path} ({_reason(error)}); going on "
+                  "without it this run")
+
+
+@contextlib.contextmanager
+def _cache_write(cache_dir: Path, path: Path) -> Iterator[None]:
+    """A write to the cache (at `path`, as the warning names it) that the run can do without."""
+    try:
+        yield
+    except OSError as error:
+        _cannot_cache(cache_dir, path, error)
+
+
+@contextlib.contextmanager
+def _try_lock(path: Path) -> Iterator[OSError | None]:
+    """`path`'s file lock, held for the block; yields None, or the error where the disk refuses
+    the lock file (read-only, no permission): then no one can write there either, and the block
+    reads what is there, unlocked, and writes nothing."""
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(path))
+            refused = None
+        except OSError as error:
+            refused = error
+        yield refused
+
+
+def _file_identity(path: Path) -> tuple[int, int, int] | None:
+    """What changes when a file is replaced (its inode, mtime and size); None where there is none."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns, stat.st_size
+
+
+def _remove(path: Path) -> None:
+    """Whatever is at `path`: a file, or a folder that took a cache file's place."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------------------------
 # parsing the archives
 
 
@@ -215,17 +321,26 @@ class ImageSplits:
 def load_splits(p: DatasetPreset, paths: dict[str, Path], cache_dir: Path | None = None) -> ImageSplits:
     """Both splits of the archives at `paths`. With a `cache_dir`, the parsed arrays are kept
     there, keyed by the archives' sha256, and memory-mapped by the next start instead of being
-    parsed again (a changed archive has another sha256; a damaged cache is parsed again)."""
+    parsed again (a changed archive has another sha256; a damaged cache is parsed again). A cache
+    whose disk is full or read-only is read where it can be and otherwise done without: one
+    warning line, and the splits parsed in memory."""
     sha256 = {name: archive_sha256(path, cache_dir) for name, path in paths.items()}
     if cache_dir is None:
         return _parse(p, paths, sha256)
     key = hashlib.sha256(" ".join(sorted(sha256.values())).encode()).hexdigest()[:20]
     folder = cache_dir / "parsed" / f"{p.name}-{key}"
-    with file_lock(folder):  # one process per machine parses; the others then map its arrays
+    with _try_lock(folder) as refused:  # one process per machine parses; the others map its arrays
+        if refused is None:
+            with _cache_write(cache_dir, folder):  # left by a writer killed outright: none is live
+                remove_stale_partials(folder)
         splits = _load_parsed(folder, sha256, len(p.class_names))
         if splits is None:
             splits = _parse(p, paths, sha256)
-            _save_parsed(folder, splits)
+            if refused:
+                _cannot_cache(cache_dir, folder, refused)
+            else:
+                with _cache_write(cache_dir, folder):
+                    _save_parsed(folder, splits)
     return splits
 
 
@@ -286,7 +401,8 @@ def archive_sha256(path: Path, cache_dir: Path | None) -> str:
     except (OSError, ValueError, KeyError, TypeError):
         pass  # no memo yet, or a damaged one: hash the file
     digest = file_digest(path)
-    atomic_write_bytes(memo, json.dumps({**identity, "sha256": digest}).encode())
+    with _cache_write(cache_dir, memo):
+        atomic_write_bytes(memo, json.dumps({**identity, "sha256": digest}).encode())
     return digest
 
 
@@ -309,46 +425,85 @@ def array_digest(array: np.ndarray, algorithm: str | None = None) -> str:
 
 
 def _save_parsed(folder: Path, splits: ImageSplits) -> None:
+    """The arrays, then the manifest that makes the folder complete. Where the disk refuses
+    (full, read-only), raises its OSError having removed what it wrote: a full disk gets its
+    space back, and a folder without its manifest is never read."""
+    _remove(folder / MANIFEST)  # incomplete until the new one lands
     arrays = {}
-    for name in SPLIT_ARRAYS:
-        array = getattr(splits, name).numpy()
-        with atomic_output(folder / f"{name}.npy") as out:
-            np.save(out, array)
-        arrays[name] = [list(array.shape), str(array.dtype), array_digest(array)]
-    manifest = {"sha256": splits.sha256, "arrays": arrays}
-    atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    try:
+        for name in SPLIT_ARRAYS:
+            array = getattr(splits, name).numpy()
+            _remove(folder / f"{name}.npy")  # a folder there would refuse the rename
+            with atomic_output(folder / f"{name}.npy") as out:
+                np.save(out, array)
+            arrays[name] = [list(array.shape), str(array.dtype), array_digest(array)]
+        manifest = {"sha256": splits.sha256, "arrays": arrays}
+        atomic_write_bytes(folder / MANIFEST, json.dumps(manifest, indent=1).encode())
+    except OSError:
+        for name in arrays:
+            with contextlib.suppress(OSError):
+                _remove(folder / f"{name}.npy")
+        raise
 
 
 def _load_parsed(folder: Path, sha256: dict[str, str], classes: int) -> ImageSplits | None:
     """The cached arrays, memory-mapped (copy on write), each proven by its manifest's xxh3-128
-    before it is served; None when any part is missing, of other archives, or damaged
-    (truncated, another shape, other bytes, a label out of range): the caller parses again."""
+    before it is served. None, quietly, when there is no complete cache of these archives; None
+    with one line saying so when any part is damaged (a manifest entry missing, a file truncated
+    or unreadable, another shape, other bytes, a label out of range). The caller parses again."""
+    manifest_path = folder / MANIFEST
     try:
-        manifest = json.loads((folder / MANIFEST).read_text())
-        if manifest["sha256"] != sha256:
-            return None
-        arrays = {}
-        for name in SPLIT_ARRAYS:
-            path = folder / f"{name}.npy"
-            array = np.load(path, mmap_mode="c", allow_pickle=False)
-            shape, dtype, digest = manifest["arrays"][name]
-            if [list(array.shape), str(array.dtype)] != [shape, dtype]:
-                return None
-            if not digest.startswith(f"{ARRAY_DIGEST}:"):  # written where the other hash was
-                return None
-            if array_digest(array) != digest:
-                say(True, f"the parsed-data cache {path} does not match its checksum (changed "
-                          "on disk): parsing the archives again")
-                return None
-            arrays[name] = torch.from_numpy(array)
-    except (OSError, ValueError, KeyError, TypeError, EOFError):
+        manifest = json.loads(manifest_path.read_text())
+        entries = _manifest_arrays(manifest)
+    except FileNotFoundError:
+        return None  # never completed: a first start, or its writer was killed before the end
+    except (OSError, ValueError) as error:
+        return _reparse(manifest_path, f"is damaged ({_detail(error)})")
+    if manifest.get("sha256") != sha256:
         return None
+    if any(not digest.startswith(f"{ARRAY_DIGEST}:") for _, _, digest in entries.values()):
+        return None  # written where the other hash was: a different Python, not damage
+    arrays = {}
+    for name, (shape, dtype, digest) in entries.items():
+        path = folder / f"{name}.npy"
+        try:
+            array = np.load(path, mmap_mode="c", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as error:
+            return _reparse(path, f"is damaged ({_detail(error)})")
+        if [list(array.shape), str(array.dtype)] != [shape, dtype]:
+            return _reparse(path, f"is damaged ({list(array.shape)} {array.dtype}, where the "
+                                  f"manifest says {shape} {dtype})")
+        if array_digest(array) != digest:
+            return _reparse(path, "does not match its checksum (changed on disk)")
+        arrays[name] = torch.from_numpy(array)
     for split in ("train", "test"):
         if bad := labels_outside(arrays[f"{split}_labels"], classes):
-            say(True, f"the parsed-data cache {folder / f'{split}_labels.npy'} holds {bad}: "
-                      "parsing the archives again")
-            return None
+            return _reparse(folder / f"{split}_labels.npy", f"holds {bad}")
     return ImageSplits(**arrays, sha256=sha256)
+
+
+def _manifest_arrays(manifest: object) -> dict[str, tuple[list[int], str, str]]:
+    """The manifest's [shape, dtype, digest] of each array; a ValueError naming the first that
+    is missing or malformed (a null digest, a shape that is not a list of sizes)."""
+    arrays = manifest.get("arrays") if isinstance(manifest, dict) else None
+    entries = {}
+    for name in SPLIT_ARRAYS:
+        entry = arrays.get(name) if isinstance(arrays, dict) else None
+        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], list)
+                and all(isinstance(size, int) for size in entry[0])
+                and isinstance(entry[1], str) and isinstance(entry[2], str)):
+            raise ValueError(f"no shape, dtype and digest for {name}")
+        entries[name] = tuple(entry)
+    return entries
+
+
+def _detail(error: Exception) -> str:
+    return getattr(error, "strerror", None) or first_line(error, 80)
+
+
+def _reparse(path: Path, what: str) -> None:
+    """The one line for a damaged cache: it is parsed again from the archives (and rewritten)."""
+    say(True, f"the parsed-data cache {path} {what}: parsing the archives again")
 
 
 def _corrupt(path: Path, detail: object, user_file: str | None = None) -> JobError:
@@ -361,23 +516,92 @@ def _corrupt(path: Path, detail: object, user_file: str | None = None) -> JobErr
     )
 
 
+# ----------------------------------------------------------------------------------------------
+# how far an archive may inflate: a gzip bomb posing as one stops there
+
+IDX_IMAGES_HEADER_BYTES = 16  # the magic number, then the count, rows and columns
+CIFAR_BATCH_IMAGES = 10000  # in each of the six batch files
+# A pickled CIFAR-10 record: its pixels at up to 2 bytes each (a Python 3 pickle, protocol 2,
+# stores the uint8 array as a latin-1 string in UTF-8: ../shared/datasets' copy takes 1.46),
+# then its label and its file name.
+CIFAR_RECORD_SLACK_BYTES = 256
+
+
+def inflated_bytes_bound(p: DatasetPreset, batch: bool = False) -> int:
+    """The most bytes `p`'s archives can inflate to, from the facts of their format and the
+    splits' sizes: MNIST's largest IDX file (the training images); CIFAR-10's tarball of all six
+    batches, or with `batch` one batch file."""
+    pixels = p.channels * p.image_size ** 2
+    if p.name == "mnist":
+        return IDX_IMAGES_HEADER_BYTES + max(p.split_sizes) * pixels
+    record = 2 * pixels + CIFAR_RECORD_SLACK_BYTES
+    if batch:
+        return CIFAR_BATCH_IMAGES * record + (64 << 10)
+    return sum(p.split_sizes) * record + (1 << 20)  # and the tar headers, padding, batches.meta
+
+
+def _too_big(path: Path, user_file: str | None, p: DatasetPreset, claim: str) -> JobError:
+    name = f"--test-data {user_file}" if user_file else str(path)
+    return JobError(f"{name} {claim}; it is not {p.name}'s {'test data' if user_file else 'archive'}")
+
+
+class _Inflating:
+    """A decompressing stream's reader (tarfile reads through it) that counts what it inflates
+    and raises `refusal` once past `limit` bytes: a bomb costs what the dataset could, not what
+    the bomb holds."""
+
+    def __init__(self, stream: io.BufferedIOBase, limit: int, refusal: JobError) -> None:
+        self.stream, self.limit, self.refusal, self.count = stream, limit, refusal, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size if size >= 0 else self.limit - self.count + 1)
+        self.count += len(data)
+        if self.count > self.limit:
+            raise self.refusal
+        return data
+
+
+def _read_into(stream: io.BufferedIOBase, view: memoryview) -> int:
+    """Fill `view` from `stream` a chunk at a time (one whole read would hold a second copy);
+    returns the bytes read, fewer where the stream ends first."""
+    held = 0
+    while held < len(view) and (count := stream.readinto(view[held: held + CHUNK_BYTES])):
+        held += count
+    return held
+
+
 def read_idx(path: Path, user_file: str | None = None) -> torch.Tensor:
-    """An MNIST IDX file (gzip-compressed, unsigned bytes) as a uint8 tensor of its shape."""
+    """An MNIST IDX file (gzip-compressed, unsigned bytes) as a uint8 tensor of its shape: inflated
+    a chunk at a time into an array of the size its header promises, and never past what an
+    MNIST split can hold (inflated_bytes_bound)."""
+    p = PRESETS["mnist"]
+    limit = inflated_bytes_bound(p)
     try:
         with gzip.open(path, "rb") as handle:
-            raw = handle.read()
+            magic = handle.read(4)
+            if len(magic) < 4 or magic[:3] != b"\0\0\x08" or not 1 <= magic[3] <= 4:
+                raise _corrupt(path, "no IDX header for unsigned bytes", user_file)
+            sizes = handle.read(4 * magic[3])
+            if len(sizes) < 4 * magic[3]:
+                raise _corrupt(path, "no IDX header for unsigned bytes", user_file)
+            dims = tuple(int.from_bytes(sizes[i: i + 4], "big") for i in range(0, len(sizes), 4))
+            header, expected = 4 + len(sizes), math.prod(dims)
+            if header + expected > limit:
+                raise _too_big(path, user_file, p, f"has a header that promises {expected} bytes, "
+                                                   f"more than the {limit} a mnist split can hold")
+            data = np.empty(expected, np.uint8)
+            held, beyond = _read_into(handle, memoryview(data)), 0
+            while held == expected and (chunk := handle.read(CHUNK_BYTES)):
+                beyond += len(chunk)  # more than promised: counted, never kept
+                if header + expected + beyond > limit:
+                    raise _too_big(path, user_file, p,
+                                   f"inflates past the {limit} bytes a mnist split can hold")
     except (OSError, EOFError, zlib.error) as error:
         raise _corrupt(path, error, user_file) from None
-    if len(raw) < 4 or raw[0:2] != b"\0\0" or raw[2] != 0x08 or not 1 <= raw[3] <= 4:
-        raise _corrupt(path, "no IDX header for unsigned bytes", user_file)
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = int(np.prod(dims))
-    if len(raw) - header != expected:
-        raise _corrupt(path, f"header promises {expected} bytes, file holds {len(raw) - header}",
+    if held + beyond != expected:
+        raise _corrupt(path, f"header promises {expected} bytes, file holds {held + beyond}",
                        user_file)
-    return torch.from_numpy(np.frombuffer(raw, np.uint8, offset=header).reshape(dims).copy())
+    return torch.from_numpy(data.reshape(dims))
 
 
 CIFAR_FOLDER = "cifar-10-batches-py"
@@ -414,24 +638,37 @@ def unpickle_batch(data: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 def read_cifar10(path: Path, user_file: str | None = None
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The CIFAR-10 python tarball, read member by member in memory: nothing is extracted to
-    disk, and a member whose name would escape the archive's folder is refused. Errors name
-    `user_file` (a user's own --test-data) where given."""
+    """The CIFAR-10 python tarball, streamed member by member in memory: nothing is extracted to
+    disk, a member whose name would escape the archive's folder is refused, and so is one larger
+    than a batch can be, or a tarball that inflates past both splits (inflated_bytes_bound).
+    Errors name `user_file` (a user's own --test-data) where given."""
+    p = PRESETS["cifar10"]
+    limit, batch_limit = inflated_bytes_bound(p), inflated_bytes_bound(p, batch=True)
+    past_limit = f"inflates past the {limit} bytes both cifar10 splits can hold"
     wanted = {*CIFAR_TRAIN, CIFAR_TEST}
     batches = {}
     try:
-        with tarfile.open(path, "r:gz") as tar:
-            for member in tar:
-                name = posixpath.normpath(member.name)
-                if name.startswith(("/", "..")) or member.name.startswith("/"):
-                    raise JobError(
-                        f"{user_file or path} holds a member that escapes its folder "
-                        f"({member.name!r}); refusing the archive: "
-                        f"{'check that file' if user_file else 'fetch a genuine copy'}"
-                    )
-                base = posixpath.basename(name)
-                if member.isfile() and posixpath.dirname(name) == CIFAR_FOLDER and base in wanted:
-                    batches[base] = unpickle_batch(tar.extractfile(member).read())
+        with gzip.open(path, "rb") as packed:
+            inflating = _Inflating(packed, limit, _too_big(path, user_file, p, past_limit))
+            with tarfile.open(fileobj=inflating, mode="r|", bufsize=CHUNK_BYTES) as tar:
+                for member in tar:
+                    name = posixpath.normpath(member.name)
+                    if name.startswith(("/", "..")) or member.name.startswith("/"):
+                        raise JobError(
+                            f"{user_file or path} holds a member that escapes its folder "
+                            f"({member.name!r}); refusing the archive: "
+                            f"{'check that file' if user_file else 'fetch a genuine copy'}"
+                        )
+                    base = posixpath.basename(name)
+                    is_batch = member.isfile() and posixpath.dirname(name) == CIFAR_FOLDER and base in wanted
+                    # Refused at its header, before its bytes are inflated:
+                    if is_batch and member.size > batch_limit:
+                        raise _too_big(path, user_file, p, f"inflates past the {batch_limit} bytes a "
+                                                           f"cifar10 batch can hold ({member.name})")
+                    if member.size > limit - inflating.count:
+                        raise _too_big(path, user_file, p, f"{past_limit} ({member.name})")
+                    if is_batch:
+                        batches[base] = unpickle_batch(tar.extractfile(member).read())
     except (tarfile.TarError, OSError, EOFError, zlib.error, pickle.UnpicklingError,
             ValueError, KeyError) as error:
         raise _corrupt(path, error, user_file) from None

@@ -1,5 +1,6 @@
-"""What each dataset is: its archives and where they are published, its images' shape,
-normalisation and class names. Plain data, no torch: the CLI reads it to answer at once."""
+"""What each dataset is: its archives and where they are published, its splits' sizes, its
+images' shape, normalisation and class names. Plain data, no torch: the CLI reads it to answer
+at once."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class DatasetPreset:
     name: str
     archives: tuple[Archive, ...]
     mirrors: tuple[str, ...]  # base URLs holding the archives by name, tried in order
+    split_sizes: tuple[int, int]  # images in the train and test splits, as published
     channels: int
     image_size: int
     mean: tuple[float, ...]  # per channel, on the 0..1 scale
@@ -43,6 +45,7 @@ PRESETS: dict[str, DatasetPreset] = {
             "https://ossci-datasets.s3.amazonaws.com/mnist",
             "http://yann.lecun.com/exdb/mnist",
         ),
+        split_sizes=(60000, 10000),
         channels=1,
         image_size=28,
         mean=(0.1307,),
@@ -54,6 +57,7 @@ PRESETS: dict[str, DatasetPreset] = {
         name="cifar10",
         archives=(Archive("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
         mirrors=("https://www.cs.toronto.edu/~kriz",),
+        split_sizes=(50000, 10000),
         channels=3,
         image_size=32,
         mean=(0.4914, 0.4822, 0.4465),

@@ -5,6 +5,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shutil
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 import job.data
+from bench.gzip_bomb import cifar10_bomb, mnist_bomb, pull
 from job.data import (
     DeviceBatches,
     fetch_archives,
@@ -27,7 +29,7 @@ from job.data import (
 )
 from job.datasets import preset
 from job.errors import JobError
-from tests.conftest import REPO
+from tests.conftest import REPO, run_cli
 
 CPU = torch.device("cpu")
 
@@ -355,14 +357,17 @@ def test_parsed_cache_sees_a_changed_archive(data_dir, tmp_path, monkeypatch):
     assert changed.test_labels[0] == (first.test_labels[0] + 1) % 10
 
 
-def test_parsed_cache_repairs_a_truncated_file(data_dir, tmp_path, monkeypatch, mnist):
+def test_parsed_cache_repairs_a_truncated_file(data_dir, tmp_path, monkeypatch, mnist, capsys):
     paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
     load_splits(preset("mnist"), paths, cache)
     (cached,) = (cache / "parsed").glob("mnist-*/train_images.npy")
     cached.write_bytes(cached.read_bytes()[: cached.stat().st_size // 2])
+    capsys.readouterr()
     parses = _count_parses(monkeypatch)
     _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
     assert len(parses) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    assert f"the parsed-data cache {cached} is damaged" in line and "parsing the archives again" in line
     _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
     assert len(parses) == 1  # repaired: mapped again
 
@@ -516,3 +521,200 @@ def test_two_processes_fill_the_parsed_cache_at_once(data_dir, tmp_path):
     assert outputs[0][0] == outputs[1][0] and outputs[0][0].strip()
     assert len(list((tmp_path / "cache" / "parsed").glob("mnist-*/manifest.json"))) == 1
     assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+def _load_splits_quietly_twice(paths, cache, monkeypatch, mnist, capsys, expected_line: str):
+    """The next start re-parses with `expected_line` (one line); the one after maps the repair."""
+    capsys.readouterr()
+    parses = _count_parses(monkeypatch)
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert len(parses) == 1
+    (line,) = capsys.readouterr().out.splitlines()
+    assert expected_line in line and line.endswith("parsing the archives again"), line
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert len(parses) == 1 and not capsys.readouterr().out  # repaired: mapped again
+
+
+@pytest.mark.parametrize("entry", [None, "missing"])
+def test_parsed_cache_manifest_without_a_digest_is_parsed_again(data_dir, tmp_path, monkeypatch,
+                                                                mnist, capsys, entry):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    load_splits(preset("mnist"), paths, cache)
+    manifest_path = _cached(cache, "train_images").parent / job.data.MANIFEST
+    manifest = json.loads(manifest_path.read_text())
+    if entry is None:
+        manifest["arrays"]["train_images"][2] = None
+    else:
+        del manifest["arrays"]["test_labels"][2]
+    manifest_path.write_text(json.dumps(manifest))
+    _load_splits_quietly_twice(paths, cache, monkeypatch, mnist, capsys,
+                               f"the parsed-data cache {manifest_path} is damaged")
+
+
+def test_parsed_cache_array_replaced_by_a_folder_is_parsed_again(data_dir, tmp_path, monkeypatch,
+                                                                 mnist, capsys):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    load_splits(preset("mnist"), paths, cache)
+    labels = _cached(cache, "train_labels")
+    labels.unlink()
+    (labels / "inside").mkdir(parents=True)  # a folder, not empty, where the array was
+    _load_splits_quietly_twice(paths, cache, monkeypatch, mnist, capsys,
+                               f"the parsed-data cache {labels} is damaged (Is a directory)")
+    assert labels.is_file()
+
+
+def test_partial_file_of_a_killed_cache_write_is_removed_by_the_next_start(data_dir, tmp_path,
+                                                                          monkeypatch, mnist):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    load_splits(preset("mnist"), paths, cache)
+    # As a writer killed outright (SIGKILL, OOM) leaves the folder: the arrays written before it
+    # died, the temporary file it was filling, and no manifest (written last).
+    folder = _cached(cache, "train_images").parent
+    (folder / job.data.MANIFEST).unlink()
+    (folder / "test_labels.npy").unlink()
+    torn = folder / ".test_labels.npy.k7q2zx9f.partial"
+    torn.write_bytes(_cached(cache, "train_labels").read_bytes()[:5000])
+    parses = _count_parses(monkeypatch)
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert len(parses) == 1 and not torn.exists()
+    assert not list(cache.rglob("*.partial")) and (folder / job.data.MANIFEST).is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# the cache on a full or read-only disk
+
+
+@pytest.fixture
+def tmpfs():
+    """Mount a small tmpfs at a folder (`size_mb`), as a full or read-only disk is made; each is
+    unmounted at teardown. Skips, with one line, where mounting is not allowed (not root)."""
+    mounted = []
+
+    def mount(folder: Path, size_mb: int = 20) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
+                                 str(folder)], capture_output=True, text=True)
+        if result.returncode:
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in reversed(mounted):
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(folder)], check=True)  # still busy: detach it
+
+
+def _read_only(folder: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("disk", ["full", "read-only parsed folder"])
+def test_cache_that_cannot_be_written_trains_from_memory_with_one_warning(disk, tmpfs, tmp_path,
+                                                                          data_dir):
+    cache = tmp_path / "cache"
+    if disk == "full":  # 20 MB: the memos fit, MNIST's 55 MB of parsed arrays do not
+        tmpfs(cache)
+        refused, reason = cache / "parsed", "space"
+    else:
+        refused, reason = tmpfs(cache / "parsed"), "Read-only file system"
+        _read_only(refused)
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--cache-dir", str(cache),
+                     "--checkpoint-uri", str(tmp_path / "c"), "--limit-train", "64", "--epochs", "1")
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    (warning,) = [line for line in (result.stdout + result.stderr).splitlines() if "warning" in line]
+    assert warning.startswith(f"warning: cannot write the data cache at {refused}"), warning
+    assert reason in warning and warning.endswith("going on without it this run")
+    assert not [p for p in cache.rglob("*") if p.suffix in (".partial", ".npy", ".json")
+                and p.parent.parent == cache / "parsed"]  # nothing half-written stays
+
+
+def test_read_only_parsed_cache_is_still_mapped(data_dir, tmp_path, tmpfs, monkeypatch, mnist, capsys):
+    paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
+    tmpfs(cache / "parsed", size_mb=80)
+    load_splits(preset("mnist"), paths, cache)
+    _read_only(cache / "parsed")
+    capsys.readouterr()
+    parses = _count_parses(monkeypatch)
+    _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)
+    assert not parses and not capsys.readouterr().out  # served from the cache: nothing to say
+
+
+def test_download_with_no_room_in_the_cache_is_one_line(s3, tmp_path, tmpfs):
+    s3.client.put_object(Bucket=s3.bucket, Key="data/mnist/train-images-idx3-ubyte.gz",
+                         Body=os.urandom(3 << 20))
+    cache = tmpfs(tmp_path / "cache", size_mb=1)
+    with pytest.raises(JobError, match=rf"cannot write the data cache at {cache}/s3/\S+ "
+                                       r"\(No space left on device\).*--cache-dir") as error:
+        fetch_archives(preset("mnist"), f"s3://{s3.bucket}/data", cache)
+    assert "\n" not in str(error.value)
+    assert not [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+
+
+# ----------------------------------------------------------------------------------------------
+# cache paths stay inside --cache-dir
+
+
+def test_s3_data_uri_with_dot_dot_writes_nothing_outside_the_cache(s3, tmp_path):
+    cache = tmp_path / "cache"  # <cache>/s3/<bucket>/../../../outside is <tmp_path>/outside
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        s3.client.put_object(Bucket=s3.bucket, Key=f"../../../outside/mnist/{name}", Body=b"x")
+    with pytest.raises(JobError):
+        fetch_archives(preset("mnist"), f"s3://{s3.bucket}/../../../outside", cache)
+    assert not (tmp_path / "outside").exists()
+
+
+def test_cache_paths_derived_from_uris_stay_inside_the_cache_dir(tmp_path):
+    cache = tmp_path / "cache"
+    assert job.data.cache_path(cache, "s3://b/p", "s3", "b", "p/mnist") == cache / "s3/b/p/mnist"
+    for uri, parts in [("s3://b/../../../x", ("s3", "b", "../../../x/mnist")),
+                       ("http://..", ("..", "mnist")),
+                       ("s3://b//etc", ("s3", "b", "/etc"))]:
+        with pytest.raises(JobError, match=rf"--data-uri {re.escape(uri)} .*outside --cache-dir"):
+            job.data.cache_path(cache, uri, *parts)
+    assert not cache.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# archives inflate no further than the dataset can
+
+
+def _dataset_bytes(dataset: str) -> int:
+    """The real dataset's images and labels, as the splits hold them (uint8)."""
+    p = preset(dataset)
+    return sum(p.split_sizes) * (p.image_size ** 2 * p.channels + 1)
+
+
+@pytest.fixture(scope="module")
+def bare_peak(tmp_path_factory) -> int:
+    """Peak RSS of `cnn-job data pull` that stops just before parsing: its imports' share."""
+    folder = tmp_path_factory.mktemp("bare")
+    status, output, peak = pull("mnist", folder, folder / "cache")
+    assert status == 2 and "no mnist/train-images-idx3-ubyte.gz there" in output, output
+    return peak
+
+
+@pytest.mark.parametrize("dataset, make_bomb, inflated_mib", [
+    ("mnist", mnist_bomb, 512),      # 0.5 MB of gzip, IDX header of 60000 training images
+    ("cifar10", cifar10_bomb, 1024),  # 1 MB of gzip, a data_batch_1 member of 1 GiB
+])
+def test_gzip_bomb_is_one_line_and_costs_less_memory_than_the_dataset(
+        dataset, make_bomb, inflated_mib, bare_peak, tmp_path):
+    folder = make_bomb(tmp_path / "data", inflated_mib << 20)
+    status, output, peak = pull(dataset, folder, tmp_path / "cache")
+    assert status == 2 and len(output.splitlines()) == 1, output
+    assert re.fullmatch(rf"error: {folder}/{dataset}/\S+ inflates past the \d+ bytes a {dataset} "
+                        rf"\w+ can hold( \(\S+\))?; it is not {dataset}'s archive\n", output), output
+    assert peak - bare_peak < 2 * _dataset_bytes(dataset), (peak, bare_peak)
+
+
+def test_tarball_larger_than_the_dataset_is_refused_before_it_is_inflated(tmp_path):
+    limit = job.data.inflated_bytes_bound(preset("cifar10"))
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    huge = tarfile.TarInfo("cifar-10-batches-py/readme.html")  # a member nobody reads
+    huge.size = limit + (1 << 20)
+    with open(archive, "wb") as out:  # its header alone: refused before its bytes are wanted
+        out.write(gzip.compress(huge.tobuf(format=tarfile.USTAR_FORMAT)))
+    with pytest.raises(JobError, match=rf"inflates past the {limit} bytes both cifar10 splits can hold"):
+        read_cifar10(archive)
