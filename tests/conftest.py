@@ -319,24 +319,28 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
-    """mount(size_kib) → a folder that is a tmpfs of that size (root only: skipped with one
-    line elsewhere), unmounted after the test."""
+def tmpfs():
+    """Mount a small tmpfs at a folder (`size_mb`), as a full or read-only disk is made; each is
+    unmounted at teardown. Skips, with one line, where mounting is not allowed (not root)."""
     mounted = []
 
-    def mount(size_kib: int = 256, name: str = "tmpfs") -> Path:
-        folder = tmp_path / name
-        folder.mkdir()
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs",
+    def mount(folder: Path, size_mb: int = 20) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
                                  str(folder)], capture_output=True, text=True)
         if result.returncode:
-            pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or 'not root'}")
+            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'})")
         mounted.append(folder)
         return folder
 
     yield mount
     for folder in reversed(mounted):
-        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(folder)], check=True)  # still busy: detach it
+
+
+def read_only(folder: Path) -> None:
+    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
 
 
 def fill(folder: Path) -> None:

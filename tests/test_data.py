@@ -29,7 +29,7 @@ from job.data import (
 )
 from job.datasets import preset
 from job.errors import JobError
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, read_only, run_cli
 
 CPU = torch.device("cpu")
 
@@ -584,31 +584,6 @@ def test_partial_file_of_a_killed_cache_write_is_removed_by_the_next_start(data_
 # the cache on a full or read-only disk
 
 
-@pytest.fixture
-def tmpfs():
-    """Mount a small tmpfs at a folder (`size_mb`), as a full or read-only disk is made; each is
-    unmounted at teardown. Skips, with one line, where mounting is not allowed (not root)."""
-    mounted = []
-
-    def mount(folder: Path, size_mb: int = 20) -> Path:
-        folder.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs",
-                                 str(folder)], capture_output=True, text=True)
-        if result.returncode:
-            pytest.skip(f"cannot mount a tmpfs here ({result.stderr.strip() or 'mount failed'})")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in reversed(mounted):
-        if subprocess.run(["umount", str(folder)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(folder)], check=True)  # still busy: detach it
-
-
-def _read_only(folder: Path) -> None:
-    subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True, capture_output=True)
-
-
 @pytest.mark.parametrize("disk", ["full", "read-only parsed folder"])
 def test_cache_that_cannot_be_written_trains_from_memory_with_one_warning(disk, tmpfs, tmp_path,
                                                                           data_dir):
@@ -618,7 +593,7 @@ def test_cache_that_cannot_be_written_trains_from_memory_with_one_warning(disk, 
         refused, reason = cache / "parsed", "space"
     else:
         refused, reason = tmpfs(cache / "parsed"), "Read-only file system"
-        _read_only(refused)
+        read_only(refused)
     result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--cache-dir", str(cache),
                      "--checkpoint-uri", str(tmp_path / "c"), "--limit-train", "64", "--epochs", "1")
     assert result.returncode == 0, result.stderr
@@ -634,7 +609,7 @@ def test_read_only_parsed_cache_is_still_mapped(data_dir, tmp_path, tmpfs, monke
     paths, cache = _mnist_copy(data_dir, tmp_path), tmp_path / "cache"
     tmpfs(cache / "parsed", size_mb=80)
     load_splits(preset("mnist"), paths, cache)
-    _read_only(cache / "parsed")
+    read_only(cache / "parsed")
     capsys.readouterr()
     parses = _count_parses(monkeypatch)
     _assert_same_splits(load_splits(preset("mnist"), paths, cache), mnist)

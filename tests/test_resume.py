@@ -378,7 +378,7 @@ def test_summary_json_must_be_a_file_checked_before_training(tmp_path, data_dir)
 
 
 def test_a_summary_json_on_a_filesystem_full_by_the_end_is_one_line(tmp_path, data_dir, tmpfs):
-    full = tmpfs(64)
+    full = tmpfs(tmp_path / "full", size_mb=1)
     fill(full)  # new names still fit (the check before training passes); their bytes do not
     result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--cache-dir",
                      str(tmp_path / "cache"), "--checkpoint-uri", str(tmp_path / "ckpt"),
