@@ -32,6 +32,7 @@ from job.datasets import PRESETS, DatasetPreset
 from job.distributed import Dist
 from job.errors import JobError, first_line, strip_userinfo
 from job.lease import lease_for
+from job.recipes.base import Training
 from job.storage import LocalStore, S3Store, open_store, read_whole, remove_stale_partials
 
 POINTER = "latest"
@@ -546,14 +547,19 @@ class Checkpointer:
         the weights `latest` holds."""
         started = run.epoch + (1 if run.epoch_position else 0)
         planned = state["config"].get("epochs", self.cfg.epochs)
-        cut_at_a_boundary = self.cfg.epochs == run.epoch and planned > self.cfg.epochs
+        # Ending at the boundary it stopped at is consistent unless the last epoch does more
+        # than the others (TTA, the recipe's end-of-run step), which those weights never had.
+        last_epoch_does_more = self.cfg.tta or type(self.training).end_run is not Training.end_run
+        cut_at_a_boundary = (self.cfg.epochs == run.epoch and planned > self.cfg.epochs
+                             and last_epoch_does_more)
         if self.cfg.epochs < started or cut_at_a_boundary:
             where = (f"inside epoch {started}" if run.epoch_position
                      else f"after epoch {run.epoch}")
             raise JobError(
                 f"--epochs {self.cfg.epochs} ends before the run in {self.manager.store.uri}, "
                 f"which is {where} (step {run.step}) of the {planned} it planned: a resume cannot "
-                f"end a run before where it is; pass --epochs {max(started, run.epoch + 1)} or "
+                "end a run before where it is, or without its last epoch's finish (TTA, the "
+                f"recipe's end of run); pass --epochs {max(started, run.epoch + 1)} or "
                 f"more (--epochs {planned} as planned), or start a new run with --resume never "
                 "and another --checkpoint-uri")
 

@@ -145,15 +145,18 @@ def test_a_resume_with_fewer_epochs_than_the_run_has_started_is_refused(tmp_path
         train(config(tmp_path, data_dir, epochs=1))
     assert str(refused.value).startswith(
         f"--epochs 1 ends before the run in {folder}, which is inside epoch 2 (step 20) of the "
-        "2 it planned: a resume cannot end a run before where it is; pass --epochs 2 or more")
+        "2 it planned: a resume cannot end a run before where it is, or without its last "
+        "epoch's finish (TTA, the recipe's end of run); pass --epochs 2 or more")
     assert (folder / "latest").read_text() == "step-000000020.pt"  # nothing written
 
-    # After epoch 1 of a run planned for 3: --epochs 1 would skip the last epoch's finish.
+    # After epoch 1 of a run planned for 3: ending there is that epoch's evaluation, unless the
+    # last epoch does more than the others (--tta), which these weights never had.
     point_latest_at(folder, "step-000000016.pt", epochs=3)
     with pytest.raises(JobError, match=r"which is after epoch 1 \(step 16\) of the 3 it planned"
                                        r".*pass --epochs 2 or more \(--epochs 3 as planned\)"):
-        train(config(tmp_path, data_dir, epochs=1))
-    assert train(config(tmp_path, data_dir, epochs=2))["epochs"] == 2  # a shorter plan, ahead
+        train(config(tmp_path, data_dir, epochs=1, tta=True))
+    ended = train(config(tmp_path, data_dir, epochs=1))
+    assert ended["steps"] == 16 and ended["final_val_acc"] == stopped["metrics"][0]["val_acc"]
 
 
 # ----------------------------------------------------------------------------------------------
