@@ -159,6 +159,10 @@ class RunState:
         self.rank_diverged_at = torch.where(torch.isfinite(loss), self.rank_diverged_at,
                                             self.rank_diverged_at.clamp(max=self.step))
 
+    def progress(self, epoch_images: int, epochs: int) -> float:
+        """The fraction of the run's images trained so far (what lr schedules are drawn over)."""
+        return (self.epoch * epoch_images + self.epoch_position) / (epochs * epoch_images)
+
     def check_finite(self, loss_value: float) -> None:
         """Stop at a loss already read on the host (a log step) if it is not finite."""
         if not math.isfinite(loss_value):

@@ -308,7 +308,6 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager, clock: Clo
     tracker = start_tracker(cfg, d, job, run.wandb_run_id)
     clock.mark("tracker_start")
     epoch_images = batches.remaining(0)  # all ranks' images in a whole epoch
-    run_images = cfg.epochs * epoch_images
     job.say(f"training {cfg.dataset} (--net {cfg.net}) on {d.world_size} × {d.device.type}: "
             f"{epoch_images} images/epoch, batch {cfg.batch_size}/process")
 
@@ -320,13 +319,11 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager, clock: Clo
             with EpochProgress(f"epoch {run.epoch + 1}/{cfg.epochs}", batches.per_rank, d.is_main,
                                d.world_size, run.epoch_position // d.world_size) as bar:
                 for images, labels in batches.epoch(run.epoch, run.epoch_position):
-                    lr = lr_at(cfg.lr_schedule, cfg.lr,
-                               (run.epoch * epoch_images + run.epoch_position) / run_images)
+                    lr = lr_at(cfg.lr_schedule, cfg.lr, run.progress(epoch_images, cfg.epochs))
                     clock.before_step()
                     loss = job.step(images, labels, lr)  # a device tensor: no sync here
                     run.advance(loss, labels.numel(), d.world_size)
-                    job.training.after_step(
-                        run.step, (run.epoch * epoch_images + run.epoch_position) / run_images)
+                    job.training.after_step(run.step, run.progress(epoch_images, cfg.epochs))
                     clock.count(labels.numel() * d.world_size)
                     status = log_step(cfg, d, run, tracker, loss, lr, clock, epoch_images)
                     bar.advance(labels.numel(), status)
