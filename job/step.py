@@ -76,6 +76,7 @@ class TrainStep:
         self.criterion = criterion  # (logits, labels) -> (loss to differentiate, mean to report)
         self.graphed, self.say = graphed, say
         self.warm_steps = 0
+        self.replayed = False  # the graph's first replay, timed, is done
         self.graph: torch.cuda.CUDAGraph | None = None
         self.full_batch = batch_size  # the only batch size the graph holds
         self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, y, loss
@@ -92,18 +93,23 @@ class TrainStep:
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, lr: float) -> torch.Tensor:
         self.optimizer.set_lr(lr)
         if not self.graphed:
-            done = "first_eager_step_s" in self.first_steps_s
-            return self._timed("second_eager_step" if done else "first_eager_step", self.eager,
+            if "second_eager_step_s" in self.first_steps_s:  # timed: no sync from here on
+                return self.eager(images, labels)
+            first = "first_eager_step_s" not in self.first_steps_s
+            return self._timed("first_eager_step" if first else "second_eager_step", self.eager,
                                images, labels)
         if len(labels) != self.full_batch:  # a short batch: the graph's shapes are static
             return self.eager(images, labels)
+        if self.graph is not None and self.replayed:
+            return self._replay(images, labels)
         if self.graph is None and self.warm_steps < WARMUP_STEPS:
             self.warm_steps += 1
-            return self._timed("warmup_steps", self._on_side_stream, images, labels, add=True)
+            return self._timed("warmup_steps", self._on_side_stream, images, labels)
         if self.graph is None:
             self._timed("graph_capture", self._capture, images, labels)
             if self.graph is None:
                 return self.eager(images, labels)
+        self.replayed = True
         return self._timed("first_replay", self._replay, images, labels)
 
     def _replay(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -113,14 +119,11 @@ class TrainStep:
         self.graph.replay()
         return static_loss
 
-    def _timed(self, name: str, work: Callable, images: torch.Tensor, labels: torch.Tensor,
-               add: bool = False):
-        """`work(images, labels)`, timed into first_steps_s[name + "_s"] the first time (every
-        time with `add`: the seconds add up), synchronised on CUDA so that they are the
-        device's too. Once timed, it runs untimed: no sync."""
+    def _timed(self, name: str, work: Callable, images: torch.Tensor, labels: torch.Tensor):
+        """`work(images, labels)`, its seconds added to first_steps_s[name + "_s"], synchronised
+        on CUDA so that they are the device's too. Only the first steps are timed (the caller
+        decides): the sync would cost every step its overlap."""
         key = f"{name}_s"
-        if key in self.first_steps_s and not add:
-            return work(images, labels)
         started = time.perf_counter()
         result = work(images, labels)
         if images.is_cuda:
