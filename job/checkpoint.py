@@ -217,11 +217,13 @@ def restore_rng_states(states: dict, device: torch.device) -> None:
 
 class CheckpointManager:
     def __init__(self, uri: str | LocalStore | S3Store, keep: int = 3,
-                 endpoint_url: str | None = None, log: Callable[[str], None] = print) -> None:
+                 endpoint_url: str | None = None, log: Callable[[str], None] = print,
+                 retry_s: float | None = None) -> None:
         """`uri`: a checkpoint folder or s3:// prefix, or the store already opened on one."""
         if keep < 1:
             raise JobError("--keep-checkpoints must be at least 1")
-        self.store = open_store(uri, endpoint_url) if isinstance(uri, str) else uri
+        self.store = (open_store(uri, endpoint_url, retry_s=retry_s) if isinstance(uri, str)
+                      else uri)
         self.keep = keep
         self.log = log
         self.lease = None  # held while this process writes the run (see hold)
@@ -277,6 +279,8 @@ class CheckpointManager:
         name = checkpoint_name(step)
         try:
             self.store.write(name, to_bytes(state))
+            if self.lease:  # the write may have waited out an outage: still the run's writer?
+                self.lease.check()
             self.store.write(POINTER, f"{name}\n".encode())
         except OSError as error:
             earlier = [old for old in self.names() if old < name]

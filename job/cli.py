@@ -76,6 +76,7 @@ def train(
     resume: Annotated[str, _option("resume")] = _DEFAULTS["resume"],
     overwrite: Annotated[bool, _option("overwrite", flag=True)] = _DEFAULTS["overwrite"],
     lease_seconds: Annotated[float, _option("lease_seconds")] = _DEFAULTS["lease_seconds"],
+    storage_retry_s: Annotated[float, _option("storage_retry_s")] = _DEFAULTS["storage_retry_s"],
     collective_timeout_s: Annotated[float, _option("collective_timeout_s")]
     = _DEFAULTS["collective_timeout_s"],
     keep_checkpoints: Annotated[int, _option("keep_checkpoints")] = _DEFAULTS["keep_checkpoints"],
@@ -92,7 +93,8 @@ def train(
     """Train the --net recipe on DATASET, checkpointing every epoch and resuming from the newest checkpoint.
 
     On SIGTERM or SIGINT it finishes the step, checkpoints and exits with status 75
-    (preempted: run the same command again to resume). Bad input exits with status 2.
+    (preempted: run the same command again to resume). Bad input exits with status 2; S3 out of
+    reach for longer than --storage-retry-s, with 69.
     """
     settings = {k: v for k, v in locals().items() if v is not None}
     summary = _run(lambda: run_training(TrainConfig(**settings)))
@@ -470,12 +472,13 @@ def _exported_val_acc(metadata: dict, checkpoint: str) -> str:
 
 
 def _run(action):
-    """Run `action`; a JobError becomes one line on stderr and exit status 2."""
+    """Run `action`; a JobError becomes one line on stderr and its exit status: 2 for bad input,
+    69 for storage that stayed unreachable (StorageUnavailable)."""
     try:
         return action()
     except JobError as error:
         print_error(str(error))
-        raise typer.Exit(JobError.exit_code) from None
+        raise typer.Exit(error.exit_code) from None
 
 
 def main() -> None:

@@ -33,6 +33,11 @@ def check_precision(precision: str) -> None:
         raise JobError("--precision must be auto, fp32 or bf16")
 
 
+def check_storage_retry_s(seconds: float, option: str = "--storage-retry-s") -> None:
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise JobError(f"{option} must be a finite number of seconds, 0 or more")
+
+
 def uses_bf16(precision: str, device_type: str) -> bool:
     """The precision rule of training and evaluation: bf16 autocast on CUDA for `auto`, and
     anywhere for `bf16`; fp32 otherwise."""
@@ -126,6 +131,9 @@ class TrainConfig:
         False, "With --resume never: delete the run already in --checkpoint-uri first (else refused).")
     lease_seconds: float = setting(
         30.0, "S3: the writer's lease; a job replacing a killed one waits at most this long.")
+    storage_retry_s: float = setting(
+        300.0, "S3: how long an unreachable, throttling or failing endpoint is retried before the "
+        "job exits 69 (checkpoints intact; the same command resumes).")
     collective_timeout_s: float = setting(
         300.0, "DDP: seconds a rank waits in a collective for the others before it fails.")
     keep_checkpoints: int = setting(
@@ -151,6 +159,7 @@ class TrainConfig:
             self.checkpoint_uri = default_checkpoint_uri(self.dataset)
         self.cache_dir = Path(self.cache_dir).expanduser()
         check_precision(self.precision)
+        check_storage_retry_s(self.storage_retry_s)
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),

@@ -60,14 +60,15 @@ LAYOUT_HINT = (
 
 
 def fetch_archives(
-    p: DatasetPreset, data_uri: str | None, cache_dir: Path, endpoint_url: str | None = None
+    p: DatasetPreset, data_uri: str | None, cache_dir: Path, endpoint_url: str | None = None,
+    retry_s: float | None = None,
 ) -> dict[str, Path]:
     """Local paths of the dataset's archives, downloading them into `cache_dir` at most once."""
     if data_uri is None:
         return _download_all(p, list(p.mirrors), cache_dir / "public" / p.name, published=True)
     kind = uri_kind(data_uri, "--data-uri")
     if kind == "s3":
-        return _download_all_s3(p, data_uri, cache_dir, endpoint_url)
+        return _download_all_s3(p, data_uri, cache_dir, endpoint_url, retry_s)
     if kind == "http":
         base = data_uri.rstrip("/")
         cache = cache_path(cache_dir, data_uri, _slug(base), p.name)
@@ -88,18 +89,20 @@ def check_cache_dir(cache_dir: Path) -> None:
     check_writable_folder(cache_dir, "cache folder", "--cache-dir (or CNN_JOB_CACHE_DIR)")
 
 
-def _dataset_store(p: DatasetPreset, uri: str, endpoint_url: str | None) -> S3Store:
+def _dataset_store(p: DatasetPreset, uri: str, endpoint_url: str | None,
+                   retry_s: float | None = None) -> S3Store:
     """PREFIX/<dataset>/ of s3://BUCKET/PREFIX, the bucket checked to exist (named by `uri`)."""
     parse_s3_uri(uri)  # a malformed URI is named as the user wrote it
-    store = S3Store(f"{uri.rstrip('/')}/{p.name}", endpoint_url)
+    store = S3Store(f"{uri.rstrip('/')}/{p.name}", endpoint_url, retry_s)
     store.check_bucket(uri)
     return store
 
 
 def _download_all_s3(
-    p: DatasetPreset, data_uri: str, cache_dir: Path, endpoint_url: str | None
+    p: DatasetPreset, data_uri: str, cache_dir: Path, endpoint_url: str | None,
+    retry_s: float | None = None,
 ) -> dict[str, Path]:
-    store = _dataset_store(p, data_uri, endpoint_url)
+    store = _dataset_store(p, data_uri, endpoint_url, retry_s)
     cache = cache_path(cache_dir, data_uri, "s3", store.bucket, store.prefix)
     paths = {}
     for archive in p.archives:

@@ -1,6 +1,7 @@
-"""The one exception type for problems a user can cause and fix, the redaction that keeps
-credentials written into a URI (`https://user:secret@host`) out of every line we print or store,
-and an exception's first line for the one-line reports."""
+"""The one exception type for problems a user can cause and fix (and its one kind that a retry
+fixes: storage out of reach), the redaction that keeps credentials written into a URI
+(`https://user:secret@host`) out of every line we print or store, and an exception's first line
+for the one-line reports."""
 
 import re
 
@@ -14,6 +15,15 @@ class JobError(Exception):
     """
 
     exit_code = 2
+
+
+class StorageUnavailable(JobError):
+    """Storage that stayed out of reach (unreachable, timing out, throttling, failing with 5xx)
+    for the whole retry budget. Nothing is lost, and the same command resumes once it is back,
+    so the exit status asks for a retry: 69, sysexits' EX_UNAVAILABLE, which the manifests count
+    against the Job's retries instead of failing it as they do 2."""
+
+    exit_code = 69
 
 
 def strip_userinfo(value):

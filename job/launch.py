@@ -8,6 +8,7 @@ agent is done, the node's status is decided from those files:
 
 - 0: every worker finished the run;
 - 2: a worker stopped on bad input (it printed the one line that says why);
+- 69: a worker found storage out of reach for the whole retry budget (its line says so);
 - 75: the workers were stopped by a signal with their checkpoint written (or before starting);
 - 1: anything else: a worker crashed, was killed, or lost a peer (one line names it).
 """
@@ -21,7 +22,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from job.errors import JobError
+from job.errors import JobError, StorageUnavailable
 from job.preemption import PREEMPTED_EXIT_CODE, handle_signals_from_here
 
 STATUS_DIR_ENV = "CNN_JOB_STATUS_DIR"
@@ -121,8 +122,9 @@ def read_statuses(status_dir: Path) -> dict[int, int]:
 
 def node_status(statuses: dict[int, int], failures: dict[int, int]) -> int:
     """The node's exit status from its workers' statuses and the agent's failure codes."""
-    if JobError.exit_code in statuses.values():
-        return JobError.exit_code  # the worker's own line said why
+    for status in (JobError.exit_code, StorageUnavailable.exit_code):
+        if status in statuses.values():
+            return status  # the worker's own line said why
     unexplained = {rank: code for rank, code in failures.items() if statuses.get(rank) != code}
     if not unexplained and statuses and set(statuses.values()) <= {0, PREEMPTED_EXIT_CODE}:
         return PREEMPTED_EXIT_CODE if PREEMPTED_EXIT_CODE in statuses.values() else 0

@@ -11,14 +11,20 @@ Each storage kind uses its own primitive, so that a dead holder never locks a ru
   over with `If-Match` on the stale version, so of two jobs taking over at once one wins. Its
   age is measured on the server's clock (Date - Last-Modified), never on ours.
 
-A holder that loses its lease (its renewals are refused: another job took over after a long
-stall) finds out before its next checkpoint write and stops without writing.
+A holder that loses its lease (a renewal refused, and the lease naming another holder: another
+job took over after a long stall) finds out before its next checkpoint write and stops without
+writing. Storage out of reach is not a lost lease: renewals go on failing, within the storage
+retry budget, and the first one after the outage still matches our version if nobody else
+wrote; a lease that has expired meanwhile is renewed before the next checkpoint write. A budget
+spent ends the run as storage unavailable (exit 69), not as a lease lost to another job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import functools
 import json
 import os
 import socket
@@ -28,9 +34,17 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
+from typing import NamedTuple
 
-from job.errors import JobError
-from job.storage import LocalStore, S3Store, atomic_write_bytes
+from job.errors import JobError, first_line
+from job.storage import (
+    LocalStore,
+    S3Store,
+    atomic_write_bytes,
+    s3_error_line,
+    transient_reason,
+    unavailable,
+)
 
 HOLDER_NAME = ".holder"
 LEASE_NAME = ".lease"
@@ -67,7 +81,16 @@ class LocalLock:
             ) from None
         self.fd = fd
         since = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        atomic_write_bytes(self.holder_file, f"{holder_description()} since {since}\n".encode())
+        try:  # atomically: a failed write leaves no partial file behind
+            atomic_write_bytes(self.holder_file, f"{holder_description()} since {since}\n".encode())
+        except OSError as error:
+            self.release()
+            if error.errno == errno.ENOSPC:
+                raise JobError(f"the filesystem of {self.store.folder} is full (writing "
+                               f"{self.holder_file}); free space or pass another "
+                               "--checkpoint-uri") from None
+            raise JobError(f"cannot write {self.holder_file} ({error.strerror or error}); pass a "
+                           "writable --checkpoint-uri") from None
 
     def check(self) -> None:
         """An flock is never taken away from a live holder."""
@@ -101,10 +124,20 @@ class LocalLock:
 
     def release(self) -> None:
         if self.fd is not None:
-            self.holder_file.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder: there is none to remove
+                self.holder_file.unlink(missing_ok=True)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+class Seen(NamedTuple):
+    """The lease object as read: its version, age by the server's clock, and who wrote it."""
+
+    etag: str
+    age_s: float
+    holder: str
+    nonce: str | None
 
 
 class S3Lease:
@@ -113,8 +146,13 @@ class S3Lease:
         self.key = store.key(LEASE_NAME)
         self.location = store.location(LEASE_NAME)
         self.etag: str | None = None
-        self.lost_to: str | None = None
+        self.ended: JobError | None = None  # why this job may no longer write the run
+        self.confirmed = 0.0  # monotonic time S3 last confirmed a write of ours
         self.renewals = 0
+        # The nonces of our writes since the last one S3 confirmed: a write whose answer was
+        # lost (a connection dropped) may have landed, and must not pass for another holder's.
+        self._ours: set[str] = set()
+        self._lock = threading.Lock()  # one renewal at a time: the renewer's, or check()'s
         self._stop = threading.Event()
         self._renewer: threading.Thread | None = None
 
@@ -127,8 +165,10 @@ class S3Lease:
         # A new body each time, so that each renewal is a new version with a new ETag: that
         # change is how a waiting job sees that the holder is alive.
         self.renewals += 1
+        nonce = os.urandom(8).hex()
+        self._ours.add(nonce)
         body = json.dumps({"holder": holder_description(), "lease_s": self.lease_s,
-                           "renewal": self.renewals, "nonce": os.urandom(8).hex()}).encode()
+                           "renewal": self.renewals, "nonce": nonce}).encode()
         try:
             return self.store.client.put_object(Bucket=self.store.bucket, Key=self.key, Body=body,
                                                 **condition)["ETag"]
@@ -138,9 +178,8 @@ class S3Lease:
                 return None
             raise
 
-    def _look(self) -> tuple[str, float, str] | None:
-        """The current lease's (ETag, age in seconds by the server's clock, holder); None when
-        there is none."""
+    def _look(self) -> Seen | None:
+        """The current lease; None when there is none."""
         from botocore.exceptions import ClientError
 
         try:
@@ -151,29 +190,37 @@ class S3Lease:
             raise
         now = parsedate_to_datetime(response["ResponseMetadata"]["HTTPHeaders"]["date"])
         try:
-            holder = json.loads(response["Body"].read()).get("holder", "unknown")
+            body = json.loads(response["Body"].read())
+            holder, nonce = body.get("holder", "unknown"), body.get("nonce")
         except (ValueError, AttributeError):
-            holder = "unknown"
-        return response["ETag"], (now - response["LastModified"]).total_seconds(), holder
+            holder, nonce = "unknown", None
+        return Seen(response["ETag"], (now - response["LastModified"]).total_seconds(), holder,
+                    nonce)
+
+    def _retrying(self, action, **condition):
+        return self.store.retrying(functools.partial(action, **condition), LEASE_NAME)
 
     # -- acquire, renew, check, release --------------------------------------------------------
 
     def acquire(self) -> None:
-        with self.store.errors():
-            self.etag = self._acquire()
+        self.etag = self._acquire()
+        self.confirmed = time.monotonic()
+        self._ours.clear()
         self._renewer = threading.Thread(target=self._renew, name="s3-lease", daemon=True)
         self._renewer.start()
 
     def _acquire(self) -> str:
         watched = None  # (etag, monotonic time it was first seen)
         while True:
-            etag = self._put(IfNoneMatch="*")
+            etag = self._retrying(self._put, IfNoneMatch="*")
             if etag:
                 return etag
-            current = self._look()
+            current = self._retrying(self._look)
             if current is None:  # released between our two requests
                 continue
-            etag, age_s, holder = current
+            if current.nonce in self._ours:  # ours: the answer to our write was lost
+                return current.etag
+            etag, age_s, holder = current.etag, current.age_s, current.holder
             if watched and watched[0] != etag:
                 raise JobError(
                     f"{self.store.uri} is in use by a live job ({holder}, lease renewed "
@@ -186,60 +233,93 @@ class S3Lease:
                              f"waiting up to {self.lease_s - age_s:.0f} s to see whether it is alive")
             expired = age_s >= self.lease_s or time.monotonic() - watched[1] >= self.lease_s + 1
             if expired:
-                taken = self._put(IfMatch=etag)
+                taken = self._retrying(self._put, IfMatch=etag)
                 if taken:
                     self.log(f"took over the lease of {self.store.uri} from {holder}, who stopped "
                              f"renewing it {max(age_s, self.lease_s):.0f} s ago")
                     return taken
-                continue  # another job took it first: look again
+                continue  # another job took it first (or the answer was lost): look again
             time.sleep(POLL_S)
 
+    def _renew_once(self) -> None:
+        """Overwrite our own version. Refused, the lease is looked at: a version we wrote (its
+        answer lost in an outage) is still ours; another holder's means the run is theirs now.
+        Raises what a request raised."""
+        etag = self._put(IfMatch=self.etag)
+        if etag is None:
+            current = self._look()
+            if current is None:
+                self.ended = JobError(
+                    f"the lease {self.location} was deleted while this job held it, so another "
+                    "job may have written this run: this one stops without writing a checkpoint; "
+                    "run the same command to resume from the newest checkpoint")
+                return
+            if current.nonce not in self._ours:
+                self.ended = JobError(
+                    f"lost the lease on {self.store.uri} to {current.holder}: another job now "
+                    "writes this run, so this one stops without writing a checkpoint")
+                return
+            etag = current.etag
+        self.etag, self.confirmed = etag, time.monotonic()
+        self._ours.clear()
+
     def _renew(self) -> None:
-        last_renewed = time.monotonic()
+        """Every third of the lease period. A renewal that fails is tried again at the next one:
+        storage out of reach for up to the retry budget, any other failure for a lease period
+        (the lease may expire meanwhile: while no other job takes it, the next renewal still
+        matches our version). Then the run ends at the next check()."""
+        failing_since = None
         while not self._stop.wait(self.lease_s / 3):
             try:
-                etag = self._put(IfMatch=self.etag)
-            except Exception:  # a network blip: try again next time, while the lease lasts
-                if time.monotonic() - last_renewed > self.lease_s:
-                    self.lost_to = "nobody it could reach (the renewals failed for a whole period)"
-                    return
+                with self._lock:
+                    if self.ended:
+                        return
+                    self._renew_once()
+            except Exception as error:
+                now = time.monotonic()
+                failing_since = now if failing_since is None else failing_since
+                reason = transient_reason(error)
+                if reason and now - failing_since >= self.store.retry_s:
+                    self.ended = unavailable(self.store.endpoint_url, self.location, reason,
+                                             now - failing_since)
+                elif not reason and now - failing_since >= self.lease_s:
+                    self.ended = (s3_error_line(error, self.location, self.store.endpoint_url)
+                                  or JobError(f"could not renew the lease {self.location} "
+                                              f"({first_line(error, 200)})"))
                 continue
-            if etag is None:
-                current = self._look_quietly()
-                self.lost_to = current[2] if current else "nobody (the lease was deleted)"
-                return
-            self.etag, last_renewed = etag, time.monotonic()
-
-    def _look_quietly(self):
-        with contextlib.suppress(Exception):
-            return self._look()
-        return None
+            failing_since = None
 
     def is_held(self) -> bool:
         """Whether a live job holds the run: a lease renewed within its period (one read)."""
-        with self.store.errors():
-            current = self._look()
-        return current is not None and current[1] < self.lease_s
+        current = self._retrying(self._look)
+        return current is not None and current.age_s < self.lease_s
 
     def holder(self) -> str:
-        current = self._look_quietly()
-        return current[2] if current else "unknown"
+        with contextlib.suppress(Exception):
+            if current := self._look():
+                return current.holder
+        return "unknown"
 
     def check(self) -> None:
-        if self.lost_to:
-            raise JobError(
-                f"lost the lease on {self.store.uri} to {self.lost_to}: another job now writes "
-                "this run, so this one stops without writing a checkpoint")
+        """Before a checkpoint write: raise why this job may no longer write the run. A lease
+        not confirmed for two thirds of its period (renewals failing in an outage, a stalled
+        process) is renewed here first, retried as any request is."""
+        if self.ended is None and time.monotonic() - self.confirmed > self.lease_s * 2 / 3:
+            with self._lock:
+                if self.ended is None:
+                    self.store.retrying(self._renew_once, LEASE_NAME)
+        if self.ended:
+            raise self.ended
 
     def release(self) -> None:
         self._stop.set()
         if self._renewer:
             self._renewer.join()
-        if self.lost_to or not self.etag:
+        if self.ended or not self.etag:
             return
         with contextlib.suppress(Exception):  # at worst the lease expires by itself
             current = self._look()
-            if current and current[0] == self.etag:
+            if current and current.etag == self.etag:
                 self.store.client.delete_object(Bucket=self.store.bucket, Key=self.key)
         self.etag = None
 

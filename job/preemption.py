@@ -61,17 +61,32 @@ def handle_signals_from_here() -> None:
         signal.signal(signum, _raise_interrupted)
 
 
+_loop_stop: StopRequest | None = None  # the training loop's, while it runs
+
+
+def stop_requested() -> str | None:
+    """The signal the training loop was sent (its StopRequest's flag), else None. Outside the
+    loop a signal raises Interrupted by itself; inside it only raises the flag, which a wait that
+    could outlast a preemption (a storage retry's) reads here, to raise Interrupted itself."""
+    return _loop_stop.signal_name if _loop_stop else None
+
+
 class StopRequest:
     def __init__(self) -> None:
         self.signal_name: str | None = None
         self._previous = {}
+        self._outer: StopRequest | None = None
 
     def __enter__(self) -> StopRequest:
+        global _loop_stop
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, self._handle)
+        self._outer, _loop_stop = _loop_stop, self
         return self
 
     def __exit__(self, *exc) -> None:
+        global _loop_stop
+        _loop_stop = self._outer
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
 

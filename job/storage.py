@@ -5,6 +5,10 @@ an `s3://BUCKET/KEY` object (`open_object`), read whole or written atomically.
 Every write is atomic: bytes go to a temporary name in the same folder, are flushed to disk,
 and only then renamed over the final name, so a reader (or a resume after a crash) sees the
 old file or the new one, never half of one.
+
+S3 requests ride out an outage: a fault that passes is retried for the storage retry budget
+(`retrying`), then ends the job with exit status 69 (StorageUnavailable), never 2. A key, prefix
+or mirror path with a `.`, `..` or empty segment is refused, since it names folders of the cache.
 """
 
 from __future__ import annotations
@@ -14,16 +18,25 @@ import errno
 import fcntl
 import hashlib
 import io
+import math
 import os
+import random
+import re
 import tempfile
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
-from job.errors import JobError
+from job.errors import JobError, StorageUnavailable
+from job.preemption import Interrupted, stop_requested
+from job.progress import say
+
+T = TypeVar("T")
 
 HTTP_TIMEOUT_S = 60
 CHUNK_BYTES = 1 << 20
@@ -44,7 +57,17 @@ def uri_kind(uri: str, option: str, allowed: tuple[str, ...] = ("local", "s3", "
         names = [SUPPORTED[k] for k in allowed]
         supported = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
         raise JobError(f"{option} {uri}: {scheme}:// is not supported; use {supported}")
+    if kind == "http":
+        check_segments(urllib.parse.unquote(urllib.parse.urlsplit(uri).path).strip("/"), uri)
     return kind
+
+
+def check_segments(path: str, uri: str) -> None:
+    """Refuse a key, prefix or URL path with a `.`, `..` or empty segment (`a//b`): each part of
+    one names a folder of the cache, which such a segment would leave or make ambiguous. Local
+    paths are the user's own and are not checked."""
+    if path and any(segment in ("", ".", "..") for segment in path.split("/")):
+        raise JobError(f"{uri}: a path segment is empty, '.' or '..'; write the URI without them")
 
 
 def local_path(uri: str) -> Path:
@@ -185,24 +208,56 @@ def copy_hashing_md5(source: BinaryIO, out: BinaryIO) -> str:
 # ----------------------------------------------------------------------------------------------
 # S3-compatible object storage (AWS S3, MinIO, R2, ...)
 
-S3_MAX_ATTEMPTS = 3  # bounded retries: an endpoint that does not answer fails in seconds
+S3_MAX_ATTEMPTS = 3  # botocore's own tries of one request, before `retrying` takes over
 S3_CONNECT_TIMEOUT_S = 5
 S3_READ_TIMEOUT_S = 60
 MULTIPART_THRESHOLD_BYTES = 64 << 20
 
+# A fault that passes (the endpoint unreachable, a timeout, throttling, a 5xx, a connection
+# dropped mid-transfer) is retried with exponential backoff and jitter for up to the storage
+# retry budget (`train --storage-retry-s`, CNN_JOB_STORAGE_RETRY_S) from its first failure: an
+# outage shorter than that costs a wait, not the run; a longer one ends it with exit status 69.
+STORAGE_RETRY_ENV = "CNN_JOB_STORAGE_RETRY_S"
+RETRY_FIRST_WAIT_S = 0.5
+RETRY_MAX_WAIT_S = 16.0
+RETRY_REPORT_EVERY_S = 30.0  # at most one "retrying" line this often, per operation
+TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "RequestTimeout", "InternalError",
+                   "Throttling", "ThrottlingException", "RequestThrottled", "TooManyRequests",
+                   "RequestLimitExceeded", "BandwidthLimitExceeded", "OperationAborted"}
+
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """`s3://bucket/some/prefix` → ("bucket", "some/prefix")."""
+    """`s3://bucket/some/prefix` → ("bucket", "some/prefix"); a `.`, `..` or empty segment is
+    refused, because the prefix also names a folder of the cache (--data-uri)."""
     bucket, _, prefix = uri.removeprefix("s3://").partition("/")
     if not uri.startswith("s3://") or not bucket:
         raise JobError(f"{uri} is not an S3 URI; write it as s3://BUCKET/PREFIX")
-    return bucket, prefix.strip("/")
+    prefix = prefix.rstrip("/")
+    check_segments(bucket, uri)
+    check_segments(prefix, uri)
+    return bucket, prefix
 
 
 def s3_endpoint(endpoint_url: str | None = None) -> str | None:
     """--s3-endpoint-url, else AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL (AWS's own order)."""
     return (endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
             or os.environ.get("AWS_ENDPOINT_URL") or None)
+
+
+def storage_retry_s() -> float:
+    """The retry budget where no --storage-retry-s is given (evaluate, export, checkpoints,
+    data, ...): CNN_JOB_STORAGE_RETRY_S, else train's default."""
+    from job.config import TrainConfig, check_storage_retry_s
+
+    value = os.environ.get(STORAGE_RETRY_ENV, "").strip()
+    if not value:
+        return TrainConfig.__dataclass_fields__["storage_retry_s"].default
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    check_storage_retry_s(seconds, STORAGE_RETRY_ENV)
+    return seconds
 
 
 def s3_client(endpoint_url: str | None = None):
@@ -215,6 +270,10 @@ def s3_client(endpoint_url: str | None = None):
     from botocore.config import Config
 
     endpoint = s3_endpoint(endpoint_url)
+    bad_endpoint = JobError(f"S3 endpoint {endpoint} is not a URL; write it as "
+                            "http(s)://HOST[:PORT] in --s3-endpoint-url / AWS_ENDPOINT_URL")
+    if endpoint and urllib.parse.urlsplit(endpoint).scheme not in ("http", "https"):
+        raise bad_endpoint
     config = Config(
         retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
         connect_timeout=S3_CONNECT_TIMEOUT_S,
@@ -223,52 +282,144 @@ def s3_client(endpoint_url: str | None = None):
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+    try:
+        return boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+    except ValueError:  # botocore's "Invalid endpoint: ..."
+        raise bad_endpoint from None
 
 
 CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403",
                     "InvalidToken", "ExpiredToken", "InvalidSecurity", "Forbidden"}
 
 
+class TruncatedTransfer(Exception):
+    """A download that ended early: its connection dropped mid-transfer."""
+
+
+def transient_reason(error: BaseException) -> str | None:
+    """A few words on `error` when it is a fault that passes: the endpoint unreachable or
+    refusing connections, a timeout, throttling or a server error (5xx), a connection dropped
+    mid-transfer. None when a retry would fail the same way (credentials, a missing bucket or
+    object, a certificate that does not match)."""
+    import builtins
+
+    from botocore import exceptions as boto
+
+    if type(error).__name__ == "S3UploadFailedError" and isinstance(error.__context__,
+                                                                    boto.ClientError):
+        error = error.__context__  # boto3's upload_file wraps what S3 answered
+    if isinstance(error, boto.ClientError):
+        code = str(error.response.get("Error", {}).get("Code", ""))
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        if code in TRANSIENT_CODES or status >= 500 or status == 429:
+            return code or f"HTTP {status}"
+        return None
+    if isinstance(error, boto.SSLError):
+        return None
+    if isinstance(error, boto.ConnectTimeoutError):
+        return "connect timeout"
+    if isinstance(error, boto.ReadTimeoutError):
+        return "read timeout"
+    if isinstance(error, boto.EndpointConnectionError | boto.ProxyConnectionError):
+        cause = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error.kwargs.get("error", "")))
+        return cause[1].strip() if cause else "cannot connect"
+    if isinstance(error, boto.ConnectionClosedError):
+        return "connection closed"
+    if isinstance(error, boto.ResponseStreamingError | boto.IncompleteReadError | TruncatedTransfer):
+        return "connection dropped mid-transfer"
+    if isinstance(error, builtins.ConnectionError | TimeoutError):
+        return error.strerror or type(error).__name__
+    return None
+
+
+def unavailable(endpoint_url: str | None, uri: str, reason: str, seconds: float) -> StorageUnavailable:
+    endpoint = s3_endpoint(endpoint_url) or "AWS S3"
+    return StorageUnavailable(
+        f"S3 endpoint {endpoint} unreachable for {seconds:.0f} s ({reason}) at {uri}; the "
+        f"checkpoints are intact: run the same command to resume once it answers "
+        f"(exit status {StorageUnavailable.exit_code})")
+
+
+def s3_error_line(error: BaseException, uri: str, endpoint_url: str | None = None) -> JobError | None:
+    """What boto3 raised, as one JobError line (credentials never in it); None for an exception
+    that is not boto3's. A fault that passes is StorageUnavailable."""
+    from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+    if isinstance(error, NoCredentialsError | PartialCredentialsError):
+        return JobError(
+            f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+            "(or AWS_PROFILE, or give the pod an IAM role)")
+    if reason := transient_reason(error):
+        return unavailable(endpoint_url, uri, reason, 0)
+    if type(error).__name__ == "S3UploadFailedError" and isinstance(error.__context__, ClientError):
+        error = error.__context__
+    if not isinstance(error, ClientError):
+        return None
+    code = str(error.response.get("Error", {}).get("Code", "unknown"))
+    if code == "NoSuchBucket":
+        return JobError(f"bucket of {uri} does not exist; create it or fix the URI")
+    if code in ("NoSuchKey", "404", "NotFound"):
+        return JobError(f"{uri} does not exist in S3; check the URI (or push it first)")
+    if code in CREDENTIAL_CODES:
+        return JobError(
+            f"S3 refused the request for {uri} ({code}): check AWS_ACCESS_KEY_ID / "
+            "AWS_SECRET_ACCESS_KEY or the role's permissions")
+    message = error.response.get("Error", {}).get("Message", "")
+    return JobError(f"S3 error {code} for {uri}: {message}".rstrip(": "))
+
+
 @contextlib.contextmanager
 def s3_errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
-    """Turn what boto3 raises into one JobError line. Credentials never appear in it."""
-    from botocore.exceptions import (
-        ClientError,
-        ConnectionClosedError,
-        ConnectTimeoutError,
-        EndpointConnectionError,
-        NoCredentialsError,
-        PartialCredentialsError,
-        ReadTimeoutError,
-    )
-
+    """Turn what boto3 raises into one JobError line (s3_error_line), without retrying."""
     try:
         yield
-    except (NoCredentialsError, PartialCredentialsError):
-        raise JobError(
-            f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
-            "(or AWS_PROFILE, or give the pod an IAM role)"
-        ) from None
-    except (EndpointConnectionError, ConnectTimeoutError, ReadTimeoutError, ConnectionClosedError):
-        endpoint = s3_endpoint(endpoint_url) or "AWS S3"
-        raise JobError(
-            f"S3 endpoint {endpoint} does not answer ({S3_MAX_ATTEMPTS} attempts) for {uri}; "
-            "check --s3-endpoint-url / AWS_ENDPOINT_URL and the network"
-        ) from None
-    except ClientError as error:
-        code = str(error.response.get("Error", {}).get("Code", "unknown"))
-        if code == "NoSuchBucket":
-            raise JobError(f"bucket of {uri} does not exist; create it or fix the URI") from None
-        if code in ("NoSuchKey", "404", "NotFound"):
-            raise JobError(f"{uri} does not exist in S3; check the URI (or push it first)") from None
-        if code in CREDENTIAL_CODES:
-            raise JobError(
-                f"S3 refused the request for {uri} ({code}): check AWS_ACCESS_KEY_ID / "
-                "AWS_SECRET_ACCESS_KEY or the role's permissions"
-            ) from None
-        message = error.response.get("Error", {}).get("Message", "")
-        raise JobError(f"S3 error {code} for {uri}: {message}".rstrip(": ")) from None
+    except Exception as error:
+        line = s3_error_line(error, uri, endpoint_url)
+        if line is None:
+            raise
+        raise line from None
+
+
+def retrying(action: Callable[[], T], uri: str, endpoint_url: str | None, retry_s: float) -> T:
+    """`action()`, run again after a fault that passes (transient_reason) with exponential
+    backoff and jitter, for up to `retry_s` seconds from its first failure, with a line at the
+    first failure and every RETRY_REPORT_EVERY_S; then StorageUnavailable. Anything else is one
+    JobError line (s3_error_line). A stop signal during a wait ends it as a preemption."""
+    endpoint = s3_endpoint(endpoint_url) or "AWS S3"
+    first_failure = last_report = None
+    wait_s = RETRY_FIRST_WAIT_S
+    with s3_errors(uri, endpoint_url):
+        while True:
+            try:
+                return action()
+            except Exception as error:
+                reason = transient_reason(error)
+                if reason is None:
+                    raise
+            now = time.monotonic()
+            first_failure = now if first_failure is None else first_failure
+            left_s = retry_s - (now - first_failure)
+            if left_s <= 0:
+                raise unavailable(endpoint_url, uri, reason, now - first_failure)
+            if last_report is None or now - last_report >= RETRY_REPORT_EVERY_S:
+                say(True, f"S3 endpoint {endpoint} unreachable ({reason}) at {uri}; retrying "
+                          f"for up to {left_s:.0f} s more")
+                last_report = now
+            pause(min(left_s, random.uniform(wait_s / 2, wait_s)))
+            wait_s = min(2 * wait_s, RETRY_MAX_WAIT_S)
+
+
+def pause(seconds: float) -> None:
+    """Sleep, in short steps that end it as a preemption (Interrupted) once the training loop
+    has been sent a stop signal; outside the loop the signal interrupts the sleep by itself."""
+    deadline = time.monotonic() + seconds
+    while True:
+        if signal_name := stop_requested():
+            raise Interrupted(signal_name)
+        left_s = deadline - time.monotonic()
+        if left_s <= 0:
+            return
+        time.sleep(min(left_s, 0.1))
 
 
 @dataclass(frozen=True)
@@ -316,12 +467,15 @@ class LocalStore:
 
 class S3Store:
     """A prefix in a bucket. An object becomes visible only once completely uploaded
-    (single PUT or a completed multipart upload), which is what makes writes atomic here."""
+    (single PUT or a completed multipart upload), which is what makes writes atomic here.
+    Every request is retried through an outage of up to `retry_s` seconds (see `retrying`)."""
 
-    def __init__(self, uri: str, endpoint_url: str | None = None) -> None:
+    def __init__(self, uri: str, endpoint_url: str | None = None,
+                 retry_s: float | None = None) -> None:
         self.uri = uri.rstrip("/")
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.endpoint_url = endpoint_url
+        self.retry_s = storage_retry_s() if retry_s is None else retry_s
         self.client = s3_client(endpoint_url)
 
     def key(self, name: str) -> str:
@@ -332,22 +486,32 @@ class S3Store:
 
     def parent(self) -> tuple[S3Store, str]:
         """The prefix this one is in, and its last part there: where a URI named an object."""
-        return _object_in_s3(self.uri, self.endpoint_url)
+        return _object_in_s3(self.uri, self.endpoint_url, self.retry_s)
 
     def errors(self, name: str | None = None):
+        """One JobError line for what a request raises, without retrying (see `retrying`)."""
         return s3_errors(self.location(name) if name else self.uri, self.endpoint_url)
+
+    def retrying(self, action: Callable[[], T], name: str | None = None) -> T:
+        """`action()` (this store's requests) retried through an outage; see `retrying`."""
+        return retrying(action, self.location(name) if name else self.uri, self.endpoint_url,
+                        self.retry_s)
 
     def check_writable(self, option: str) -> None:
         probe = f".write-probe-{os.getpid()}"
         self.check_bucket()
-        with self.errors():
+
+        def write_and_delete() -> None:
             self.client.put_object(Bucket=self.bucket, Key=self.key(probe), Body=b"")
             self.client.delete_object(Bucket=self.bucket, Key=self.key(probe))
 
+        self.retrying(write_and_delete)
+
     def list(self) -> list[ObjectInfo]:
-        found = []
         start = self.key("")
-        with self.errors():
+
+        def listing() -> list[ObjectInfo]:
+            found = []
             for page in self.client.get_paginator("list_objects_v2").paginate(
                 Bucket=self.bucket, Prefix=start
             ):
@@ -356,7 +520,9 @@ class S3Store:
                     if name and "/" not in name:
                         found.append(ObjectInfo(name, item["Size"],
                                                 item["LastModified"].timestamp()))
-        return found
+            return found
+
+        return self.retrying(listing)
 
     def check_bucket(self, uri: str | None = None) -> None:
         """A missing bucket answers HEAD with a bare 404; name it as a missing bucket, and as
@@ -364,7 +530,8 @@ class S3Store:
         from botocore.exceptions import ClientError
 
         uri = uri or self.uri
-        with s3_errors(uri, self.endpoint_url):
+
+        def head() -> None:
             try:
                 self.client.head_bucket(Bucket=self.bucket)
             except ClientError as error:
@@ -374,18 +541,20 @@ class S3Store:
                     ) from None
                 raise
 
+        retrying(head, uri, self.endpoint_url, self.retry_s)
+
     def write(self, name: str, data: bytes) -> None:
-        with self.errors(name):
-            self.client.upload_fileobj(io.BytesIO(data), self.bucket, self.key(name),
-                                       Config=_transfer_config())
+        self.retrying(lambda: self.client.upload_fileobj(
+            io.BytesIO(data), self.bucket, self.key(name), Config=_transfer_config()), name)
 
     def abort_incomplete_uploads(self, name: str) -> int:
         """Abort the multipart uploads of `name` that were started and never completed (a push
         killed outright, or whose abort failed); their parts are stored, and billed, until then.
         Returns how many there were."""
         key = self.key(name)
-        aborted = 0
-        with self.errors(name):
+
+        def abort() -> int:
+            aborted = 0
             for page in self.client.get_paginator("list_multipart_uploads").paginate(
                 Bucket=self.bucket, Prefix=key
             ):
@@ -394,39 +563,44 @@ class S3Store:
                         self.client.abort_multipart_upload(Bucket=self.bucket, Key=key,
                                                            UploadId=upload["UploadId"])
                         aborted += 1
-        return aborted
+            return aborted
+
+        return self.retrying(abort, name)
 
     def upload_file(self, name: str, path: Path) -> None:
         # On an exception or Interrupted, s3transfer cancels the transfer, waits for the parts
         # in flight and aborts its multipart upload before this returns; only SIGKILL (or a
         # failed abort) leaves one behind, for abort_incomplete_uploads to find.
-        with self.errors(name):
-            self.client.upload_file(str(path), self.bucket, self.key(name),
-                                    Config=_transfer_config())
+        self.retrying(lambda: self.client.upload_file(
+            str(path), self.bucket, self.key(name), Config=_transfer_config()), name)
 
     def download(self, name: str, dest: Path) -> None:
         """Fetch one object into `dest` (atomically), reusing a cached copy whose size and ETag
         still match; a single-part object's ETag is its md5 and is checked."""
         key, uri = self.key(name), self.location(name)
         marker = dest.with_name(dest.name + ".etag")
-        with self.errors(name):
+
+        def fetch() -> str | None:
             head = self.client.head_object(Bucket=self.bucket, Key=key)
             etag, size = head["ETag"].strip('"'), head["ContentLength"]
             if dest.is_file() and dest.stat().st_size == size and _read_text(marker) == etag:
-                return
+                return None
             with atomic_output(dest) as out:
                 body = self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=head["ETag"])["Body"]
                 md5 = copy_hashing_md5(body, out)
                 if out.tell() != size:
-                    raise JobError(f"{uri}: got {out.tell()} of {size} bytes; try again")
+                    raise TruncatedTransfer(f"{uri}: got {out.tell()} of {size} bytes")
                 if "-" not in etag and md5 != etag:
                     raise JobError(f"{uri}: downloaded bytes do not match the object's ETag (md5)")
-        atomic_write_bytes(marker, etag.encode())
+            return etag
+
+        if etag := self.retrying(fetch, name):
+            atomic_write_bytes(marker, etag.encode())
 
     def read(self, name: str) -> bytes | None:
         from botocore.exceptions import ClientError
 
-        with self.errors(name):
+        def get() -> bytes | None:
             try:
                 return self.client.get_object(Bucket=self.bucket, Key=self.key(name))["Body"].read()
             except ClientError as error:
@@ -434,9 +608,11 @@ class S3Store:
                     return None
                 raise
 
+        return self.retrying(get, name)
+
     def delete(self, name: str) -> None:
-        with self.errors(name):
-            self.client.delete_object(Bucket=self.bucket, Key=self.key(name))
+        self.retrying(lambda: self.client.delete_object(Bucket=self.bucket, Key=self.key(name)),
+                      name)
 
 
 def _transfer_config():
@@ -445,10 +621,10 @@ def _transfer_config():
     return TransferConfig(multipart_threshold=MULTIPART_THRESHOLD_BYTES)
 
 
-def open_store(uri: str, endpoint_url: str | None = None,
-               option: str = "--checkpoint-uri") -> LocalStore | S3Store:
+def open_store(uri: str, endpoint_url: str | None = None, option: str = "--checkpoint-uri",
+               retry_s: float | None = None) -> LocalStore | S3Store:
     if uri_kind(uri, option, allowed=("local", "s3")) == "s3":
-        return S3Store(uri, endpoint_url)
+        return S3Store(uri, endpoint_url, retry_s)
     return LocalStore(uri)
 
 
@@ -473,11 +649,13 @@ def open_object(uri: str, option: str, endpoint_url: str | None = None,
     return LocalStore(uri).parent()
 
 
-def _object_in_s3(uri: str, endpoint_url: str | None) -> tuple[S3Store, str]:
+def _object_in_s3(uri: str, endpoint_url: str | None,
+                  retry_s: float | None = None) -> tuple[S3Store, str]:
     parent, _, name = uri.rstrip("/").rpartition("/")
     if parent in ("s3:", "s3:/") or not name:
         raise JobError(f"{uri} names no object; write it as s3://BUCKET/KEY")
-    return S3Store(parent, endpoint_url), name
+    parse_s3_uri(uri)  # the object's name is a segment too
+    return S3Store(parent, endpoint_url, retry_s), name
 
 
 def read_object(uri: str, option: str, endpoint_url: str | None = None) -> bytes:

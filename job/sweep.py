@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from job.config import TrainConfig
-from job.errors import JobError, first_line
+from job.errors import JobError, StorageUnavailable, first_line
 from job.lease import lease_for
 from job.preemption import PREEMPTED_EXIT_CODE, SIGNALS, Interrupted
 from job.storage import LocalStore, S3Store, open_store, read_object
@@ -382,6 +382,8 @@ def run_trial(plan: Plan, index: int, run_training: Callable[[TrainConfig], dict
     os.environ.setdefault("WANDB_RUN_GROUP", plan.name)  # wandb.init reads it: one group a sweep
     try:
         summary = run_training(cfg)
+    except StorageUnavailable:
+        raise  # its status file is out of reach too; the trial's retry resumes it
     except JobError as error:
         write_status(store, {**status, "status": "failed", "error": first_line(error, 300)})
         raise JobError(f"trial {index:03d} failed: {error}") from None

@@ -38,7 +38,8 @@ def train(cfg: TrainConfig) -> dict:
     torch.empty(0, device=d.device)  # CUDA's context is made here, not inside a later phase
     clock.mark("device_init")
     checkpoints = CheckpointManager(cfg.checkpoint_uri, cfg.keep_checkpoints,
-                                    cfg.s3_endpoint_url, log=functools.partial(say, d.is_main))
+                                    cfg.s3_endpoint_url, log=functools.partial(say, d.is_main),
+                                    retry_s=cfg.storage_retry_s)
     try:
         return _train(cfg, d, checkpoints, clock)
     finally:
@@ -55,7 +56,7 @@ def load_data(cfg: TrainConfig, d: Dist) -> ImageSplits:
     while the others wait, outside any collective (a download is not bounded by the collective
     timeout)."""
     p = preset(cfg.dataset)
-    paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir, cfg.s3_endpoint_url)
+    paths = fetch_archives(p, cfg.data_uri, cfg.cache_dir, cfg.s3_endpoint_url, cfg.storage_retry_s)
     splits = load_splits(p, paths, cfg.cache_dir)
     if cfg.limit_train is not None:
         splits.train_images = splits.train_images[: cfg.limit_train]

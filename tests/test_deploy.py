@@ -657,6 +657,46 @@ def test_the_readme_exit_statuses_are_what_every_manifest_acts_on():
             assert jobset_action(jobset, PREEMPTED_EXIT_CODE) == "RestartJobSetAndIgnoreMaxRestarts"
 
 
+# What a meaning in the README's exit-status table asks of Kubernetes, by its first words: never
+# retried ("fail"), retried without counting ("free"), or retried within the retry limit
+# ("counted"); a pod that succeeded (0) is no failure.
+README_MEANINGS = {"done": None, "bad input": "fail", "preempted": "free",
+                   "storage unavailable": "counted", "a worker crashed": "counted",
+                   "interrupted": "counted"}
+ACTION_KINDS = {"FailJob": "fail", "FailIndex": "fail", "FailJobSet": "fail", "Ignore": "free",
+                "RestartJobSetAndIgnoreMaxRestarts": "free", "Count": "counted",
+                "RestartJobSet": "counted"}
+
+
+def test_the_readme_exit_status_table_and_every_pod_failure_policy_agree():
+    from job.errors import StorageUnavailable
+
+    rows = dict(re.findall(r"^\| (\d+) \| ([^|]+) \|$", (REPO / "README.md").read_text(), re.M))
+    wanted = {}
+    for status, meaning in rows.items():
+        kinds = [kind for lead, kind in README_MEANINGS.items() if meaning.startswith(lead)]
+        assert len(kinds) == 1, f"README exit status {status}: what does {meaning!r} ask for?"
+        wanted[int(status)] = kinds[0]
+    # The statuses the code exits with mean what the table says.
+    assert wanted[JobError.exit_code] == "fail" and wanted[PREEMPTED_EXIT_CODE] == "free"
+    assert wanted.get(StorageUnavailable.exit_code) == "counted", "the README has no exit 69"
+    for name, folder in FOLDERS.items():
+        objects = load_folder(folder)
+        job, jobset = the_job(objects), the_jobset(objects)
+        rules = job["spec"]["podFailurePolicy"]["rules"]
+        named = {status for rule in rules for status in rule.get("onExitCodes", {}).get("values", [])}
+        assert named <= set(wanted), f"{name}: rules for statuses the README lacks: {named - set(wanted)}"
+        # Storage out of reach is retried, counted: by a rule of its own, so that no broader
+        # rule added later can fail the Job on it.
+        assert StorageUnavailable.exit_code in named, name
+        for status, kind in wanted.items():
+            if kind is None:
+                continue
+            action = (jobset_action(jobset, status) if jobset
+                      else pod_failure_action(job["spec"], status)[0])
+            assert ACTION_KINDS[action] == kind, (name, status, action)
+
+
 def test_indexed_job_finds_rank_0_through_the_headless_service():
     objects = load_folder(FOLDERS["indexed-job"])
     job = the_job(objects)

@@ -397,8 +397,9 @@ def test_a_summary_json_on_a_filesystem_full_by_the_end_is_one_line(tmp_path, da
 def test_credentials_in_an_endpoint_never_reach_output_or_checkpoints(tmp_path, data_dir):
     endpoint = f"http://KEY:{SECRET}@127.0.0.1:9"  # nothing listens on the discard port
     result = run_cli("train", "mnist", "--checkpoint-uri", "s3://bucket/run", "--s3-endpoint-url",
-                     endpoint, env={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
-    assert result.returncode == 2 and result.stderr.count("\n") == 1
+                     endpoint, "--storage-retry-s", "0",
+                     env={"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"})
+    assert result.returncode == 69 and result.stderr.count("\n") == 1  # unreachable: exit 69
     assert SECRET not in result.stderr + result.stdout and "http://127.0.0.1:9" in result.stderr
     cfg = config(tmp_path, data_dir, s3_endpoint_url=endpoint,
                  data_uri=f"https://user:{SECRET}@mirror.example/data")

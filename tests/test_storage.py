@@ -299,15 +299,37 @@ def test_wrong_credentials(tmp_path):
         process.wait(timeout=10)
 
 
-def test_endpoint_that_does_not_answer(tmp_path):
+def test_endpoint_that_does_not_answer_is_unavailable_not_bad_input(tmp_path):
+    # Refused connections are an outage, retried for CNN_JOB_STORAGE_RETRY_S (none here), then
+    # exit 69 (the manifests retry it); an endpoint that is not a URL at all is bad input.
     env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": SECRET,
-           "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_DEFAULT_REGION": "us-east-1"}
+           "AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_DEFAULT_REGION": "us-east-1",
+           "CNN_JOB_STORAGE_RETRY_S": "0"}
     started = time.monotonic()
-    line = one_line_error(run_cli("train", "mnist", "--checkpoint-uri", "s3://bucket/c", env=env))
-    assert "S3 endpoint http://127.0.0.1:9 does not answer (3 attempts)" in line
+    result = run_cli("train", "mnist", "--checkpoint-uri", "s3://bucket/c", env=env)
+    assert result.returncode == 69, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: S3 endpoint http://127.0.0.1:9 unreachable for 0 s "
+                           "(Connection refused) at s3://bucket/c")
+    assert line.endswith("the checkpoints are intact: run the same command to resume once it "
+                         "answers (exit status 69)")
     assert time.monotonic() - started < 60
     # --s3-endpoint-url wins over the environment
     line = one_line_error(run_cli("train", "mnist", "--checkpoint-uri", "s3://bucket/c",
-                                  "--s3-endpoint-url", "http://127.0.0.1:7", env=env))
-    assert "http://127.0.0.1:7" in line
+                                  "--s3-endpoint-url", "ftp://127.0.0.1:7", env=env))
+    assert line == ("error: S3 endpoint ftp://127.0.0.1:7 is not a URL; write it as "
+                    "http(s)://HOST[:PORT] in --s3-endpoint-url / AWS_ENDPOINT_URL")
     assert sys.executable  # the CLI ran as its own process
+
+
+def test_the_storage_retry_budget_is_a_setting(monkeypatch):
+    assert TrainConfig(dataset="mnist").storage_retry_s == 300
+    assert TrainConfig(dataset="mnist", storage_retry_s=0).storage_retry_s == 0
+    with pytest.raises(JobError, match="--storage-retry-s must be a finite number of seconds"):
+        TrainConfig(dataset="mnist", storage_retry_s=-1)
+    monkeypatch.setenv("CNN_JOB_STORAGE_RETRY_S", "12.5")
+    assert S3Store("s3://b/p").retry_s == 12.5  # the commands without the option read the env
+    assert S3Store("s3://b/p", retry_s=3).retry_s == 3
+    monkeypatch.setenv("CNN_JOB_STORAGE_RETRY_S", "soon")
+    with pytest.raises(JobError, match="CNN_JOB_STORAGE_RETRY_S must be a finite number"):
+        S3Store("s3://b/p")
