@@ -17,7 +17,7 @@ from job.data import DeviceBatches
 from job.datasets import preset
 from job.export import SERVING_KEY
 from job.recipes import load
-from tests.conftest import run_cli
+from tests.conftest import fill, run_cli
 from tests.test_cli import assert_one_line_error
 from tests.trained_runs import trained_run
 
@@ -168,6 +168,19 @@ def test_bad_exports_are_one_line_and_leave_nothing(mnist_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["junk.pt", "old.onnx", "readonly"]
     result = run_cli("export", str(mnist_run.folder), "--format", "torchscript", "--output", "m.pt")
     assert_one_line_error(result, "--format torchscript is not one of", "use --format torch-export")
+
+
+def test_an_export_onto_a_full_filesystem_is_one_line_and_keeps_what_was_there(
+        mnist_run, tmp_path, tmpfs):
+    full = tmpfs(tmp_path / "full", size_mb=1)
+    (full / "net.onnx").write_bytes(b"previous export")
+    fill(full)
+    result = run_cli("export", str(mnist_run.folder), "--format", "onnx", "--output",
+                     str(full / "net.onnx"))
+    assert_one_line_error(result, f"could not write --output {full / 'net.onnx'} (No space left "
+                          "on device); nothing was written")
+    assert (full / "net.onnx").read_bytes() == b"previous export"
+    assert sorted(p.name for p in full.iterdir()) == ["filler", "net.onnx"]
 
 
 # The export, started from python with an import hook that holds the first import of a

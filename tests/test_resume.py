@@ -394,6 +394,22 @@ def test_a_summary_json_on_a_filesystem_full_by_the_end_is_one_line(tmp_path, da
     assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no half-written file
 
 
+def test_a_checkpoint_folder_that_fills_up_is_one_line_and_keeps_the_last_checkpoint(
+        tmp_path, data_dir, tmpfs):
+    folder = tmpfs(tmp_path / "ckpt", size_mb=8)  # one seed MNIST checkpoint (4.8 MB), not two
+    result = run_cli("train", "mnist", "--data-uri", str(data_dir), "--cache-dir",
+                     str(tmp_path / "cache"), "--checkpoint-uri", str(folder), "--device", "cpu",
+                     "--epochs", "1", "--limit-train", "640", "--checkpoint-every-steps", "3")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: could not write checkpoint {folder}/step-000000006.pt (No space left on device); "
+        "the previous checkpoint step-000000003.pt is intact: free space or pass another "
+        "--checkpoint-uri")
+    assert (folder / "latest").read_text().strip() == "step-000000003.pt"
+    assert not list(folder.glob("*.partial")) and not list(folder.glob(".*.partial"))
+    assert read_checkpoint(None, folder)["step"] == 3  # whole, and loadable
+
+
 def test_credentials_in_an_endpoint_never_reach_output_or_checkpoints(tmp_path, data_dir):
     endpoint = f"http://KEY:{SECRET}@127.0.0.1:9"  # nothing listens on the discard port
     result = run_cli("train", "mnist", "--checkpoint-uri", "s3://bucket/run", "--s3-endpoint-url",
