@@ -18,6 +18,7 @@ from typing import Any
 from job import recipes
 from job.datasets import DATASETS, preset
 from job.errors import JobError, strip_userinfo
+from job.storage import DEFAULT_STORAGE_RETRY_S, check_storage_retry_s
 
 LR_SCHEDULES = ("constant", "linear", "cosine", "triangle")  # see job/optim.py's lr_at
 COMPILE_MODES = ("auto", "off", "cuda-graph")  # how a training step runs: see job/step.py
@@ -31,11 +32,6 @@ PRECISIONS = ("auto", "fp32", "bf16")
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise JobError("--precision must be auto, fp32 or bf16")
-
-
-def check_storage_retry_s(seconds: float, option: str = "--storage-retry-s") -> None:
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise JobError(f"{option} must be a finite number of seconds, 0 or more")
 
 
 def uses_bf16(precision: str, device_type: str) -> bool:
@@ -132,8 +128,8 @@ class TrainConfig:
     lease_seconds: float = setting(
         30.0, "S3: the writer's lease; a job replacing a killed one waits at most this long.")
     storage_retry_s: float = setting(
-        300.0, "S3: how long an unreachable, throttling or failing endpoint is retried before the "
-        "job exits 69 (checkpoints intact; the same command resumes).")
+        DEFAULT_STORAGE_RETRY_S, "S3: how long an unreachable, throttling or failing endpoint is "
+        "retried before the job exits 69 (checkpoints intact; the same command resumes).")
     collective_timeout_s: float = setting(
         300.0, "DDP: seconds a rank waits in a collective for the others before it fails.")
     keep_checkpoints: int = setting(

@@ -244,14 +244,20 @@ def s3_endpoint(endpoint_url: str | None = None) -> str | None:
             or os.environ.get("AWS_ENDPOINT_URL") or None)
 
 
+DEFAULT_STORAGE_RETRY_S = 300.0  # --storage-retry-s's default (TrainConfig's): a few minutes
+
+
+def check_storage_retry_s(seconds: float, option: str = "--storage-retry-s") -> None:
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise JobError(f"{option} must be a finite number of seconds, 0 or more")
+
+
 def storage_retry_s() -> float:
     """The retry budget where no --storage-retry-s is given (evaluate, export, checkpoints,
     data, ...): CNN_JOB_STORAGE_RETRY_S, else train's default."""
-    from job.config import TrainConfig, check_storage_retry_s
-
     value = os.environ.get(STORAGE_RETRY_ENV, "").strip()
     if not value:
-        return TrainConfig.__dataclass_fields__["storage_retry_s"].default
+        return DEFAULT_STORAGE_RETRY_S
     try:
         seconds = float(value)
     except ValueError:
