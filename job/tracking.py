@@ -5,18 +5,22 @@ log_checkpoint(location, aliases, metadata), close(summary). A W&B failure (no n
 key, a server outage) prints one warning and turns the tracker into the no-op: training never
 stops for its dashboard. Nor does it wait for it: W&B starts (1-3 s, a service process and,
 online, the server's answer) and logs on a thread of its own, in call order, while training
-runs; only close() waits for it to finish.
+runs; only close() waits for it to finish, and that for at most WAIT_AT_CLOSE_S.
 """
 
 from __future__ import annotations
 
+import contextlib
 import netrc
 import os
 import queue
 import secrets
+import signal
 import string
+import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -28,9 +32,13 @@ if TYPE_CHECKING:
     from job.evaluation import Evaluation
 
 DEFAULT_PROJECT = "cnn-job"
-# After a stop signal or a failure, W&B's last records get at most this long: a stopped pod has
-# a grace period (Kubernetes: 30 s by default) that a slow or absent W&B server must not eat.
-WAIT_AFTER_STOP_S = 10.0
+# At close, W&B's last records get at most this long, then its service process is stopped: a
+# stopped pod has a grace period (Kubernetes: 30 s by default) that a slow or absent W&B server
+# must not eat, and a finished run must not wait out W&B's retries (90 s and more) either.
+WAIT_AT_CLOSE_S = 10.0
+WAIT_AFTER_STOP_S = WAIT_AT_CLOSE_S  # what the loop passes after a stop signal
+# How long W&B's service process gets to exit on SIGTERM before SIGKILL, and its teardown after.
+SERVICE_STOP_S = 1.0
 
 
 class NullTracker:
@@ -54,7 +62,7 @@ class NullTracker:
 
     def close(self, summary: dict | None, wait_s: float | None = None) -> None:
         """Finish the run: with the final summary, or as failed (None); wait for W&B at most
-        `wait_s` seconds (None: as long as it takes)."""
+        `wait_s` seconds (None: WAIT_AT_CLOSE_S)."""
 
 
 def resolve_mode(mode: str | None) -> tuple[str, bool]:
@@ -184,6 +192,7 @@ def start(
     def init():
         import wandb
 
+        _no_sdk_analytics()
         return wandb.init(
             project=project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
             name=run_name, id=run_id, resume="allow", mode=mode, dir=folder,
@@ -195,6 +204,16 @@ def start(
         )
 
     return BackgroundTracker(run_id, init, class_names, say, for_want_of_key)
+
+
+def _no_sdk_analytics() -> None:
+    """W&B's SDK sends usage analytics of its own (not the run's data) to the server, and its
+    exit hook flushes them, waiting up to 10 s for a server that accepts and never answers: the
+    job leaves them off. (Absent in other W&B versions: nothing to do.)"""
+    with contextlib.suppress(ImportError, AttributeError):
+        from wandb.analytics.opentelemetry import opentelemetry_proxy
+
+        opentelemetry_proxy.disable()
 
 
 def run_folder(config: dict) -> Path | None:
@@ -248,30 +267,38 @@ def new_run_id() -> str:
 
 class BackgroundTracker(NullTracker):
     """W&B on a thread of its own: it starts the run, then makes the calls queued here in
-    order. The loop never waits for W&B; close() does, for the run's last records."""
+    order. The loop never waits for W&B; close() does, for the run's last records, at most
+    `wait_s`, then stops W&B's service process and says so in one line."""
 
     def __init__(self, run_id: str, init: Callable, class_names: tuple[str, ...],
                  say: Callable[[str], None], for_want_of_key: bool) -> None:
         self.run_id, self.say = run_id, say
+        self.run_folder: Path | None = None  # set once W&B's run is up
+        self.given_up = False  # close() stopped waiting: the thread's own lines are moot
         self.calls: queue.Queue = queue.Queue()
-        self.thread = threading.Thread(target=self._work, args=(init, class_names, say,
+        self.thread = threading.Thread(target=self._work, args=(init, class_names,
                                                                 for_want_of_key),
                                        name="wandb", daemon=True)
         self.thread.start()
 
-    def _work(self, init: Callable, class_names: tuple[str, ...], say: Callable[[str], None],
-              for_want_of_key: bool) -> None:
+    def _say(self, line: str) -> None:
+        if not self.given_up:
+            self.say(line)
+
+    def _work(self, init: Callable, class_names: tuple[str, ...], for_want_of_key: bool) -> None:
         try:
             run = init()
         except Exception as error:
-            say(f"warning: W&B did not start ({type(error).__name__}: "
-                f"{str(error).splitlines()[0][:160] if str(error) else ''}); "
-                "training goes on without it")
+            self._say(f"warning: W&B did not start ({type(error).__name__}: "
+                      f"{str(error).splitlines()[0][:160] if str(error) else ''}); "
+                      "training goes on without it")
             run = None
-        if run is not None and for_want_of_key:
-            say(f"W&B is offline (no WANDB_API_KEY): sync it later with "
-                f"`wandb sync {Path(run.dir).parent}`")
-        tracker = WandbTracker(run, class_names, say) if run is not None else NullTracker()
+        if run is not None:
+            self.run_folder = Path(run.dir).parent
+            if for_want_of_key:
+                self._say(f"W&B is offline (no WANDB_API_KEY): sync it later with "
+                          f"`wandb sync {self.run_folder}`")
+        tracker = WandbTracker(run, class_names, self._say) if run is not None else NullTracker()
         while (call := self.calls.get()) is not None:
             call(tracker)
 
@@ -287,9 +314,76 @@ class BackgroundTracker(NullTracker):
     def close(self, summary: dict | None, wait_s: float | None = None) -> None:
         if not self.thread.is_alive():
             return
+        wait_s = WAIT_AT_CLOSE_S if wait_s is None else wait_s
         self.calls.put(lambda tracker: tracker.close(summary))
         self.calls.put(None)
         self.thread.join(wait_s)
-        if self.thread.is_alive():  # W&B still starting or sending: the job does not wait
+        if not self.thread.is_alive():
+            return
+        # W&B is still starting or sending: its server is slow or absent. W&B's service process
+        # would go on retrying for minutes, and the job's exit would wait for it (W&B's exit
+        # hook joins it) or leave it holding the job's stdout and stderr, so that whatever reads
+        # them (a pipe, `sweep run`) sees the job end only when W&B gives up.
+        self.given_up = True
+        stop_service()
+        if self.run_folder is None:
+            self.say(f"warning: W&B did not finish within {wait_s:g} s: its server never "
+                     "answered, so the run's metrics were not recorded (the checkpoint and "
+                     "summary are written)")
+        else:
             self.say(f"warning: W&B did not finish within {wait_s:g} s; its last records may "
-                     "be missing (the checkpoint and summary are written)")
+                     "not have reached its server: `wandb sync "
+                     f"{self.run_folder}` sends what it wrote (the checkpoint and summary are "
+                     "written)")
+
+
+def stop_service(timeout_s: float = SERVICE_STOP_S) -> None:
+    """Stop W&B's service process (wandb-core, a child of this process) at once: SIGTERM, then
+    SIGKILL after `timeout_s`. Asked to shut down, it would first wait until it gives up on the
+    server. What it had received is in the run's transaction log already. W&B's teardown then
+    finds it stopped, and takes away W&B's exit hook, which would otherwise fail on it with a
+    traceback."""
+    pids = [pid for pid, name in _children() if name == "wandb-core"]
+    for stop_signal in (signal.SIGTERM, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, stop_signal)
+        deadline = time.monotonic() + timeout_s
+        while (pids := [pid for pid in pids if _running(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if not pids:
+            break
+    wandb = sys.modules.get("wandb")
+    if wandb is not None:
+        teardown = threading.Thread(target=_quietly, args=(wandb.teardown,),
+                                    name="wandb-teardown", daemon=True)
+        teardown.start()
+        teardown.join(timeout_s)
+
+
+def _quietly(action: Callable[[], None]) -> None:
+    with contextlib.suppress(BaseException):  # the service is being stopped under it
+        action()
+
+
+def _children() -> list[tuple[int, str]]:
+    """(pid, name) of this process's child processes, from /proc (Linux; elsewhere none)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # it ended meanwhile
+            continue
+        name, fields = text[text.find("(") + 1:text.rfind(")")], text[text.rfind(")") + 2:].split()
+        if int(fields[1]) == os.getpid():
+            children.append((int(stat.parent.name), name))
+    return children
+
+
+def _running(pid: int) -> bool:
+    """Not exited: neither gone nor a zombie waiting for W&B's teardown to reap it."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return text[text.rfind(")") + 2:].split()[0] != "Z"
