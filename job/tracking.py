@@ -340,9 +340,9 @@ class BackgroundTracker(NullTracker):
 def stop_service(timeout_s: float = SERVICE_STOP_S) -> None:
     """Stop W&B's service process (wandb-core, a child of this process) at once: SIGTERM, then
     SIGKILL after `timeout_s`. Asked to shut down, it would first wait until it gives up on the
-    server. What it had received is in the run's transaction log already. W&B's teardown then
-    finds it stopped, and takes away W&B's exit hook, which would otherwise fail on it with a
-    traceback."""
+    server; it writes each record into the run's transaction log before it sends it. W&B's
+    teardown then finds it stopped, and takes away W&B's exit hook, which would otherwise fail
+    on it with a traceback."""
     pids = [pid for pid, name in _children() if name == "wandb-core"]
     for stop_signal in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
