@@ -37,9 +37,13 @@ export CNN_JOB_DATA_URI ?= $(SHARED_DATA)
 train: $(STAMP)
 	$(BIN)/cnn-job train $(DATASET)
 
+# Test files run on TEST_WORKERS processes (each file's tests on one, in order: module fixtures
+# are made once); the tests wait on files and process states, not on time, so load does not
+# change their outcome. TEST_WORKERS=0 runs them in this process, one after another.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 # BENCH_ARGS: e.g. "--nets fast" for --net fast's speed and its two full accuracy runs
 bench: $(STAMP)

@@ -36,7 +36,6 @@ DEFAULT_PROJECT = "cnn-job"
 # stopped pod has a grace period (Kubernetes: 30 s by default) that a slow or absent W&B server
 # must not eat, and a finished run must not wait out W&B's retries (90 s and more) either.
 WAIT_AT_CLOSE_S = 10.0
-WAIT_AFTER_STOP_S = WAIT_AT_CLOSE_S  # what the loop passes after a stop signal
 # How long W&B's service process gets to exit on SIGTERM before SIGKILL, and its teardown after.
 SERVICE_STOP_S = 1.0
 
@@ -49,7 +48,7 @@ class NullTracker:
 
     def __exit__(self, exc_type, *exc) -> None:
         if exc_type is not None:  # the run failed; a finished run was closed with its summary
-            self.close(None, wait_s=WAIT_AFTER_STOP_S)
+            self.close(None)
 
     def log(self, metrics: dict, step: int) -> None:
         pass

@@ -284,7 +284,7 @@ def finish(cfg: TrainConfig, d: Dist, job: Setup, run: RunState, tracker, clock:
         write_summary(Path(cfg.summary_json), summary)
     if d.is_main:  # how the run ended, in one line: the pod's termination message
         set_last_line(_last_line(summary, run))
-    tracker.close(summary, wait_s=tracking.WAIT_AFTER_STOP_S if preempted_by else None)
+    tracker.close(summary)  # W&B gets at most tracking.WAIT_AT_CLOSE_S, stopped or finished
     return summary
 
 

@@ -661,7 +661,7 @@ def test_the_readme_exit_statuses_are_what_every_manifest_acts_on():
 # retried ("fail"), retried without counting ("free"), or retried within the retry limit
 # ("counted"); a pod that succeeded (0) is no failure.
 README_MEANINGS = {"done": None, "bad input": "fail", "preempted": "free",
-                   "storage unavailable": "counted", "a worker crashed": "counted",
+                   "unavailable": "counted", "a worker crashed": "counted",
                    "interrupted": "counted"}
 ACTION_KINDS = {"FailJob": "fail", "FailIndex": "fail", "FailJobSet": "fail", "Ignore": "free",
                 "RestartJobSetAndIgnoreMaxRestarts": "free", "Count": "counted",
