@@ -43,10 +43,13 @@ from job.storage import (
     file_lock,
     http_download,
     http_get_bytes,
+    http_transient_reason,
     local_path,
     parse_s3_uri,
     read_object,
     remove_stale_partials,
+    ride_out,
+    storage_retry_s,
     uri_kind,
 )
 
@@ -72,7 +75,8 @@ def fetch_archives(
     if kind == "http":
         base = data_uri.rstrip("/")
         cache = cache_path(cache_dir, data_uri, _slug(base), p.name)
-        return _download_all(p, [f"{base}/{p.name}"], cache, published=False, sums_url=base)
+        return _download_all(p, [f"{base}/{p.name}"], cache, published=False, sums_url=base,
+                             retry_s=storage_retry_s() if retry_s is None else retry_s)
     folder = local_path(data_uri) / p.name
     paths = {a.name: folder / a.name for a in p.archives}
     missing = [name for name, path in paths.items() if not path.is_file()]
@@ -153,11 +157,14 @@ def _slug(url: str) -> str:
 
 
 def _download_all(
-    p: DatasetPreset, bases: list[str], cache: Path, published: bool, sums_url: str | None = None
+    p: DatasetPreset, bases: list[str], cache: Path, published: bool, sums_url: str | None = None,
+    retry_s: float = 0.0,
 ) -> dict[str, Path]:
     # A user's mirror may publish SHA256SUMS beside the dataset folders (../shared/datasets does);
-    # the public mirrors' files are checked against torchvision's published md5s.
-    sha256_sums = _read_sha256_sums(sums_url) if sums_url else {}
+    # the public mirrors' files are checked against torchvision's published md5s. A user's
+    # mirror that fails for a while is waited for (`retry_s`, as S3 is); the public mirrors are
+    # tried one after another, once: failing them all is a machine without internet.
+    sha256_sums = _read_sha256_sums(sums_url, retry_s) if sums_url else {}
     paths = {}
     for archive in p.archives:
         dest = cache / archive.name
@@ -167,7 +174,10 @@ def _download_all(
             if not (dest.is_file() and _cached_copy_ok(dest, md5, sha256)):
                 if refused:
                     raise _no_room(p, archive.name, dest, refused)
-                _download_one(p, archive.name, bases, dest, md5)
+                if published:
+                    _download_one(p, archive.name, bases, dest, md5)
+                else:
+                    _download_from_mirror(p, archive.name, bases[0], dest, retry_s)
                 if sha256 and file_digest(dest) != sha256:
                     dest.unlink()
                     raise JobError(
@@ -201,9 +211,25 @@ def _download_one(p: DatasetPreset, name: str, bases: list[str], dest: Path, md5
     )
 
 
-def _read_sha256_sums(base_url: str) -> dict[str, str]:
+def _download_from_mirror(p: DatasetPreset, name: str, base: str, dest: Path,
+                          retry_s: float) -> None:
+    url = f"{base}/{name}"
     try:
-        text = http_get_bytes(f"{base_url}/SHA256SUMS")
+        ride_out(lambda: http_download(url, dest), f"HTTP mirror {base}", url, retry_s,
+                 http_transient_reason)
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        if _refused_by_disk(error):
+            raise _no_room(p, name, dest, error) from None
+        raise JobError(f"could not download {p.name} from {url} "
+                       f"({getattr(error, 'reason', None) or error}); check --data-uri, or point "
+                       f"it at {LAYOUT_HINT}") from None
+
+
+def _read_sha256_sums(base_url: str, retry_s: float) -> dict[str, str]:
+    url = f"{base_url}/SHA256SUMS"
+    try:
+        text = ride_out(lambda: http_get_bytes(url), f"HTTP mirror {base_url}", url, retry_s,
+                        http_transient_reason)
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", None) or error
         raise JobError(

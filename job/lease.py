@@ -42,6 +42,7 @@ from job.storage import (
     S3Store,
     atomic_write_bytes,
     s3_error_line,
+    s3_source,
     transient_reason,
     unavailable,
 )
@@ -280,8 +281,8 @@ class S3Lease:
                 failing_since = now if failing_since is None else failing_since
                 reason = transient_reason(error)
                 if reason and now - failing_since >= self.store.retry_s:
-                    self.ended = unavailable(self.store.endpoint_url, self.location, reason,
-                                             now - failing_since)
+                    self.ended = unavailable(s3_source(self.store.endpoint_url), self.location,
+                                             reason, now - failing_since)
                 elif not reason and now - failing_since >= self.lease_s:
                     self.ended = (s3_error_line(error, self.location, self.store.endpoint_url)
                                   or JobError(f"could not renew the lease {self.location} "

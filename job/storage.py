@@ -17,11 +17,14 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import http.client
 import io
 import math
 import os
 import random
 import re
+import socket
+import ssl
 import tempfile
 import time
 import urllib.error
@@ -184,16 +187,36 @@ def http_get_bytes(url: str) -> bytes | None:
 def http_download(url: str, dest: Path, expected_md5: str | None = None) -> None:
     """Stream `url` into `dest` atomically; a wrong checksum leaves nothing behind.
 
-    Raises urllib/OS errors for the caller to turn into one line; ValueError on a bad checksum.
+    Raises urllib/OS errors for the caller to turn into one line; ValueError on a bad checksum
+    (TruncatedTransfer, one, when the connection dropped before the end).
     """
     with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
         expected_bytes = response.headers.get("Content-Length")
         with atomic_output(dest) as out:
             md5 = copy_hashing_md5(response, out)
             if expected_bytes is not None and out.tell() != int(expected_bytes):
-                raise ValueError(f"connection closed after {out.tell()} of {expected_bytes} bytes")
+                raise TruncatedTransfer(
+                    f"connection closed after {out.tell()} of {expected_bytes} bytes")
             if expected_md5 is not None and md5 != expected_md5:
                 raise ValueError(f"md5 {md5} is not the published {expected_md5}")
+
+
+def http_transient_reason(error: BaseException) -> str | None:
+    """A few words on an HTTP(S) mirror's `error` when it is a fault that passes (the server
+    unreachable or refusing connections, a timeout, 429 or 5xx, a connection dropped
+    mid-transfer); None when a retry would fail the same way (404, 403, a certificate)."""
+    if isinstance(error, urllib.error.HTTPError):
+        return f"HTTP {error.code}" if error.code >= 500 or error.code == 429 else None
+    if isinstance(error, urllib.error.URLError) and isinstance(error.reason, BaseException):
+        error = error.reason
+    if isinstance(error, ssl.SSLError):
+        return None
+    if isinstance(error, TruncatedTransfer | http.client.IncompleteRead
+                  | http.client.RemoteDisconnected):
+        return "connection dropped mid-transfer"
+    if isinstance(error, ConnectionError | TimeoutError | socket.gaierror):
+        return error.strerror or type(error).__name__
+    return None
 
 
 def copy_hashing_md5(source: BinaryIO, out: BinaryIO) -> str:
@@ -298,7 +321,7 @@ CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied
                     "InvalidToken", "ExpiredToken", "InvalidSecurity", "Forbidden"}
 
 
-class TruncatedTransfer(Exception):
+class TruncatedTransfer(ValueError):
     """A download that ended early: its connection dropped mid-transfer."""
 
 
@@ -338,10 +361,14 @@ def transient_reason(error: BaseException) -> str | None:
     return None
 
 
-def unavailable(endpoint_url: str | None, uri: str, reason: str, seconds: float) -> StorageUnavailable:
-    endpoint = s3_endpoint(endpoint_url) or "AWS S3"
+def s3_source(endpoint_url: str | None) -> str:
+    """How the lines name an S3 endpoint."""
+    return f"S3 endpoint {s3_endpoint(endpoint_url) or 'AWS S3'}"
+
+
+def unavailable(source: str, uri: str, reason: str, seconds: float) -> StorageUnavailable:
     return StorageUnavailable(
-        f"S3 endpoint {endpoint} unreachable for {seconds:.0f} s ({reason}) at {uri}; the "
+        f"{source} unreachable for {seconds:.0f} s ({reason}) at {uri}; the "
         f"checkpoints are intact: run the same command to resume once it answers "
         f"(exit status {StorageUnavailable.exit_code})")
 
@@ -356,7 +383,7 @@ def s3_error_line(error: BaseException, uri: str, endpoint_url: str | None = Non
             f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
             "(or AWS_PROFILE, or give the pod an IAM role)")
     if reason := transient_reason(error):
-        return unavailable(endpoint_url, uri, reason, 0)
+        return unavailable(s3_source(endpoint_url), uri, reason, 0)
     if type(error).__name__ == "S3UploadFailedError" and isinstance(error.__context__, ClientError):
         error = error.__context__
     if not isinstance(error, ClientError):
@@ -387,32 +414,39 @@ def s3_errors(uri: str, endpoint_url: str | None = None) -> Iterator[None]:
 
 
 def retrying(action: Callable[[], T], uri: str, endpoint_url: str | None, retry_s: float) -> T:
-    """`action()`, run again after a fault that passes (transient_reason) with exponential
-    backoff and jitter, for up to `retry_s` seconds from its first failure, with a line at the
-    first failure and every RETRY_REPORT_EVERY_S; then StorageUnavailable. Anything else is one
-    JobError line (s3_error_line). A stop signal during a wait ends it as a preemption."""
-    endpoint = s3_endpoint(endpoint_url) or "AWS S3"
+    """`action()` on S3, riding out faults that pass (`ride_out`); anything else is one JobError
+    line (s3_error_line)."""
+    with s3_errors(uri, endpoint_url):
+        return ride_out(action, s3_source(endpoint_url), uri, retry_s, transient_reason)
+
+
+def ride_out(action: Callable[[], T], source: str, uri: str, retry_s: float,
+             reason_of: Callable[[BaseException], str | None]) -> T:
+    """`action()`, run again after a fault that passes (`reason_of` gives its reason; None: it
+    would fail the same way, raised as it is) with exponential backoff and jitter, for up to
+    `retry_s` seconds from its first failure, with a line at the first failure and every
+    RETRY_REPORT_EVERY_S; then StorageUnavailable. A stop signal during a wait ends it as a
+    preemption."""
     first_failure = last_report = None
     wait_s = RETRY_FIRST_WAIT_S
-    with s3_errors(uri, endpoint_url):
-        while True:
-            try:
-                return action()
-            except Exception as error:
-                reason = transient_reason(error)
-                if reason is None:
-                    raise
-            now = time.monotonic()
-            first_failure = now if first_failure is None else first_failure
-            left_s = retry_s - (now - first_failure)
-            if left_s <= 0:
-                raise unavailable(endpoint_url, uri, reason, now - first_failure)
-            if last_report is None or now - last_report >= RETRY_REPORT_EVERY_S:
-                say(True, f"S3 endpoint {endpoint} unreachable ({reason}) at {uri}; retrying "
-                          f"for up to {left_s:.0f} s more")
-                last_report = now
-            pause(min(left_s, random.uniform(wait_s / 2, wait_s)))
-            wait_s = min(2 * wait_s, RETRY_MAX_WAIT_S)
+    while True:
+        try:
+            return action()
+        except Exception as error:
+            reason = reason_of(error)
+            if reason is None:
+                raise
+        now = time.monotonic()
+        first_failure = now if first_failure is None else first_failure
+        left_s = retry_s - (now - first_failure)
+        if left_s <= 0:
+            raise unavailable(source, uri, reason, now - first_failure)
+        if last_report is None or now - last_report >= RETRY_REPORT_EVERY_S:
+            say(True, f"{source} unreachable ({reason}) at {uri}; retrying for up to "
+                      f"{left_s:.0f} s more")
+            last_report = now
+        pause(min(left_s, random.uniform(wait_s / 2, wait_s)))
+        wait_s = min(2 * wait_s, RETRY_MAX_WAIT_S)
 
 
 def pause(seconds: float) -> None:

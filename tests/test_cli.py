@@ -174,10 +174,15 @@ def test_corrupt_archive(tmp_path, data_dir):
     assert list((tmp_path / "c").iterdir()) == [] and not (tmp_path / "s.json").exists()
 
 
-def test_no_network_says_how_to_use_a_local_copy(tmp_path):
-    result = run_cli("train", "mnist", "--data-uri", "http://127.0.0.1:9",
-                     "--checkpoint-uri", str(tmp_path / "c"), "--cache-dir", str(tmp_path))
-    assert_one_line_error(result, "does not answer", "point it at a folder")
+def test_a_mirror_that_does_not_answer_is_unavailable_not_bad_input(tmp_path):
+    # Waited for as long as --storage-retry-s says (0 here), then exit 69: retried, not failed.
+    result = run_cli("train", "mnist", "--data-uri", "http://127.0.0.1:9", "--checkpoint-uri",
+                     str(tmp_path / "c"), "--cache-dir", str(tmp_path), "--storage-retry-s", "0")
+    assert result.returncode == 69 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.splitlines() == [
+        "error: HTTP mirror http://127.0.0.1:9 unreachable for 0 s (Connection refused) at "
+        "http://127.0.0.1:9/SHA256SUMS; the checkpoints are intact: run the same command to resume "
+        "once it answers (exit status 69)"]
 
 
 def test_checkpoint_folder_under_a_file(tmp_path, data_dir):

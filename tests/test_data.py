@@ -1,6 +1,8 @@
 import dataclasses
+import functools
 import gzip
 import hashlib
+import http.server
 import io
 import json
 import os
@@ -10,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +31,7 @@ from job.data import (
     read_test_files,
 )
 from job.datasets import preset
-from job.errors import JobError
+from job.errors import JobError, StorageUnavailable
 from tests.conftest import REPO, read_only, run_cli
 
 CPU = torch.device("cpu")
@@ -190,8 +193,42 @@ def test_http_mirror_with_a_damaged_copy_leaves_nothing_in_the_cache(http_mirror
 
 
 def test_unreachable_mirror_is_one_clear_error(tmp_path):
-    with pytest.raises(JobError, match=r"does not answer .*point it at a folder"):
-        fetch_archives(preset("mnist"), "http://127.0.0.1:9", tmp_path)
+    with pytest.raises(StorageUnavailable, match=r"HTTP mirror http://127.0.0.1:9 unreachable "
+                                                 r"for 0 s \(Connection refused\)"):
+        fetch_archives(preset("mnist"), "http://127.0.0.1:9", tmp_path, retry_s=0)
+
+
+class _FailingAtFirst(http.server.SimpleHTTPRequestHandler):
+    """Answers 503 to the first request for each file, as a mirror behind a busy proxy might;
+    serves it the next time."""
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path not in self.server.failed:
+            self.server.failed.add(self.path)
+            self.send_error(503, "busy")
+        else:
+            super().do_GET()
+
+
+def test_a_mirror_that_fails_for_a_while_is_waited_for(tmp_path, data_dir, capsys):
+    handler = functools.partial(_FailingAtFirst, directory=str(data_dir))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.failed = set()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        paths = fetch_archives(preset("mnist"), url, tmp_path / "cache", retry_s=60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    for name, path in paths.items():
+        assert path.read_bytes() == (data_dir / "mnist" / name).read_bytes()
+    said = capsys.readouterr().out
+    assert f"HTTP mirror {url} unreachable (HTTP 503) at {url}/SHA256SUMS; retrying" in said
+    assert f"at {url}/mnist/train-images-idx3-ubyte.gz; retrying" in said
 
 
 def test_public_mirror_failure_says_how_to_use_a_local_copy(tmp_path, http_mirror, data_dir):
