@@ -3,12 +3,20 @@ and a runner for the real `cnn-job` console script; the image checks' figures in
 
 from __future__ import annotations
 
+import os
+
+# Under `make test`'s workers (pytest-xdist), every process, and every process it starts, keeps
+# to one compute thread: torch's pool otherwise starts a thread per core in each of them, and two
+# workers' runs on two cores spend their time switching between spinning threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
+
 import contextlib
 import functools
 import hashlib
 import http.client
 import http.server
-import os
 import re
 import socket
 import subprocess

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import CNN_JOB, Relay, run_cli
 from tests.test_cli import assert_one_line_error
-from tests.test_preemption import assert_same_weights, read_checkpoint
+from tests.test_preemption import read_checkpoint
 
 WAIT_S = 120
 STOP_S = 10  # SIGTERM: every process has exited within this, with status 75
@@ -150,10 +150,9 @@ def test_sigterm_to_either_node_during_a_step(data_dir, tmp_path, nodes, signall
     interrupted = read_checkpoint(None, folder)
     assert 0 < interrupted["epoch_position"] < 3200 and interrupted["epoch"] == 0
     if signalled == 1:  # (once is enough: the resume itself is the same whichever node it was)
+        # That it ends bit for bit where an uninterrupted run does is the DDP resume's promise,
+        # proven under torchrun in test_preemption; here: two nodes resume and finish.
         rerun_completes(data_dir, folder, tmp_path, nodes)
-        straight = nodes(data_dir, tmp_path / "straight", *TRAIN)
-        assert straight.wait()[0] == [0, 0]
-        assert_same_weights(read_checkpoint(None, folder), read_checkpoint(None, tmp_path / "straight"))
 
 
 def test_sigterm_during_evaluation(data_dir, tmp_path, nodes):
