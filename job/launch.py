@@ -32,7 +32,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from job.errors import JobError, StorageUnavailable, first_line
-from job.preemption import PREEMPTED_EXIT_CODE, SIGNALS, handle_signals_from_here
+from job.preemption import (
+    PREEMPTED_EXIT_CODE,
+    SIGNALS,
+    handle_signals_from_here,
+    leave_at_once,
+)
 
 STATUS_DIR_ENV = "CNN_JOB_STATUS_DIR"
 CRASHED = 1
@@ -156,14 +161,11 @@ class StopBeforeWorkers:
         os.close(self.read_fd)
 
     def _stop(self, signal_name: str) -> None:
-        from job.progress import print_error, write_termination_message
-
-        print_error(f"stopped by {signal_name} before any worker started, while waiting for "
-                    "the other nodes: nothing was lost; run the same command again (exit status "
-                    f"{PREEMPTED_EXIT_CODE})")
-        write_termination_message()
         shutil.rmtree(self.status_dir, ignore_errors=True)
-        os._exit(PREEMPTED_EXIT_CODE)  # the main thread may be in torch's store for minutes
+        # at once: the main thread may be in torch's store for minutes
+        leave_at_once(f"stopped by {signal_name} before any worker started, while waiting for "
+                      "the other nodes: nothing was lost; run the same command again (exit "
+                      f"status {PREEMPTED_EXIT_CODE})", PREEMPTED_EXIT_CODE)
 
 
 def _noted(signum, frame) -> None:

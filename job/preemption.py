@@ -38,17 +38,23 @@ class Interrupted(BaseException):
         self.signal_name = signal_name
 
 
-def abort_at_once() -> None:
-    """A second Ctrl-C: one line, then leave without waiting for anything (an upload in flight
-    holds threads that an exception could not stop)."""
+def leave_at_once(line: str, status: int) -> None:
+    """One error line (also the pod's termination message), then exit with `status` without
+    waiting for anything: for a signal that must end the process where an exception could not
+    (threads of an upload in flight, a main thread inside torch's C++ store)."""
     from job.progress import print_error, write_termination_message
 
-    print_error("a second Ctrl-C: stopped at once, dropping the step or checkpoint under way; "
-                "the newest checkpoint written before it stays: run the same command to resume "
-                f"from it (exit status {ABORTED_EXIT_CODE})")
+    print_error(line)
     write_termination_message()
     sys.stdout.flush()
-    os._exit(ABORTED_EXIT_CODE)
+    os._exit(status)
+
+
+def abort_at_once() -> None:
+    """A second Ctrl-C: one line, then leave."""
+    leave_at_once("a second Ctrl-C: stopped at once, dropping the step or checkpoint under way; "
+                  "the newest checkpoint written before it stays: run the same command to resume "
+                  f"from it (exit status {ABORTED_EXIT_CODE})", ABORTED_EXIT_CODE)
 
 
 def _raise_interrupted(signum, frame) -> None:
