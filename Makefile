@@ -45,9 +45,12 @@ test: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-# BENCH_ARGS: e.g. "--nets fast" for --net fast's speed and its two full accuracy runs
+# BENCH_ARGS: e.g. "--nets fast" for --net fast's speed and its two full accuracy runs.
+# BASELINE=<rev>: instead, the seed nets' training epochs by <rev>'s code and by this checkout's,
+# alternated in one sitting with the seed-style reference (bench/bench.py's doc; ~6 min on 2 cores).
+BASELINE ?=
 bench: $(STAMP)
-	$(BIN)/python bench/bench.py $(BENCH_ARGS)
+	$(BIN)/python bench/bench.py $(if $(BASELINE),--baseline $(BASELINE)) $(BENCH_ARGS)
 
 # On a machine with an NVIDIA GPU, even an air-gapped one: its own python3 with PyTorch, run from
 # this checkout (no venv, no pip, no boto3, no wandb). See bench/gpu_check.py.

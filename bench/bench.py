@@ -19,6 +19,14 @@ epoch) for each of --seeds: its final accuracy, training seconds and images/s, a
 Results print as markdown tables and are written to bench/results-<device>.json (the fields
 of the nets not run this time are kept, and so are the accuracy runs recorded for other seeds:
 `--seeds 1` adds seed 1 to a recorded seed 0, and the means and spreads cover both).
+
+Against an earlier commit (`make bench BASELINE=<rev>`, `--baseline REV`): a worktree of REV
+is checked out beside this one, and for each of --datasets, --rounds times, one training epoch
+of the seed net by REV's code, one by this checkout's (the same command line, the same
+interpreter and packages) and one of the seed-style reference, in turns whose order rotates
+each round. It prints each one's images/s (median and spread over the rounds), the ratio of
+ours to REV's and to the reference, and writes them to bench/compare-<device>.json. A speed
+claim rests on this table: whole epochs, side by side, in one sitting.
 """
 
 from __future__ import annotations
@@ -87,7 +95,10 @@ def seed_style_images_per_second(dataset: str, data_uri: str, device: str, limit
     return seen / (time.perf_counter() - started)
 
 
-def cnn_job(dataset: str, data_uri: str, device: str, workdir: Path, *extra: str) -> dict:
+def cnn_job(dataset: str, data_uri: str, device: str, workdir: Path, *extra: str,
+            tree: Path = REPO) -> dict:
+    """`cnn-job train` with the job's code of `tree` (this checkout, or another commit's
+    worktree: the same interpreter and packages, `job` imported from there); its summary."""
     summary = workdir / f"{dataset}-{len(list(workdir.iterdir()))}.json"
     command = [
         sys.executable, "-m", "job", "train", dataset, "--data-uri", data_uri,
@@ -95,8 +106,75 @@ def cnn_job(dataset: str, data_uri: str, device: str, workdir: Path, *extra: str
         "--summary-json", str(summary), "--wandb-mode", "disabled", *extra,
     ]
     started = time.perf_counter()
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, cwd=tree, env={**os.environ, "PYTHONPATH": str(tree)})
     return {**json.loads(summary.read_text()), "wall_seconds": time.perf_counter() - started}
+
+
+def one_epoch(side: str, tree: Path, dataset: str, data_uri: str, device: str,
+              workdir: Path, limit: int | None) -> float:
+    """Images/s of one training epoch of the seed net: by `tree`'s job, or the seed-style
+    reference (side "seed_style")."""
+    if side == "seed_style":
+        return seed_style_images_per_second(dataset, data_uri, device, limit)
+    limit_args = ["--limit-train", str(limit)] if limit else []
+    return cnn_job(dataset, data_uri, device, workdir, "--epochs", "1", *limit_args,
+                   tree=tree)["train_images_per_second"]
+
+
+def compare(baseline: str, datasets: list[str], data_uri: str, device: str, rounds: int,
+            workdir: Path, limit: int | None) -> dict:
+    """One training epoch per side and round, rotating the order (see the module's doc)."""
+    revision = subprocess.run(["git", "rev-parse", "--short", baseline], cwd=REPO, check=True,
+                              capture_output=True, text=True).stdout.strip()
+    tree = workdir / f"baseline-{revision}"
+    if "://" not in data_uri:  # each side runs in its own checkout
+        data_uri = str(Path(data_uri).resolve())
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(tree), revision], cwd=REPO,
+                   check=True)
+    try:
+        table = {}
+        for dataset in datasets:
+            sides = {revision: tree, "ours": REPO, "seed_style": REPO}
+            names, measured = list(sides), {name: [] for name in sides}
+            for round_index in range(rounds):
+                turn = names[round_index % len(names):] + names[:round_index % len(names)]
+                for name in turn:
+                    measured[name].append(
+                        one_epoch(name, sides[name], dataset, data_uri, device, workdir, limit))
+                    print(json.dumps({"dataset": dataset, "round": round_index + 1, "side": name,
+                                      "images_per_second": measured[name][-1]}), flush=True)
+            row = {name: {"images_per_second": values,
+                          "median": statistics.median(values),
+                          "spread": (max(values) - min(values)) / statistics.median(values)}
+                   for name, values in measured.items()}
+            row["ours_over_baseline"] = row["ours"]["median"] / row[revision]["median"]
+            row["ours_over_seed_style"] = row["ours"]["median"] / row["seed_style"]["median"]
+            row["baseline_over_seed_style"] = row[revision]["median"] / row["seed_style"]["median"]
+            table[dataset] = row
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO, check=False)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, check=True,
+                          capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                           check=True, capture_output=True, text=True).stdout.strip()
+    return {"baseline": revision, "ours": head + ("+changes" if dirty else ""), "rounds": rounds,
+            "device": device, "date": time.strftime("%Y-%m-%d"), "limit_train": limit,
+            "datasets": table}
+
+
+def print_comparison(result: dict) -> None:
+    base, ours = result["baseline"], result["ours"]
+    print(f"\n{result['date']}, {result['device']}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"{result['rounds']} rounds: one epoch of the seed net, images/s (median, spread = "
+          "(max - min) / median)\n")
+    print(f"| dataset | {base} | {ours} | seed-style | {ours} / {base} | {ours} / seed-style | "
+          f"{base} / seed-style |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for dataset, row in result["datasets"].items():
+        cells = [f"{row[side]['median']:,.0f} ± {row[side]['spread']:.0%}"
+                 for side in (base, "ours", "seed_style")]
+        print(f"| {dataset} | {' | '.join(cells)} | {row['ours_over_baseline']:.2f}× | "
+              f"{row['ours_over_seed_style']:.2f}× | {row['baseline_over_seed_style']:.2f}× |")
 
 
 def start_up(dataset: str, data_uri: str, device: str, workdir: Path, runs: int = 3) -> dict:
@@ -175,7 +253,18 @@ def main() -> None:
                         help="seed: the seed nets on --datasets; fast: --net fast on CIFAR-10 "
                              "(2 full runs of ~1 hour each on a 2-core CPU); fast-mnist: --net "
                              "fast on MNIST, one epoch per seed (--seeds)")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="compare the seed nets' training epochs with commit REV's, and only that")
+    parser.add_argument("--rounds", type=int, default=2, help="--baseline: epochs per side")
     args = parser.parse_args()
+
+    if args.baseline:
+        with tempfile.TemporaryDirectory() as tmp:
+            result = compare(args.baseline, args.datasets, args.data_uri, args.device,
+                             max(args.rounds, 2), Path(tmp), args.limit_train)
+        print_comparison(result)
+        (REPO / "bench" / f"compare-{args.device}.json").write_text(json.dumps(result, indent=2) + "\n")
+        return
 
     rows, fast, mnist_fast = [], None, None
     with tempfile.TemporaryDirectory() as tmp:

@@ -339,12 +339,12 @@ def profile_steps(dataset: str, data: Path, cache: Path, device: str, graphed: b
     from job import recipes
     from job.data import fetch_archives, load_splits
     from job.datasets import preset
-    from job.step import WARMUP_STEPS, TrainStep, autocast_for, choose_cuda_kernels
+    from job.step import WARMUP_STEPS, TrainStep, autocast_for, tune_device
 
     p = preset(dataset)
     splits = load_splits(p, fetch_archives(p, str(data), cache), cache)
     target = torch.device(device)
-    choose_cuda_kernels(target)  # as the job sets up
+    tune_device(target)  # as the job sets up
     torch.manual_seed(0)
     recipe = recipes.load(dataset, net)
     model = recipe.build_model().to(target, memory_format=torch.channels_last)

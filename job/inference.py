@@ -24,7 +24,7 @@ from job.data import DeviceBatches, load_test_split, read_test_files
 from job.errors import JobError, strip_userinfo
 from job.evaluation import evaluate, tta_logits
 from job.images import prepare_image
-from job.step import autocast_for, choose_cuda_kernels
+from job.step import autocast_for, tune_device
 from job.storage import read_object
 
 # ----------------------------------------------------------------------------------------------
@@ -54,7 +54,7 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
             raise JobError("--batch-size must be at least 1")
         precision = precision or saved.get("precision", "auto")
         check_precision(precision)
-        choose_cuda_kernels(d.device)  # as training runs its evaluation
+        tune_device(d.device)  # as training runs its evaluation
         batches = DeviceBatches(split.images, split.labels, p, d.device, batch_size, shuffle=False,
                                 rank=d.rank, world_size=d.world_size)
         tta = checkpoint.val_acc_with_tta if tta is None else tta

@@ -11,7 +11,10 @@ toolchain on the GPU machine.
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import os
+import platform
 import time
 from collections.abc import Callable
 
@@ -27,15 +30,44 @@ from job.optim import SGD, Adam
 WARMUP_STEPS = 3
 
 
-def choose_cuda_kernels(device: torch.device) -> None:
-    """On CUDA, how the libraries pick kernels, for training and evaluation alike: TF32 for fp32
-    matmuls and convolutions, and cuDNN's heuristics rather than its search. On an H200, timing
-    each convolution's algorithms (cudnn.benchmark) cost 1-4 s of a 3-7 s run, more than its
-    kernels ever won back (bench/gpu_variants.py: --net fast trained in 2.65-2.91 s without
-    it, 3.9-7.27 s with)."""
+def tune_device(device: torch.device) -> None:
+    """How this process uses its device, for training and evaluation alike.
+
+    Host memory, on every device: glibc's malloc keeps the memory of freed tensors for the next
+    step (see `keep_freed_host_memory`).
+
+    On CUDA, how the libraries pick kernels: TF32 for fp32 matmuls and convolutions, and cuDNN's
+    heuristics rather than its search. On an H200, timing each convolution's algorithms
+    (cudnn.benchmark) cost 1-4 s of a 3-7 s run, more than its kernels ever won back
+    (bench/gpu_variants.py: --net fast trained in 2.65-2.91 s without it, 3.9-7.27 s with)."""
+    keep_freed_host_memory()
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+# Allocations up to this size come from malloc's heap, and freed memory up to TRIM at its top
+# stays there: a CPU step's activations and gradients (24 MB for the seed CIFAR-10 net at batch
+# 64) are then reused from step to step instead of mapped afresh.
+MMAP_THRESHOLD_BYTES = 32 * 2**20  # glibc's largest; bigger blocks are still mapped and unmapped
+TRIM_THRESHOLD_BYTES = 256 * 2**20
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameters (malloc.h)
+
+
+@functools.cache
+def keep_freed_host_memory() -> bool:
+    """Fix glibc malloc's thresholds for this process (once; True if set). Left alone, glibc
+    adapts them to what is freed: a step whose tensors are all freed by its end leaves the top
+    of the heap free, glibc returns it to the kernel, and the next step takes it back one page
+    fault at a time. The seed CIFAR-10 net took 6,000-6,700 faults a step that way (24 MB zeroed
+    by the kernel each time) and lost 20-30% of its CPU images/s; set, about 10. A user's own
+    MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ wins; other C libraries are left as they are."""
+    if platform.libc_ver()[0] != "glibc" or any(
+            name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    libc = ctypes.CDLL(None)
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+                and libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
 def autocast_for(precision: str, device: torch.device) -> Callable:

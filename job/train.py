@@ -24,7 +24,7 @@ from job.optim import lr_at
 from job.preemption import PREEMPTED_EXIT_CODE, StopRequest
 from job.progress import EpochProgress, say, set_last_line
 from job.recipes.base import Recipe, Training
-from job.step import TrainStep, autocast_for, choose_cuda_kernels, resolve_compile
+from job.step import TrainStep, autocast_for, resolve_compile, tune_device
 from job.storage import check_output_file
 from job.summary import build_summary, process_seconds, provenance, write_summary
 
@@ -184,7 +184,7 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager, clock: Clo
     p = preset(cfg.dataset)
     recipe = recipes.load(cfg.dataset, cfg.net)
     torch.manual_seed(cfg.seed)
-    choose_cuda_kernels(d.device)
+    tune_device(d.device)
     model = recipe.build_model().to(d.device, memory_format=torch.channels_last)
     clock.mark("model_build")
     train_batches = recipe.train_batches(
