@@ -2,7 +2,11 @@
 the CPU: images per second of the eager training step (job/step.py's TrainStep) of the seed
 MNIST and CIFAR-10 nets (Adam, batch 64) and of the fast net (SGD in three groups, batch 256),
 on random batches (speed only). In each run a fresh net and optimiser of each setting take turns,
-ten steps at a time, so that a busy machine slows both alike.
+ten steps at a time, so that a busy machine slows both alike. The process's host memory is set
+up as the job's (job/step.py's tune_device): both settings then reuse their steps' memory. Left
+to glibc's adaptive thresholds, the two in one process hid what the flat buffers cost alone in
+a training run (the per-tensor net's gradients kept the heap from being trimmed for both);
+`make bench BASELINE=<rev>`'s whole epochs are what a speed claim rests on.
 
     .venv/bin/python bench/optim_speed.py [--runs 3] [--steps 300] [--fast-steps 40] [--json F]
 
@@ -26,7 +30,7 @@ from job import optim
 from job.recipes import load
 from job.recipes.base import mean_cross_entropy
 from job.recipes.fast import fast_sgd, init_whitening, summed_smoothed_cross_entropy
-from job.step import TrainStep
+from job.step import TrainStep, tune_device
 
 NETS = {"mnist seed": ("mnist", "seed", 64), "cifar10 seed": ("cifar10", "seed", 64),
         "cifar10 fast": ("cifar10", "fast", 256)}
@@ -94,6 +98,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=None, help="also write the runs here")
     parser.add_argument("--nets", nargs="+", default=list(NETS), choices=list(NETS))
     args = parser.parse_args()
+    tune_device(torch.device("cpu"))
     rows = []
     for name in args.nets:
         dataset, net, batch_size = NETS[name]

@@ -209,9 +209,11 @@ def rss_bytes(pid: int) -> int:
 
 
 def has_open(pid: int, path: Path) -> bool:
-    folder = Path(f"/proc/{pid}/fd")
+    """`path` is open in process `pid`. /proc's links name the file with every symlink resolved
+    (a checkout or ../shared reached through one included), so `path` is resolved too."""
+    folder, target = Path(f"/proc/{pid}/fd"), str(path.resolve())
     try:
-        return any(os.readlink(fd) == str(path) for fd in folder.iterdir())
+        return any(os.readlink(fd) == target for fd in folder.iterdir())
     except FileNotFoundError:  # an fd closed while listed, or the process exited
         return False
 
