@@ -510,8 +510,7 @@ def _main() -> int:
         print_error(error.format_message() + hint)
         return getattr(error, "exit_code", JobError.exit_code)
     except Interrupted as interrupted:  # a stop signal outside the training loop
-        print_error(f"stopped by {interrupted.signal_name} before it finished, leaving nothing "
-                    f"half-written: run the same command again (exit status {PREEMPTED_EXIT_CODE})")
+        print_error(interrupted.line())
         return PREEMPTED_EXIT_CODE
     except typer.Abort:
         print_error("interrupted")
