@@ -56,7 +56,10 @@ _KIND_OF_SCHEME = {"file": "local", "s3": "s3", "http": "http", "https": "http"}
 
 def uri_kind(uri: str, option: str, allowed: tuple[str, ...] = ("local", "s3", "http")) -> str:
     """"local" (a path, or file://), "s3" or "http" (http:// or https://); any other scheme, or a
-    kind outside `allowed`, is one JobError naming the option, the URI and what it takes."""
+    kind outside `allowed`, is one JobError naming the option, the URI and what it takes; so is
+    an empty one (which would otherwise mean the working folder) and a URL with no host."""
+    if not uri.strip():
+        raise JobError(f"{option} is empty; name a folder or URI, or leave it out for its default")
     scheme = uri.split("://", 1)[0] if "://" in uri else "file"
     kind = _KIND_OF_SCHEME.get(scheme)
     if kind not in allowed:
@@ -64,6 +67,8 @@ def uri_kind(uri: str, option: str, allowed: tuple[str, ...] = ("local", "s3", "
         supported = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
         raise JobError(f"{option} {uri}: {scheme}:// is not supported; use {supported}")
     if kind == "http":
+        if not urllib.parse.urlsplit(uri).hostname:
+            raise JobError(f"{option} {uri} names no host; write it as http(s)://HOST/PATH")
         check_segments(urllib.parse.unquote(urllib.parse.urlsplit(uri).path).strip("/"), uri)
     return kind
 
