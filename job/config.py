@@ -142,8 +142,9 @@ class TrainConfig:
     lease_seconds: float = setting(
         30.0, "S3: the writer's lease; a job replacing a killed one waits at most this long.")
     storage_retry_s: float = setting(
-        DEFAULT_STORAGE_RETRY_S, "S3: how long an unreachable, throttling or failing endpoint is "
-        "retried before the job exits 69 (checkpoints intact; the same command resumes).")
+        DEFAULT_STORAGE_RETRY_S, "S3 and HTTP(S) mirrors: how long an unreachable, silent, "
+        "throttling or failing endpoint is retried before the job exits 69 (checkpoints intact; "
+        "the same command resumes); one request waits at most a third of it (3-60 s).")
     collective_timeout_s: float = setting(
         300.0, "DDP: seconds a rank waits in a collective for the others before it fails.")
     keep_checkpoints: int = setting(
