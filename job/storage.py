@@ -376,7 +376,10 @@ def transient_reason(error: BaseException) -> str | None:
     if isinstance(error, boto.EndpointConnectionError | boto.ProxyConnectionError):
         cause = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error.kwargs.get("error", "")))
         return cause[1].strip() if cause else "cannot connect"
-    if isinstance(error, boto.ConnectionClosedError):
+    if isinstance(error, boto.ConnectionClosedError):  # urllib3's ProtocolError, as its cause
+        cause = error.kwargs.get("error")
+        if any(isinstance(arg, TimeoutError) for arg in getattr(cause, "args", ())):
+            return "send timeout"  # a request body the endpoint stopped reading
         return "connection closed"
     if isinstance(error, boto.ResponseStreamingError | boto.IncompleteReadError | TruncatedTransfer):
         return "connection dropped mid-transfer"
