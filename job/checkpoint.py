@@ -32,6 +32,7 @@ from job.datasets import PRESETS, DatasetPreset
 from job.distributed import Dist
 from job.errors import JobError, first_line, strip_userinfo
 from job.lease import lease_for
+from job.preemption import Interrupted
 from job.recipes.base import Training
 from job.storage import LocalStore, S3Store, open_store, read_whole, remove_stale_partials
 
@@ -235,6 +236,11 @@ class CheckpointManager:
         if isinstance(self.store, LocalStore):  # torn writes of a killed holder: ours to clear
             remove_stale_partials(self.store.folder)
 
+    def check_held(self) -> None:
+        """Raise, with no request, when this process may no longer write the run (see lease)."""
+        if self.lease:
+            self.lease.check_held()
+
     def release(self) -> None:
         if self.lease:
             self.lease.release()
@@ -274,14 +280,19 @@ class CheckpointManager:
     def save(self, state: dict, step: int) -> str:
         """Write a checkpoint, then the pointer, then prune: of this run's earlier checkpoints
         (lower steps) the newest keep - 1 stay; the one just written is never deleted."""
-        if self.lease:
-            self.lease.check()
         name = checkpoint_name(step)
         try:
+            if self.lease:
+                self.lease.check()
             self.store.write(name, to_bytes(state))
             if self.lease:  # the write may have waited out an outage: still the run's writer?
                 self.lease.check()
             self.store.write(POINTER, f"{name}\n".encode())
+        except Interrupted as stopped:  # a stop signal while storage was not answering
+            raise Interrupted(stopped.signal_name, (
+                f"while writing checkpoint {self.location(name)}, which storage did not take "
+                f"before the stop: it was not written and {POINTER} names the checkpoint it "
+                "named before; run the same command to resume from it")) from None
         except OSError as error:
             earlier = [old for old in self.names() if old < name]
             kept = (f"the previous checkpoint {earlier[0]} is intact" if earlier
@@ -602,6 +613,8 @@ class Checkpointer:
              val_acc: float | None = None) -> bool:
         """Write a checkpoint of `run` when due (or `force`d: at an epoch end, with its
         validation accuracy, or when stopping); returns whether one was written."""
+        if self.d.is_main:
+            self.manager.check_held()  # a lease lost mid-epoch stops the run now, not at its end
         if not (force or self.due(run)):
             return False
         if run.epoch_step:  # inside an epoch: carry its loss so far (and stop if diverged)

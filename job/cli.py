@@ -41,7 +41,16 @@ def _option(name: str, flag: bool = False) -> typer.Option:
     declaration = f"--{dashed}/--no-{dashed}" if flag else f"--{dashed}"
     metadata = _FIELDS[name].metadata
     return typer.Option(declaration, help=metadata["help"], envvar="CNN_JOB_" + name.upper(),
-                        show_default=metadata["default_text"] or True)
+                        show_default=metadata["default_text"] or True,
+                        parser=_path if "Path" in str(_FIELDS[name].type) else None)
+
+
+def _path(value: str) -> Path:
+    """A path option's value; an empty one would be the working folder, so it is refused."""
+    if not value.strip():
+        raise typer.BadParameter("is empty; name a folder or file, or leave the option out "
+                                 "for its default")
+    return Path(value)
 
 
 EndpointOption = Annotated[str | None, _option("s3_endpoint_url")]
@@ -510,8 +519,7 @@ def _main() -> int:
         print_error(error.format_message() + hint)
         return getattr(error, "exit_code", JobError.exit_code)
     except Interrupted as interrupted:  # a stop signal outside the training loop
-        print_error(f"stopped by {interrupted.signal_name} before it finished, leaving nothing "
-                    f"half-written: run the same command again (exit status {PREEMPTED_EXIT_CODE})")
+        print_error(interrupted.line())
         return PREEMPTED_EXIT_CODE
     except typer.Abort:
         print_error("interrupted")

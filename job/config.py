@@ -18,11 +18,13 @@ from typing import Any
 from job import recipes
 from job.datasets import DATASETS, preset
 from job.errors import JobError, strip_userinfo
-from job.storage import DEFAULT_STORAGE_RETRY_S, check_storage_retry_s
+from job.storage import DEFAULT_STORAGE_RETRY_S, check_storage_retry_s, uri_kind
 
 LR_SCHEDULES = ("constant", "linear", "cosine", "triangle")  # see job/optim.py's lr_at
 COMPILE_MODES = ("auto", "off", "cuda-graph")  # how a training step runs: see job/step.py
 PRECISIONS = ("auto", "fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's 64-bit generator takes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -32,6 +34,18 @@ PRECISIONS = ("auto", "fp32", "bf16")
 def check_precision(precision: str) -> None:
     if precision not in PRECISIONS:
         raise JobError("--precision must be auto, fp32 or bf16")
+
+
+def check_device(device: str) -> None:
+    if device not in DEVICES:
+        raise JobError(f"--device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
+
+
+def check_seed(seed: int, option: str = "--seed") -> None:
+    low, high = SEED_RANGE
+    if not low <= seed <= high:
+        raise JobError(f"{option} {seed} does not fit in 64 bits; use a whole number from "
+                       f"{low} to {high}")
 
 
 def uses_bf16(precision: str, device_type: str) -> bool:
@@ -128,8 +142,9 @@ class TrainConfig:
     lease_seconds: float = setting(
         30.0, "S3: the writer's lease; a job replacing a killed one waits at most this long.")
     storage_retry_s: float = setting(
-        DEFAULT_STORAGE_RETRY_S, "S3: how long an unreachable, throttling or failing endpoint is "
-        "retried before the job exits 69 (checkpoints intact; the same command resumes).")
+        DEFAULT_STORAGE_RETRY_S, "S3 and HTTP(S) mirrors: how long an unreachable, silent, "
+        "throttling or failing endpoint is retried before the job exits 69 (checkpoints intact; "
+        "the same command resumes); one request waits at most a third of it (3-60 s).")
     collective_timeout_s: float = setting(
         300.0, "DDP: seconds a rank waits in a collective for the others before it fails.")
     keep_checkpoints: int = setting(
@@ -155,13 +170,16 @@ class TrainConfig:
             self.checkpoint_uri = default_checkpoint_uri(self.dataset)
         self.cache_dir = Path(self.cache_dir).expanduser()
         check_precision(self.precision)
+        check_device(self.device)
+        check_seed(self.seed)
+        if self.data_uri is not None:  # a URI refused before the checkpoint folder is made
+            uri_kind(self.data_uri, "--data-uri")
         check_storage_retry_s(self.storage_retry_s)
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
             (math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive finite number"),
-            (self.device in ("auto", "cpu", "cuda"), "--device must be auto, cpu or cuda"),
             (self.compile in COMPILE_MODES, f"--compile must be {', '.join(COMPILE_MODES)}"),
             (self.resume in ("auto", "never"), "--resume must be auto or never"),
             (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be {', '.join(LR_SCHEDULES)}"),

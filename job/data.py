@@ -48,6 +48,7 @@ from job.storage import (
     parse_s3_uri,
     read_object,
     remove_stale_partials,
+    request_timeout_s,
     ride_out,
     storage_retry_s,
     uri_kind,
@@ -215,8 +216,8 @@ def _download_from_mirror(p: DatasetPreset, name: str, base: str, dest: Path,
                           retry_s: float) -> None:
     url = f"{base}/{name}"
     try:
-        ride_out(lambda: http_download(url, dest), f"HTTP mirror {base}", url, retry_s,
-                 http_transient_reason)
+        ride_out(lambda: http_download(url, dest, timeout_s=request_timeout_s(retry_s)),
+                 f"HTTP mirror {base}", url, retry_s, http_transient_reason)
     except (urllib.error.URLError, OSError, ValueError) as error:
         if _refused_by_disk(error):
             raise _no_room(p, name, dest, error) from None
@@ -228,8 +229,8 @@ def _download_from_mirror(p: DatasetPreset, name: str, base: str, dest: Path,
 def _read_sha256_sums(base_url: str, retry_s: float) -> dict[str, str]:
     url = f"{base_url}/SHA256SUMS"
     try:
-        text = ride_out(lambda: http_get_bytes(url), f"HTTP mirror {base_url}", url, retry_s,
-                        http_transient_reason)
+        text = ride_out(lambda: http_get_bytes(url, request_timeout_s(retry_s)),
+                        f"HTTP mirror {base_url}", url, retry_s, http_transient_reason)
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", None) or error
         raise JobError(

@@ -72,6 +72,15 @@ def setup(device_preference: str, timeout_s: float = 300) -> Dist:
         exit_with_the_launcher()
     world_size, rank, local_rank = (_env_int(name, default) for name, default in
                                     (("WORLD_SIZE", 1), ("RANK", 0), ("LOCAL_RANK", 0)))
+    if rank >= world_size:
+        raise JobError(f"RANK={rank} is not below WORLD_SIZE={world_size}; torchrun sets them: "
+                       "unset them to run one process")
+    if world_size > 1 and not dist.is_initialized():
+        for name in ("MASTER_ADDR", "MASTER_PORT"):
+            if not os.environ.get(name):
+                raise JobError(f"WORLD_SIZE={world_size} but {name} is not set: start the job "
+                               "with torchrun or cnn-job launch, which set it, or unset "
+                               "WORLD_SIZE to run one process")
     device = pick_device(device_preference, local_rank)
     if world_size > 1 and not dist.is_initialized():
         join_process_group(device, timeout_s)

@@ -5,6 +5,8 @@ as it does the archives' images."""
 from __future__ import annotations
 
 import io
+import re
+import warnings
 
 import numpy as np
 
@@ -27,14 +29,21 @@ def prepare_image(data: bytes, p: DatasetPreset, name: str) -> np.ndarray:
 
     side, mode = p.image_size, "L" if p.channels == 1 else "RGB"
     try:
-        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        with warnings.catch_warnings():  # Pillow's warning for a huge image: our line instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+        if image.width * image.height > Image.MAX_IMAGE_PIXELS:
+            raise _too_large(name, image.width * image.height)
         if image.format == "JPEG":  # decode at a reduced scale when the file is much larger
             image.draft(mode, (side, side))
         image = ImageOps.exif_transpose(image)
         image.load()
     except UnidentifiedImageError:
         raise JobError(f"{name} is not a PNG or JPEG image") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except Image.DecompressionBombError as error:  # twice the limit: Pillow refuses it itself
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise _too_large(name, int(pixels[1]) if pixels else None) from None
+    except (OSError, ValueError, SyntaxError) as error:
         raise JobError(f"{name} does not decode as an image ({first_line(error, 80)})") from None
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit PNG: scale, not clip
         image = Image.fromarray((np.asarray(image, np.float64) / 257).round().clip(0, 255).astype(np.uint8))
@@ -52,3 +61,13 @@ def prepare_image(data: bytes, p: DatasetPreset, name: str) -> np.ndarray:
         shrinking = square > side
         image = image.resize((side, side), Image.Resampling.BOX if shrinking else Image.Resampling.BICUBIC)
     return np.asarray(image, np.uint8).reshape(side, side, p.channels)
+
+
+def _too_large(name: str, pixels: int | None) -> JobError:
+    """A PNG or JPEG past Pillow's decompression-bomb limit: refused before it is decoded (it
+    could take gigabytes, for an image predict shrinks to 28 or 32 pixels anyway)."""
+    from PIL import Image
+
+    size = f"{pixels:,} pixels" if pixels else "its size"
+    return JobError(f"{name} is too large to decode: {size}, over the "
+                    f"{Image.MAX_IMAGE_PIXELS:,} that predict takes; shrink it first")

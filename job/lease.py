@@ -12,11 +12,12 @@ Each storage kind uses its own primitive, so that a dead holder never locks a ru
   age is measured on the server's clock (Date - Last-Modified), never on ours.
 
 A holder that loses its lease (a renewal refused, and the lease naming another holder: another
-job took over after a long stall) finds out before its next checkpoint write and stops without
-writing. Storage out of reach is not a lost lease: renewals go on failing, within the storage
-retry budget, and the first one after the outage still matches our version if nobody else
-wrote; a lease that has expired meanwhile is renewed before the next checkpoint write. A budget
-spent ends the run as storage unavailable (exit 69), not as a lease lost to another job.
+job took over after a long stall) stops at its next step (`check_held`), without writing.
+Storage out of reach is not a lost lease, however long it lasts: renewals go on being tried,
+and the first one after the outage still matches our version if nobody else wrote, so the
+run keeps its lease and its work. Before a checkpoint write a lease not confirmed lately is
+renewed first, retried for the storage retry budget as any request is; storage still out of
+reach then ends the run as storage unavailable (exit 69), not as a lease lost to another job.
 """
 
 from __future__ import annotations
@@ -42,14 +43,13 @@ from job.storage import (
     S3Store,
     atomic_write_bytes,
     s3_error_line,
-    s3_source,
     transient_reason,
-    unavailable,
 )
 
 HOLDER_NAME = ".holder"
 LEASE_NAME = ".lease"
 POLL_S = 0.5  # how often a waiting job looks at a fresh lease
+RELEASE_WAIT_S = 1.0  # the most a stopping job waits for a renewal under way
 
 
 def holder_description() -> str:
@@ -95,6 +95,8 @@ class LocalLock:
 
     def check(self) -> None:
         """An flock is never taken away from a live holder."""
+
+    check_held = check
 
     def is_held(self) -> bool | None:
         """Whether a live job holds the folder, asked without taking the lock (which would
@@ -266,9 +268,10 @@ class S3Lease:
 
     def _renew(self) -> None:
         """Every third of the lease period. A renewal that fails is tried again at the next one:
-        storage out of reach for up to the retry budget, any other failure for a lease period
-        (the lease may expire meanwhile: while no other job takes it, the next renewal still
-        matches our version). Then the run ends at the next check()."""
+        storage out of reach for as long as it lasts (the lease may expire meanwhile: while no
+        other job takes it, the next renewal still matches our version; check() gives it the
+        retry budget before a checkpoint write), any other failure for a lease period, after
+        which the run ends at its next step (check_held)."""
         failing_since = None
         while not self._stop.wait(self.lease_s / 3):
             try:
@@ -279,11 +282,7 @@ class S3Lease:
             except Exception as error:
                 now = time.monotonic()
                 failing_since = now if failing_since is None else failing_since
-                reason = transient_reason(error)
-                if reason and now - failing_since >= self.store.retry_s:
-                    self.ended = unavailable(s3_source(self.store.endpoint_url), self.location,
-                                             reason, now - failing_since)
-                elif not reason and now - failing_since >= self.lease_s:
+                if not transient_reason(error) and now - failing_since >= self.lease_s:
                     self.ended = (s3_error_line(error, self.location, self.store.endpoint_url)
                                   or JobError(f"could not renew the lease {self.location} "
                                               f"({first_line(error, 200)})"))
@@ -303,20 +302,32 @@ class S3Lease:
 
     def check(self) -> None:
         """Before a checkpoint write: raise why this job may no longer write the run. A lease
-        not confirmed for two thirds of its period (renewals failing in an outage, a stalled
-        process) is renewed here first, retried as any request is."""
+        not confirmed for two thirds of its period (renewals failing in an outage, however
+        long, a stalled process) is renewed here first, retried as any request is: storage
+        back, the run keeps its lease; still out of reach after the budget, exit 69."""
         if self.ended is None and time.monotonic() - self.confirmed > self.lease_s * 2 / 3:
             with self._lock:
                 if self.ended is None:
                     self.store.retrying(self._renew_once, LEASE_NAME)
+        self.check_held()
+
+    def check_held(self) -> None:
+        """At every step, with no request: raise why this job may no longer write the run (the
+        lease lost to another job, or renewals refused for a lease period), so that it does not
+        train on for a checkpoint it could not write."""
         if self.ended:
             raise self.ended
 
     def release(self) -> None:
+        """Stop renewing and delete our lease; not where storage is out of reach (the lease
+        then expires by itself), so that a job stopping in an outage leaves within its grace
+        period rather than wait on more requests."""
         self._stop.set()
         if self._renewer:
-            self._renewer.join()
-        if self.ended or not self.etag:
+            self._renewer.join(RELEASE_WAIT_S)
+            if self._renewer.is_alive():  # its renewal is waiting on storage that does not answer
+                return
+        if self.ended or not self.etag or self.store.out_of_reach:
             return
         with contextlib.suppress(Exception):  # at worst the lease expires by itself
             current = self._look()

@@ -33,9 +33,15 @@ class Interrupted(BaseException):
 
     exit_code = PREEMPTED_EXIT_CODE
 
-    def __init__(self, signal_name: str) -> None:
+    def __init__(self, signal_name: str, what: str | None = None) -> None:
         super().__init__(signal_name)
         self.signal_name = signal_name
+        self.what = what or ("before it finished, leaving nothing half-written: run the same "
+                             "command again")
+
+    def line(self) -> str:
+        """The CLI's one line for it."""
+        return f"stopped by {self.signal_name} {self.what} (exit status {self.exit_code})"
 
 
 def leave_at_once(line: str, status: int) -> None:

@@ -64,8 +64,8 @@ def write_termination_message() -> None:
     """The last line, into CNN_JOB_TERMINATION_LOG (default /dev/termination-log, which the
     kubelet creates in every container), by rank 0 only (torchrun's other workers keep quiet;
     `cnn-job launch`, which has no RANK, writes what it said last). Nothing when no line was
-    set, the file is not there, or it cannot be written: a message must never change how the
-    command ends."""
+    set, the file is not there, or it cannot be written at once (a FIFO nobody reads): a
+    message must never change how the command ends, nor when."""
     if _last_line is None or os.environ.get("RANK", "0") != "0":
         return
     path = os.environ.get(TERMINATION_LOG_ENV) or DEFAULT_TERMINATION_LOG
@@ -74,7 +74,9 @@ def write_termination_message() -> None:
     try:
         # A file that is there only (the kubelet's, or a test's): never one made in a /dev that
         # a process running as root outside a pod could write to. Truncated: the latest line.
-        descriptor = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        # Non-blocking: a FIFO with no reader refuses at once (ENXIO) rather than hang the exit,
+        # and a full one refuses the write (EAGAIN).
+        descriptor = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NONBLOCK)
     except OSError:
         return
     try:

@@ -7,7 +7,10 @@ and only then renamed over the final name, so a reader (or a resume after a cras
 old file or the new one, never half of one.
 
 S3 requests ride out an outage: a fault that passes is retried for the storage retry budget
-(`retrying`), then ends the job with exit status 69 (StorageUnavailable), never 2. A key, prefix
+(`retrying`), then ends the job with exit status 69 (StorageUnavailable), never 2. Each request
+waits at most `request_timeout_s` (derived from that budget) for a connection or for its next
+bytes, and botocore does not retry on its own: an endpoint that accepts and never answers is
+given up on after the budget plus one such timeout, as one that refuses is. A key, prefix
 or mirror path with a `.`, `..` or empty segment is refused, since it names folders of the cache.
 """
 
@@ -41,7 +44,7 @@ from job.progress import say
 
 T = TypeVar("T")
 
-HTTP_TIMEOUT_S = 60
+HTTP_TIMEOUT_S = 60  # the public mirrors'; a user's mirror gets request_timeout_s(budget)
 CHUNK_BYTES = 1 << 20
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -53,7 +56,10 @@ _KIND_OF_SCHEME = {"file": "local", "s3": "s3", "http": "http", "https": "http"}
 
 def uri_kind(uri: str, option: str, allowed: tuple[str, ...] = ("local", "s3", "http")) -> str:
     """"local" (a path, or file://), "s3" or "http" (http:// or https://); any other scheme, or a
-    kind outside `allowed`, is one JobError naming the option, the URI and what it takes."""
+    kind outside `allowed`, is one JobError naming the option, the URI and what it takes; so is
+    an empty one (which would otherwise mean the working folder) and a URL with no host."""
+    if not uri.strip():
+        raise JobError(f"{option} is empty; name a folder or URI, or leave it out for its default")
     scheme = uri.split("://", 1)[0] if "://" in uri else "file"
     kind = _KIND_OF_SCHEME.get(scheme)
     if kind not in allowed:
@@ -61,6 +67,8 @@ def uri_kind(uri: str, option: str, allowed: tuple[str, ...] = ("local", "s3", "
         supported = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
         raise JobError(f"{option} {uri}: {scheme}:// is not supported; use {supported}")
     if kind == "http":
+        if not urllib.parse.urlsplit(uri).hostname:
+            raise JobError(f"{option} {uri} names no host; write it as http(s)://HOST/PATH")
         check_segments(urllib.parse.unquote(urllib.parse.urlsplit(uri).path).strip("/"), uri)
     return kind
 
@@ -173,10 +181,10 @@ def check_writable_folder(folder: Path, what: str, option: str, create: bool = T
 # HTTP(S)
 
 
-def http_get_bytes(url: str) -> bytes | None:
+def http_get_bytes(url: str, timeout_s: float = HTTP_TIMEOUT_S) -> bytes | None:
     """A small file, or None when the server says it has none (404)."""
     try:
-        with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
             return response.read()
     except urllib.error.HTTPError as error:
         if error.code == 404:
@@ -184,13 +192,15 @@ def http_get_bytes(url: str) -> bytes | None:
         raise
 
 
-def http_download(url: str, dest: Path, expected_md5: str | None = None) -> None:
-    """Stream `url` into `dest` atomically; a wrong checksum leaves nothing behind.
+def http_download(url: str, dest: Path, expected_md5: str | None = None,
+                  timeout_s: float = HTTP_TIMEOUT_S) -> None:
+    """Stream `url` into `dest` atomically; a wrong checksum leaves nothing behind. `timeout_s`
+    bounds the wait for the connection and for each chunk.
 
     Raises urllib/OS errors for the caller to turn into one line; ValueError on a bad checksum
     (TruncatedTransfer, one, when the connection dropped before the end).
     """
-    with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
+    with urllib.request.urlopen(url, timeout=timeout_s) as response:
         expected_bytes = response.headers.get("Content-Length")
         with atomic_output(dest) as out:
             md5 = copy_hashing_md5(response, out)
@@ -214,7 +224,9 @@ def http_transient_reason(error: BaseException) -> str | None:
     if isinstance(error, TruncatedTransfer | http.client.IncompleteRead
                   | http.client.RemoteDisconnected):
         return "connection dropped mid-transfer"
-    if isinstance(error, ConnectionError | TimeoutError | socket.gaierror):
+    if isinstance(error, TimeoutError):  # no strerror: socket.timeout's text is its argument
+        return "timed out"
+    if isinstance(error, ConnectionError | socket.gaierror):
         return error.strerror or type(error).__name__
     return None
 
@@ -231,9 +243,12 @@ def copy_hashing_md5(source: BinaryIO, out: BinaryIO) -> str:
 # ----------------------------------------------------------------------------------------------
 # S3-compatible object storage (AWS S3, MinIO, R2, ...)
 
-S3_MAX_ATTEMPTS = 3  # botocore's own tries of one request, before `retrying` takes over
-S3_CONNECT_TIMEOUT_S = 5
-S3_READ_TIMEOUT_S = 60
+# One request waits this long at most for a connection, and for each next piece of its answer:
+# a third of the retry budget, between these bounds (3 s, so that a loaded server is not taken
+# for a silent one; 60 s, botocore's own read timeout). botocore does not retry on its own
+# (`ride_out` does, inside the budget), so a request that never gets an answer costs one timeout.
+REQUEST_TIMEOUT_MIN_S = 3.0
+REQUEST_TIMEOUT_MAX_S = 60.0
 MULTIPART_THRESHOLD_BYTES = 64 << 20
 
 # A fault that passes (the endpoint unreachable, a timeout, throttling, a 5xx, a connection
@@ -289,8 +304,16 @@ def storage_retry_s() -> float:
     return seconds
 
 
-def s3_client(endpoint_url: str | None = None):
-    """A boto3 S3 client on the standard credential chain (env, files, IAM role / IRSA).
+def request_timeout_s(retry_s: float) -> float:
+    """How long one request to storage (S3 or a user's HTTP(S) mirror) waits for a connection
+    or for the next bytes of its answer, for a retry budget of `retry_s` seconds."""
+    return min(REQUEST_TIMEOUT_MAX_S, max(REQUEST_TIMEOUT_MIN_S, retry_s / 3))
+
+
+def s3_client(endpoint_url: str | None = None, retry_s: float | None = None):
+    """A boto3 S3 client on the standard credential chain (env, files, IAM role / IRSA), whose
+    requests time out after `request_timeout_s` of the retry budget and are tried once each
+    (`retrying` tries them again, inside the budget).
 
     A custom endpoint (MinIO, R2, ...) gets path-style addressing, and checksums are only sent
     where the API requires them, which MinIO and R2 accept.
@@ -303,10 +326,11 @@ def s3_client(endpoint_url: str | None = None):
                             "http(s)://HOST[:PORT] in --s3-endpoint-url / AWS_ENDPOINT_URL")
     if endpoint and urllib.parse.urlsplit(endpoint).scheme not in ("http", "https"):
         raise bad_endpoint
+    timeout_s = request_timeout_s(storage_retry_s() if retry_s is None else retry_s)
     config = Config(
-        retries={"max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"},
-        connect_timeout=S3_CONNECT_TIMEOUT_S,
-        read_timeout=S3_READ_TIMEOUT_S,
+        retries={"total_max_attempts": 1, "mode": "standard"},
+        connect_timeout=timeout_s,
+        read_timeout=timeout_s,
         s3={"addressing_style": "path" if endpoint else "auto"},
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
@@ -352,7 +376,10 @@ def transient_reason(error: BaseException) -> str | None:
     if isinstance(error, boto.EndpointConnectionError | boto.ProxyConnectionError):
         cause = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(error.kwargs.get("error", "")))
         return cause[1].strip() if cause else "cannot connect"
-    if isinstance(error, boto.ConnectionClosedError):
+    if isinstance(error, boto.ConnectionClosedError):  # urllib3's ProtocolError, as its cause
+        cause = error.kwargs.get("error")
+        if any(isinstance(arg, TimeoutError) for arg in getattr(cause, "args", ())):
+            return "send timeout"  # a request body the endpoint stopped reading
         return "connection closed"
     if isinstance(error, boto.ResponseStreamingError | boto.IncompleteReadError | TruncatedTransfer):
         return "connection dropped mid-transfer"
@@ -424,12 +451,15 @@ def ride_out(action: Callable[[], T], source: str, uri: str, retry_s: float,
              reason_of: Callable[[BaseException], str | None]) -> T:
     """`action()`, run again after a fault that passes (`reason_of` gives its reason; None: it
     would fail the same way, raised as it is) with exponential backoff and jitter, for up to
-    `retry_s` seconds from its first failure, with a line at the first failure and every
-    RETRY_REPORT_EVERY_S; then StorageUnavailable. A stop signal during a wait ends it as a
-    preemption."""
-    first_failure = last_report = None
+    `retry_s` seconds from the start of its first failed try (a request that timed out has
+    spent its timeout of the budget), with a line at the first failure and every
+    RETRY_REPORT_EVERY_S; then StorageUnavailable. No try starts after the budget is spent, so
+    it ends at most one request's timeout past it. A stop signal during a wait, or during a try
+    that then fails, ends it as a preemption."""
+    outage_began = last_report = None
     wait_s = RETRY_FIRST_WAIT_S
     while True:
+        try_began = time.monotonic()
         try:
             return action()
         except Exception as error:
@@ -437,10 +467,10 @@ def ride_out(action: Callable[[], T], source: str, uri: str, retry_s: float,
             if reason is None:
                 raise
         now = time.monotonic()
-        first_failure = now if first_failure is None else first_failure
-        left_s = retry_s - (now - first_failure)
+        outage_began = try_began if outage_began is None else outage_began
+        left_s = retry_s - (now - outage_began)
         if left_s <= 0:
-            raise unavailable(source, uri, reason, now - first_failure)
+            raise unavailable(source, uri, reason, now - outage_began)
         if last_report is None or now - last_report >= RETRY_REPORT_EVERY_S:
             say(True, f"{source} unreachable ({reason}) at {uri}; retrying for up to "
                       f"{left_s:.0f} s more")
@@ -516,7 +546,8 @@ class S3Store:
         self.bucket, self.prefix = parse_s3_uri(uri)
         self.endpoint_url = endpoint_url
         self.retry_s = storage_retry_s() if retry_s is None else retry_s
-        self.client = s3_client(endpoint_url)
+        self.client = s3_client(endpoint_url, self.retry_s)
+        self.out_of_reach = False  # see retrying
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
@@ -533,9 +564,17 @@ class S3Store:
         return s3_errors(self.location(name) if name else self.uri, self.endpoint_url)
 
     def retrying(self, action: Callable[[], T], name: str | None = None) -> T:
-        """`action()` (this store's requests) retried through an outage; see `retrying`."""
-        return retrying(action, self.location(name) if name else self.uri, self.endpoint_url,
-                        self.retry_s)
+        """`action()` (this store's requests) retried through an outage; see `retrying`. An
+        outage that outlasts it (the budget spent, or a stop signal during it) leaves
+        `out_of_reach` set until a request succeeds again."""
+        try:
+            result = retrying(action, self.location(name) if name else self.uri,
+                              self.endpoint_url, self.retry_s)
+        except (StorageUnavailable, Interrupted):
+            self.out_of_reach = True
+            raise
+        self.out_of_reach = False
+        return result
 
     def check_writable(self, option: str) -> None:
         probe = f".write-probe-{os.getpid()}"

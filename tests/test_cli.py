@@ -224,6 +224,49 @@ def test_environment_and_output_paths_are_checked_before_any_work(env, option, f
     assert sorted(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("args, env, fragments", [
+    (["--seed", "99999999999999999999"], {}, ["--seed 99999999999999999999 does not fit in 64 bits"]),
+    (["--seed", str(-(2**63) - 1)], {}, ["does not fit in 64 bits", str(-(2**63))]),
+    (["--data-uri", "http://"], {}, ["--data-uri http:// names no host"]),
+    (["--data-uri", "https:///mnist"], {}, ["names no host", "http(s)://HOST/PATH"]),
+    (["--checkpoint-uri", ""], {}, ["--checkpoint-uri is empty", "leave it out for its default"]),
+    (["--cache-dir", ""], {}, ["--cache-dir", "is empty"]),
+    ([], {"CNN_JOB_CHECKPOINT_URI": " "}, ["--checkpoint-uri is empty"]),
+    ([], {"WORLD_SIZE": "2", "RANK": "5"}, ["RANK=5 is not below WORLD_SIZE=2"]),
+    ([], {"WORLD_SIZE": "2", "RANK": "1"}, ["WORLD_SIZE=2 but MASTER_ADDR is not set", "torchrun"]),
+], ids=["seed-over-64-bits", "seed-under-64-bits", "http-no-host", "https-no-host",
+        "empty-checkpoint-uri", "empty-cache-dir", "blank-checkpoint-uri-env", "rank-past-world",
+        "no-master-addr"])
+def test_values_that_once_raised_or_meant_the_working_folder(args, env, fragments, tmp_path,
+                                                             monkeypatch):
+    """One line, exit 2, and nothing written in the working folder."""
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name, raising=False)
+    result = run_cli("train", "mnist", "--device", "cpu", "--limit-train", "64", "--epochs", "1",
+                     *args, env=env, cwd=tmp_path)
+    assert_one_line_error(result, *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_sweep_seed_past_64_bits_is_one_line(tmp_path):
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("dataset: mnist\nseeds: [0, 99999999999999999999]\n")
+    assert_one_line_error(run_cli("sweep", "plan", str(sweep)),
+                          "trial 1 (seed 99999999999999999999)", "does not fit in 64 bits")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["evaluate", "{tmp}/run", "--device", "tpu"], "--device must be auto, cpu or cuda"),
+    (["predict", "{tmp}/run", "{tmp}/x.png", "--device", "tpu"], "--device must be auto, cpu or cuda"),
+    (["evaluate", "{tmp}/run", "--batch-size", "0"], "--batch-size must be at least 1"),
+    (["evaluate", "{tmp}/run", "--precision", "fp8"], "--precision must be auto, fp32 or bf16"),
+    (["evaluate", "{tmp}/run", "--cache-dir", ""], "is empty"),
+])
+def test_after_training_commands_check_their_options_as_train_does(args, fragment, tmp_path):
+    """Before anything is read: the checkpoint named here does not even exist."""
+    assert_one_line_error(run_cli(*(arg.format(tmp=tmp_path) for arg in args)), fragment)
+
+
 def test_piped_checkpoint_list_keeps_whole_names_and_the_latest_marker(tmp_path):
     from job.checkpoint import CheckpointManager
 

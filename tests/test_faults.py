@@ -5,6 +5,7 @@ full or read-only (a tmpfs), and URIs that would map files outside their folder.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from job.errors import JobError
-from job.lease import LocalLock
-from job.storage import LocalStore, open_object, parse_s3_uri, uri_kind
+from job.errors import JobError, StorageUnavailable
+from job.lease import LocalLock, S3Lease
+from job.storage import LocalStore, S3Store, open_object, parse_s3_uri, request_timeout_s, uri_kind
 from tests.conftest import CNN_JOB, SECRET
 
 # ----------------------------------------------------------------------------------------------
@@ -28,14 +29,17 @@ from tests.conftest import CNN_JOB, SECRET
 
 class FlakyEndpoint:
     """A TCP relay on 127.0.0.1 to `upstream` that can go down: it then refuses connections (its
-    listening socket is closed) and drops the ones it had. It goes down by itself at the `nth`
-    request whose bytes hold `down_on` (that request never reaches the server), and comes back
-    on `restore()`, on the same port."""
+    listening socket is closed) and drops the ones it had; or, `silent`, it hangs: it accepts
+    connections and holds them, open, never answering, and holds the ones it had the same way.
+    It goes down by itself at the `nth` request whose bytes hold `down_on` (that request never
+    reaches the server), and comes back on `restore()`, on the same port."""
 
-    def __init__(self, upstream: str, down_on: bytes, nth: int = 1) -> None:
+    def __init__(self, upstream: str, down_on: bytes, nth: int = 1, silent: bool = False) -> None:
         url = urllib.parse.urlsplit(upstream)
         self.upstream = (url.hostname, url.port)
         self.down_on, self.nth, self.seen = down_on, nth, 0
+        self.silent, self.hung = silent, False
+        self.held: list[socket.socket] = []  # the connections a silent endpoint holds
         self.lock = threading.Lock()
         self.sockets: set[socket.socket] = set()
         self.went_down = threading.Event()
@@ -58,6 +62,9 @@ class FlakyEndpoint:
             except OSError:  # shut down: the endpoint went away
                 return
             with self.lock:
+                if self.hung:
+                    self.held.append(client)
+                    continue
                 if self.down:
                     client.close()
                     continue
@@ -76,17 +83,27 @@ class FlakyEndpoint:
                         tail = (tail + data)[-(len(self.down_on) - 1):]
                         if self.seen >= self.nth and not self.went_down.is_set():
                             self._go_down()
+                        if self.down or self.hung:  # hung: never answered, never closed
                             return
                 dest.sendall(data)
         except OSError:
             pass
         finally:
-            for end in (source, dest):
-                with contextlib.suppress(OSError):
-                    end.close()
+            with self.lock:
+                if self.hung:  # the connection stays open, silent, until restore()
+                    self.held += [end for end in (source, dest) if end not in self.held]
+                else:
+                    for end in (source, dest):
+                        with contextlib.suppress(OSError):
+                            end.close()
 
     def _go_down(self) -> None:
-        """(Under the lock.) Refuse connections from now on, and drop the open ones."""
+        """(Under the lock.) Refuse connections from now on, and drop the open ones; silent,
+        hold them all, unanswered."""
+        if self.silent:
+            self.hung = True
+            self.went_down.set()
+            return
         self.listener.shutdown(socket.SHUT_RDWR)  # wakes its accept(): new connects are refused
         self.listener.close()
         self.listener = None
@@ -96,14 +113,29 @@ class FlakyEndpoint:
         self.sockets.clear()
         self.went_down.set()
 
+    def hang(self) -> None:
+        """Go down now (silent: every request from now on is held, unanswered)."""
+        with self.lock:
+            self._go_down()
+
     def restore(self) -> None:
         with self.lock:
+            self._drop_held()
             if self.down:
                 self.listener = socket.create_server(("127.0.0.1", self.port))
                 self._serve(self.listener)
 
+    def _drop_held(self) -> None:
+        self.hung = False
+        for end in self.held:
+            with contextlib.suppress(OSError):
+                end.close()
+        self.held.clear()
+
     def close(self) -> None:
         with self.lock:
+            self._drop_held()
+            self.silent = False
             if not self.down:
                 self._go_down()
 
@@ -112,8 +144,8 @@ class FlakyEndpoint:
 def flaky():
     started = []
 
-    def start(upstream: str, down_on: bytes, nth: int = 1) -> FlakyEndpoint:
-        started.append(FlakyEndpoint(upstream, down_on, nth))
+    def start(upstream: str, down_on: bytes, nth: int = 1, silent: bool = False) -> FlakyEndpoint:
+        started.append(FlakyEndpoint(upstream, down_on, nth, silent))
         return started[-1]
 
     yield start
@@ -253,6 +285,41 @@ def test_an_outage_longer_than_the_lease_is_no_lease_lost(s3, data_dir, tmp_path
     assert stored(s3, "run")[1] == "step-000000003.pt"
 
 
+def test_renewals_failing_past_the_budget_recover_once_storage_answers(s3, flaky):
+    # Lease 1 s, budget 1 s: renewals fail for several budgets. The check before a checkpoint
+    # write then waits out one budget and ends the run (69) while storage is still away; once
+    # it answers, the check renews the lease, which is still ours.
+    endpoint = flaky(s3.endpoint, put_of(s3, "run", ".lease"), nth=2)
+    lease = S3Lease(S3Store(f"s3://{s3.bucket}/run", endpoint.url, retry_s=1), 1, print)
+    lease.acquire()
+    try:
+        assert endpoint.went_down.wait(30)
+        wait_until(lambda: lease_age_s(s3, "run") > 4, what="renewals to fail past the budget")
+        with pytest.raises(StorageUnavailable, match=r"unreachable for \d+ s \(Connection refused"):
+            lease.check()
+        lease.check_held()  # an outage is no lost lease: the run trains on meanwhile
+        endpoint.restore()
+        lease.check()
+        assert s3.client.head_object(Bucket=s3.bucket, Key="run/.lease")["ETag"] == lease.etag
+    finally:
+        lease.release()
+    assert "Contents" not in s3.client.list_objects_v2(Bucket=s3.bucket, Prefix="run/.lease")
+
+
+def test_a_lease_another_job_took_stops_the_run_at_its_next_step(s3):
+    lease = S3Lease(S3Store(f"s3://{s3.bucket}/run", retry_s=1), 1, print)
+    lease.acquire()
+    try:
+        lease.check_held()
+        s3.client.put_object(Bucket=s3.bucket, Key="run/.lease",
+                             Body=json.dumps({"holder": "pod-b pid 7", "nonce": "b"}).encode())
+        wait_until(lambda: lease.ended is not None, what="a renewal to find the lease taken")
+        with pytest.raises(JobError, match=f"lost the lease on s3://{s3.bucket}/run to pod-b pid 7"):
+            lease.check_held()  # no request: what the training loop asks at every step
+    finally:
+        lease.release()
+
+
 def test_a_stop_signal_during_a_retry_wait_is_a_preemption(s3, data_dir, tmp_path, flaky):
     endpoint = flaky(s3.endpoint, put_of(s3, "run", STEP_2))
     job = Running(*train_args(s3, data_dir, tmp_path, "run"), env={"AWS_ENDPOINT_URL": endpoint.url})
@@ -265,6 +332,105 @@ def test_a_stop_signal_during_a_retry_wait_is_a_preemption(s3, data_dir, tmp_pat
     assert err.strip().splitlines()[-1].startswith("error: stopped by SIGTERM")
     names, latest = stored(s3, "run")
     assert STEP_2 not in names and latest == "step-000000001.pt"
+
+
+# ----------------------------------------------------------------------------------------------
+# an endpoint that accepts connections and never answers
+
+HANG_BUDGET_S = 10  # --storage-retry-s
+# A hang ends the job at most one request's timeout past the budget (the process's exit: a few
+# seconds more, on a loaded machine), not after botocore's tries of 60 s each.
+HANG_BOUND_S = HANG_BUDGET_S + request_timeout_s(HANG_BUDGET_S)
+EXIT_S = 8  # a PUT's 1 s wait for "100 Continue", the lease's release, the exit: on a loaded machine
+
+
+def exits_69_within(job: Running, endpoint: FlakyEndpoint, bound_s: float, source: str) -> str:
+    """The job's exit, 69, within `bound_s` (and its exit's seconds) of the first request the
+    silent endpoint held; its one line, which names the endpoint."""
+    wait_until(lambda: endpoint.held, timeout_s=120, what="a request the endpoint holds")
+    held = time.monotonic()
+    status, out, err = job.finish()
+    assert status == 69, out + err
+    assert time.monotonic() - held < bound_s + EXIT_S
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"error: {source} {endpoint.url} unreachable for "), line
+    return line
+
+
+def test_a_silent_endpoint_at_start_up_exits_69_one_timeout_past_the_budget(s3, tmp_path, flaky):
+    endpoint = flaky(s3.endpoint, b"never sent", silent=True)
+    endpoint.hang()
+    job = Running("train", "mnist", "--data-uri", f"s3://{s3.bucket}/datasets", "--device", "cpu",
+                  "--storage-retry-s", str(HANG_BUDGET_S), "--cache-dir", str(tmp_path / "cache"),
+                  "--checkpoint-uri", str(tmp_path / "ckpt"), env={"AWS_ENDPOINT_URL": endpoint.url})
+    line = exits_69_within(job, endpoint, HANG_BOUND_S, "S3 endpoint")
+    assert f"(read timeout) at s3://{s3.bucket}/datasets" in line
+
+
+def test_a_silent_http_mirror_exits_69_one_timeout_past_the_budget(s3, tmp_path, flaky):
+    endpoint = flaky(s3.endpoint, b"never sent", silent=True)
+    endpoint.hang()
+    budget_s = 3
+    job = Running("train", "mnist", "--data-uri", endpoint.url, "--device", "cpu",
+                  "--storage-retry-s", str(budget_s), "--cache-dir", str(tmp_path / "cache"),
+                  "--checkpoint-uri", str(tmp_path / "ckpt"), env={})
+    line = exits_69_within(job, endpoint, budget_s + request_timeout_s(budget_s), "HTTP mirror")
+    assert f"(timed out) at {endpoint.url}/SHA256SUMS" in line
+
+
+def hung_upload(s3, data_dir, tmp_path, flaky) -> tuple[FlakyEndpoint, list[str], dict, Running]:
+    """A run whose upload of step 2's checkpoint gets no answer, nor does anything after it."""
+    endpoint = flaky(s3.endpoint, put_of(s3, "run", STEP_2), silent=True)
+    args = train_args(s3, data_dir, tmp_path, "run", "--lease-seconds", "1",
+                      "--storage-retry-s", str(HANG_BUDGET_S))
+    env = {"AWS_ENDPOINT_URL": endpoint.url}
+    return endpoint, args, env, Running(*args, env=env)
+
+
+def latest_loads(s3, run: str) -> str:
+    """What `latest` names, loaded (read from the server directly)."""
+    import io
+
+    import torch
+
+    latest = stored(s3, run)[1]
+    data = s3.client.get_object(Bucket=s3.bucket, Key=f"{run}/{latest}")["Body"].read()
+    assert torch.load(io.BytesIO(data), weights_only=True)["step"] == int(latest[5:14])
+    return latest
+
+
+def test_a_silent_endpoint_during_a_checkpoint_upload_exits_69_and_the_same_command_resumes(
+        s3, data_dir, tmp_path, flaky):
+    endpoint, args, env, job = hung_upload(s3, data_dir, tmp_path, flaky)
+    line = exits_69_within(job, endpoint, HANG_BOUND_S, "S3 endpoint")
+    assert f") at s3://{s3.bucket}/run/{STEP_2}" in line  # a send or a read timed out
+    assert latest_loads(s3, "run") == "step-000000001.pt"
+
+    endpoint.restore()
+    status, out, err = Running(*args, env=env).finish()
+    assert status == 0, out + err
+    assert f"resumed from s3://{s3.bucket}/run/step-000000001.pt" in out.replace("\n", "")
+    assert latest_loads(s3, "run") == "step-000000003.pt"
+
+
+def test_a_stop_signal_during_a_silent_upload_exits_75_within_seconds(s3, data_dir, tmp_path, flaky):
+    endpoint, args, env, job = hung_upload(s3, data_dir, tmp_path, flaky)
+    assert endpoint.went_down.wait(120)
+    signalled = time.monotonic()
+    job.process.send_signal(signal.SIGTERM)
+    status, out, err = job.finish()
+    assert status == 75, out + err
+    assert time.monotonic() - signalled < 10
+    assert err.strip().splitlines()[-1] == (
+        f"error: stopped by SIGTERM while writing checkpoint s3://{s3.bucket}/run/{STEP_2}, which "
+        "storage did not take before the stop: it was not written and latest names the "
+        "checkpoint it named before; run the same command to resume from it (exit status 75)")
+    assert latest_loads(s3, "run") == "step-000000001.pt"
+
+    endpoint.restore()
+    status, out, err = Running(*args, env=env).finish()
+    assert status == 0, out + err
+    assert latest_loads(s3, "run") == "step-000000003.pt"
 
 
 # ----------------------------------------------------------------------------------------------

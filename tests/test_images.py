@@ -1,6 +1,9 @@
 """Images for predict: any size and mode brought to the dataset's look, and files that do not
 decode as one line."""
 
+import struct
+import zlib
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -49,3 +52,19 @@ def test_an_image_that_does_not_decode_is_one_line(mnist, tmp_path):
         prepare_image(good.read_bytes()[:60], preset("mnist"), "cut.png")
     with pytest.raises(JobError, match=r"^text\.png is not a PNG or JPEG image$"):
         prepare_image(b"hello", preset("mnist"), "text.png")
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG's signature and header chunk, no pixels: all Pillow reads before it decodes."""
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + ihdr
+            + struct.pack(">I", zlib.crc32(ihdr)) + b"\0\0\0\0IEND\xaeB`\x82")
+
+
+@pytest.mark.parametrize("side", [12000, 20000])  # past Pillow's warning; past its refusal
+def test_an_image_past_the_decompression_bomb_limit_is_one_line(side, recwarn):
+    with pytest.raises(JobError, match=rf"^big\.png is too large to decode: {side * side:,} "
+                                       r"pixels, over the 89,478,485 that predict takes; "
+                                       r"shrink it first$"):
+        prepare_image(png_header(side, side), preset("mnist"), "big.png")
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]

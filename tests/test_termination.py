@@ -86,3 +86,12 @@ def test_only_rank_0_writes_and_at_most_4096_bytes(message, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     progress.write_termination_message()
     assert message.read_text() == "é" * 2048  # cut at the limit, on a character boundary
+
+
+def test_a_fifo_nobody_reads_does_not_hold_up_the_exit(tmp_path):
+    fifo = tmp_path / "termination-log"
+    os.mkfifo(fifo)
+    result = run_cli("train", "mnist", "--epochs", "zero", env={"CNN_JOB_TERMINATION_LOG": str(fifo)},
+                     timeout=60)  # it used to wait forever for a reader
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
