@@ -132,6 +132,8 @@ VOLUME /cache /work/runs
 
 FROM runtime AS sbom
 
+# A build stage's user (it reads root's pip cache); the image's last USER is 10001.
+# hadolint ignore=DL3002,DL3066
 USER root
 WORKDIR /sbom
 COPY pyproject.toml LICENSE README.md requirements/sbom.py ./

@@ -103,16 +103,17 @@ image:
 		$(if $(PIP_CA),--secret id=pip_ca$(,)src=$(abspath $(PIP_CA))) -t $(IMAGE) .
 
 # The image's SBOM (CycloneDX JSON, made during the build) and its list of third-party licences,
-# copied out of the built image into SBOM_DIR.
+# copied out of the built image into SBOM_DIR (from a container created, never started).
 SBOM_DIR ?= sbom
 IMAGE_DOC := /usr/share/doc/cnn-job
 
 sbom:
 	@test -n "$(IMAGE_ENGINE)" || { echo "make sbom: neither docker nor podman answers here" >&2; exit 2; }
 	mkdir -p $(SBOM_DIR)
+	container=$$($(IMAGE_ENGINE) create $(IMAGE)) || exit 1; status=0; \
 	for file in sbom.cdx.json third-party-licenses.txt; do \
-		$(IMAGE_ENGINE) run --rm --network=none --entrypoint cat $(IMAGE) $(IMAGE_DOC)/$$file \
-			> $(SBOM_DIR)/$$file || exit 1; done
+		$(IMAGE_ENGINE) cp $$container:$(IMAGE_DOC)/$$file $(SBOM_DIR)/$$file || { status=1; break; }; \
+	done; $(IMAGE_ENGINE) rm $$container > /dev/null; exit $$status
 
 # The checks of tests/test_image.py against the built image, in a real OCI runtime: each one
 # builds or reuses the image and skips with one line where no engine can run it.
