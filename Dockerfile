@@ -157,11 +157,15 @@ COPY --from=sbom /sbom/sbom.cdx.json /sbom/third-party-licenses.txt /usr/share/d
 USER 10001
 
 # Recorded in W&B runs, summaries and `cnn-job --version`: make image passes the commit, the
-# job's version and the build's time (last, so that a new commit rebuilds nothing above).
+# job's version and the build's time (last, so that a new commit rebuilds nothing above). The
+# RUN checks that the job starts and names its build; it also comes before ENV and LABEL because
+# buildah 1.28 (podman 4.3) keys its layer cache on build args only through a RUN: without one,
+# a new commit's build would keep the last one's GIT_COMMIT and labels.
 ARG GIT_COMMIT=""
 ARG VERSION=""
 ARG CREATED=""
 ARG SOURCE=""
+RUN cnn-job --version
 ENV GIT_COMMIT=${GIT_COMMIT}
 LABEL org.opencontainers.image.revision="${GIT_COMMIT}" \
       org.opencontainers.image.version="${VERSION}" \
