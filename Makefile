@@ -4,15 +4,38 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install checkov train test bench gpu-check clean image image-test docker-run
+.PHONY: install lock checkov train test bench gpu-check clean image image-test sbom docker-run
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The venv holds exactly the lock's files, each checked against its sha256 there (the bytes the
+# image holds: torch's CUDA build runs on CPU too); then the job, editable, and its test tools,
+# with the lock's pins as constraints so that none of them moves a locked package (its pins
+# alone: hashes in a constraints file would ask a hash of the editable job too, which has none).
+LOCK := requirements/constraints.txt
+
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps --require-hashes -r $(LOCK)
+	sed -e 's/ *\\$$//' -e '/--hash=/d' $(LOCK) > $(VENV)/pins.txt
+	$(BIN)/pip install -q --no-build-isolation -c $(VENV)/pins.txt -e '.[test]'
 	touch $(STAMP)
+
+# The lock: every package the job needs at run time (pyproject.toml's dependencies, theirs, and
+# the image venv's pip: requirements/image.in), at one version each, with the sha256 of every
+# file PyPI has for that version, for Python 3.11 on Linux x86_64 (the image's platform).
+# `make lock` makes it again after a change to the dependencies, keeping each pin it can
+# (UPGRADE=1: the newest versions that fit), with uv in a venv of its own.
+UV_VERSION := 0.13.8
+LOCK_VENV := .venv-lock
+
+lock:
+	test -x $(LOCK_VENV)/bin/uv || { $(PYTHON) -m venv $(LOCK_VENV) \
+		&& $(LOCK_VENV)/bin/pip install -q uv==$(UV_VERSION); }
+	$(LOCK_VENV)/bin/uv pip compile pyproject.toml requirements/image.in --generate-hashes \
+		--python-version 3.11 --python-platform x86_64-manylinux_2_28 $(if $(UPGRADE),--upgrade) \
+		--custom-compile-command 'make lock' --quiet -o $(LOCK)
 
 # checkov, which tests/test_deploy.py runs on k8s/ and the Dockerfile, pins boto3 and others at
 # versions the job's lock cannot share: it gets a venv of its own, from its own lock (~1 min).
@@ -69,12 +92,31 @@ IMAGE_ENGINE ?= $(firstword $(foreach engine,docker podman,\
 PYTHON_IMAGE ?= python:3.11-slim-bookworm
 PIP_CA ?=
 , := ,# a comma inside $(if ...)
+# The OCI labels' facts: the job's version from pyproject.toml, the commit, the build's time, and
+# where the source lives (the checkout's origin; CI passes its repository's address).
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE_SOURCE ?= $(or $(shell git remote get-url origin 2>/dev/null),file://$(CURDIR))
 
 image:
 	@test -n "$(IMAGE_ENGINE)" || { echo "make image: neither docker nor podman answers here" >&2; exit 2; }
 	$(if $(filter docker,$(IMAGE_ENGINE)),DOCKER_BUILDKIT=1) $(IMAGE_ENGINE) build \
 		--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE) --build-arg GIT_COMMIT=$$(git rev-parse HEAD 2>/dev/null) \
+		--build-arg VERSION=$(VERSION) --build-arg CREATED=$$(date -u +%Y-%m-%dT%H:%M:%SZ) \
+		--build-arg SOURCE=$(IMAGE_SOURCE) \
 		$(if $(PIP_CA),--secret id=pip_ca$(,)src=$(abspath $(PIP_CA))) -t $(IMAGE) .
+
+# The image's SBOM (CycloneDX JSON, made during the build) and its list of third-party licences,
+# copied out of the built image into SBOM_DIR (from a container created, never started).
+SBOM_DIR ?= sbom
+IMAGE_DOC := /usr/share/doc/cnn-job
+
+sbom:
+	@test -n "$(IMAGE_ENGINE)" || { echo "make sbom: neither docker nor podman answers here" >&2; exit 2; }
+	mkdir -p $(SBOM_DIR)
+	container=$$($(IMAGE_ENGINE) create $(IMAGE)) || exit 1; status=0; \
+	for file in sbom.cdx.json third-party-licenses.txt; do \
+		$(IMAGE_ENGINE) cp $$container:$(IMAGE_DOC)/$$file $(SBOM_DIR)/$$file || { status=1; break; }; \
+	done; $(IMAGE_ENGINE) rm $$container > /dev/null; exit $$status
 
 # The checks of tests/test_image.py against the built image, in a real OCI runtime: each one
 # builds or reuses the image and skips with one line where no engine can run it.
@@ -89,4 +131,4 @@ docker-run:
 		-v cnn-job-cache:/cache -v cnn-job-runs:/work/runs $(IMAGE) $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(LOCK_VENV) .pytest_cache

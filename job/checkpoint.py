@@ -420,7 +420,7 @@ class LoadedCheckpoint:
 
     def provenance(self) -> dict:
         """Where these weights come from: what an export or an evaluation report carries."""
-        from job.summary import git_commit
+        from job.version import git_commit
 
         run = self.state.get("run") or {}
         return {

@@ -56,9 +56,26 @@ def _path(value: str) -> Path:
 EndpointOption = Annotated[str | None, _option("s3_endpoint_url")]
 
 
-@app.callback()
-def _root() -> None:
+@app.callback(invoke_without_command=True)
+def _root(
+    context: typer.Context,
+    # Questions about the build, like --help: no CNN_JOB_* variable, which would turn every
+    # command of a pod that has it set into this answer.
+    version: Annotated[bool, typer.Option(
+        "--version", help="Print the job's version, the git commit it was built from, Python, "
+        "torch, CUDA and cuDNN versions and the GPUs it sees, then exit.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="With --version: as one JSON object.")]
+    = False,
+) -> None:
     """Train a CNN recipe on MNIST or CIFAR-10: one process, or DDP under torchrun."""
+    if version:
+        from job.version import build_facts, describe
+
+        facts = build_facts()
+        print(json.dumps(facts) if as_json else describe(facts))
+        raise typer.Exit(0)
+    if as_json:  # alone, or before a command: never silently dropped
+        raise typer.BadParameter("it goes with --version", context, param_hint="'--json'")
 
 
 @app.command()

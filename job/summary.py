@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 
 from job.errors import JobError
 from job.storage import atomic_write_bytes
+from job.version import git_commit, versions
 
 _IMPORTED_AT = time.monotonic()
 
@@ -29,17 +28,6 @@ def process_seconds() -> float:
         return time.monotonic() - _IMPORTED_AT
 
 
-def git_commit() -> str | None:
-    if os.environ.get("GIT_COMMIT"):  # set by the container build
-        return os.environ["GIT_COMMIT"]
-    try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=5, cwd=Path(__file__).parent)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return result.stdout.strip() or None if result.returncode == 0 else None
-
-
 def provenance(world_size: int, device: torch.device, bf16: bool, data_sha256: dict,
                step_mode: str = "off") -> dict:
     """Where and how the run trained: part of the W&B config and of the summary."""
@@ -47,7 +35,7 @@ def provenance(world_size: int, device: torch.device, bf16: bool, data_sha256: d
         "world_size": world_size, "device": str(device), "precision": "bf16" if bf16 else "fp32",
         "compile": step_mode,
         "data_sha256": data_sha256, "git_commit": git_commit(),
-        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "versions": versions(),
     }
 
 

@@ -31,7 +31,6 @@ import yaml
 from kubeflow_trainer_api import models as published_models
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
-from packaging.version import Version
 
 try:
     import tomllib
@@ -40,6 +39,7 @@ except ModuleNotFoundError:  # Python 3.10
 
 from job.errors import JobError
 from job.preemption import PREEMPTED_EXIT_CODE
+from requirements.sbom import locked
 from tests.conftest import CNN_JOB, REPO, _free_port, process_tree
 from tests.test_preemption import read_checkpoint
 from tests.test_storage import push_mnist
@@ -266,11 +266,7 @@ def test_workflow_matches_github_schema():
 
 
 def test_lock_pins_the_runtime_dependencies_and_theirs():
-    pins = {}
-    for line in LOCK.read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[canonicalize_name(name)] = Version(version)
+    pins = {name: version for name, (version, _) in locked(LOCK.read_text()).items()}
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     wanted = [Requirement(text) for text in project["dependencies"]]
     for requirement in wanted:  # each dependency pinned, at a version pyproject.toml accepts
@@ -295,17 +291,27 @@ def test_lock_pins_the_runtime_dependencies_and_theirs():
 
 
 def dockerfile_final_stage() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) of the last stage, continuation lines joined, comments dropped."""
+    """(INSTRUCTION, arguments) of the stages the image is made of (the last, the stage it is
+    FROM, and so on down to the base), in order; continuation lines joined, comments dropped."""
     text = (REPO / "Dockerfile").read_text()
     lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
     joined = re.sub(r"\\\n\s*", " ", "\n".join(lines))
     instructions = [tuple(line.strip().split(None, 1)) for line in joined.splitlines() if line.strip()]
-    last_from = max(i for i, (word, _) in enumerate(instructions) if word.upper() == "FROM")
-    return [(word.upper(), rest) for word, rest in instructions[last_from:]]
+    starts = [i for i, (word, _) in enumerate(instructions) if word.upper() == "FROM"]
+    stages = []  # (its base, its name or None, its instructions)
+    for start, end in zip(starts, [*starts[1:], len(instructions)]):
+        base, *name = re.split(r"\s+AS\s+", instructions[start][1], flags=re.I)
+        stages.append((base, name[0] if name else None, instructions[start:end]))
+    named = {name: (base, stage) for base, name, stage in stages if name}
+    base, _, chain = stages[-1]
+    while base in named:  # FROM an earlier stage: its instructions come first
+        base, below = named[base]
+        chain = below + chain
+    return [(word.upper(), rest) for word, rest in chain]
 
 
 def image_config() -> dict:
-    """ENTRYPOINT, CMD, ENV, VOLUME, USER and WORKDIR of the final stage; ENV values get the
+    """ENTRYPOINT, CMD, ENV, VOLUME, USER and WORKDIR of the image's stages; ENV values get the
     ARG defaults and earlier ENVs substituted (references to the base image's, like $PATH, stay)."""
     config, variables = {"ENV": {}, "VOLUME": []}, {}
     for word, rest in dockerfile_final_stage():

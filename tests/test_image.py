@@ -21,16 +21,24 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 import yaml
 
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    tomllib = pytest.importorskip("tomli")
+
 from job.preemption import PREEMPTED_EXIT_CODE
+from requirements.sbom import locked
 from tests.conftest import CNN_JOB, REPO, _free_port
 from tests.test_deploy import (
     FOLDERS,
     IMAGE,
+    LOCK,
     load_folder,
     pod_process,
     s3_keys,
@@ -106,6 +114,8 @@ def python_base(engine: str) -> str:
 class Image:
     engine: str
     tag: str
+    base: str = PYTHON_IMAGE  # what it was built FROM
+    built_at: datetime | None = None  # when the build began (UTC)
     names: list[str] = field(default_factory=list)  # containers and volumes to remove
 
     def name(self, what: str) -> str:
@@ -182,12 +192,12 @@ def built(data_dir, tmp_path_factory, request) -> Image:
         pytest.skip("no container engine answers here (docker or podman; .ci/run installs podman "
                     "from Debian as root)")
     base = python_base(engine)
-    started = time.monotonic()
+    started, built_at = time.monotonic(), datetime.now(timezone.utc).replace(microsecond=0)
     result = subprocess.run(["make", "-C", str(REPO), "image", f"IMAGE={TAG}",
                              f"IMAGE_ENGINE={engine}", f"PYTHON_IMAGE={base}"],
                             capture_output=True, text=True, timeout=3600)
     assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
-    image = Image(engine, TAG)
+    image = Image(engine, TAG, base, built_at)
     figures = {"engine": engine, "base": base, "build_minutes": (time.monotonic() - started) / 60}
     # The first run after a build, before any other container of this test run has run.
     figures["container_first_run"] = container_throughput(image, data_dir,
@@ -704,13 +714,115 @@ def dockerfile_omitted() -> list[str]:
 def test_pip_check_accepts_exactly_the_stated_omissions_and_torch_imports(image):
     checked = image.run("check", entrypoint="pip")
     lines = sorted(checked.stdout.splitlines())
-    version = re.search(r"^torch==(\S+)$", (REPO / "requirements" / "constraints.txt").read_text(), re.M)[1]
+    version = str(locked(LOCK.read_text())["torch"][0])
     assert lines == sorted(f"torch {version} requires {name}, which is not installed."
                            for name in dockerfile_omitted()), checked.stdout
     imported = image.run("-c", "import torch, torchvision, onnxruntime, wandb, job.cli; "
                          "print(torch.__version__, torch.version.cuda)", entrypoint="python")
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.split()[0].partition("+")[0] == version  # 2.15.0+cu132: CUDA's build
+
+
+# ----------------------------------------------------------------------------------------------
+# 11. where the image comes from: its labels, SBOM, licences and `cnn-job --version`
+
+
+IMAGE_DOC = "/usr/share/doc/cnn-job"  # the SBOM and the third-party licences (Makefile: IMAGE_DOC)
+
+
+def git(*args: str) -> str:
+    result = subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO)
+    return result.stdout.strip() if result.returncode == 0 else ""
+
+
+def project() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+
+def test_oci_labels_say_what_the_image_is_and_where_it_comes_from(image):
+    labels = json.loads(image.engine_output("image", "inspect", "--format",
+                                            "{{json .Config.Labels}}", image.tag))
+    oci = {key.removeprefix("org.opencontainers.image."): value for key, value in labels.items()
+           if key.startswith("org.opencontainers.image.")}
+    assert oci["title"] == project()["name"] and oci["description"]
+    assert oci["version"] == project()["version"] and oci["licenses"] == project()["license"]
+    assert oci["revision"] == git("rev-parse", "HEAD") != ""
+    assert oci["source"] == (git("remote", "get-url", "origin") or f"file://{REPO}")
+    assert oci["base.name"] == image.base
+    created = datetime.strptime(oci["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert image.built_at <= created <= datetime.now(timezone.utc), oci["created"]
+
+
+def image_file(image: Image, path: str) -> str:
+    result = image.run(path, entrypoint="cat")
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_sbom_is_valid_cyclonedx_and_lists_what_pip_lists_with_the_locks_hashes(image, tmp_path):
+    from cyclonedx.schema import SchemaVersion
+    from cyclonedx.validation.json import JsonStrictValidator
+    from packaging.utils import canonicalize_name
+
+    text = image_file(image, f"{IMAGE_DOC}/sbom.cdx.json")
+    sbom = json.loads(text)
+    assert sbom["bomFormat"] == "CycloneDX" and sbom["specVersion"] == "1.6"
+    assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
+    # What pip in the image lists, no more, no less: the job is the SBOM's subject.
+    listed = json.loads(image.run("list", "--format", "json", entrypoint="pip").stdout)
+    root = sbom["metadata"]["component"]
+    components = [root, *sbom["components"]]
+    assert sorted((canonicalize_name(c["name"]), c["version"]) for c in components) == sorted(
+        (canonicalize_name(p["name"]), p["version"]) for p in listed)
+    assert (root["name"], root["version"]) == (project()["name"], project()["version"])
+    # Each one with a purl, a licence, and the sha256 of the wheel installed: one the lock lists.
+    pins = locked(LOCK.read_text())
+    for component in components:
+        name = canonicalize_name(component["name"])
+        assert component["purl"] == f"pkg:pypi/{name}@{component['version']}"
+        # NVIDIA's cuda-toolkit meta-package declares no licence; another package that declares
+        # none is to be looked at before it ships.
+        assert component.get("licenses") or name in {"cuda-toolkit"}, name
+        (digest,) = component["hashes"]
+        assert digest["alg"] == "SHA-256" and re.fullmatch(r"[0-9a-f]{64}", digest["content"])
+        if component is not root:
+            assert str(pins[name][0]) == component["version"] and digest["content"] in pins[name][1]
+    (torch,) = [c for c in components if c["name"] == "torch"]
+    assert torch["version"] == str(pins["torch"][0])
+    # `make sbom` writes the same two files out of the image.
+    result = subprocess.run(["make", "-C", str(REPO), "sbom", f"IMAGE={image.tag}",
+                             f"IMAGE_ENGINE={image.engine}", f"SBOM_DIR={tmp_path}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "sbom.cdx.json").read_text() == text
+    licences = (tmp_path / "third-party-licenses.txt").read_text().splitlines()
+    assert len(licences) == len(components)
+    assert licences[0] == f"cnn-job {project()['version']}: Apache-2.0 (this image's job)"
+    (torch_licence,) = [line for line in licences if line.startswith(f"torch {torch['version']}: ")]
+    assert "BSD-3-Clause" in torch_licence
+
+
+def test_the_image_carries_the_licence_and_not_the_tools_that_made_its_sbom(image):
+    assert image_file(image, "/usr/share/licenses/cnn-job/LICENSE") == (REPO / "LICENSE").read_text()
+    listed = {p["name"].lower() for p in json.loads(
+        image.run("list", "--format", "json", entrypoint="pip").stdout)}
+    assert not {name for name in listed if "cyclonedx" in name}
+    absent = image.run("-c", "import os, importlib.util; print(os.path.exists('/opt/sbom-tool'), "
+                       "importlib.util.find_spec('cyclonedx'))", entrypoint="python")
+    assert absent.stdout.split() == ["False", "None"], absent.stderr
+
+
+def test_version_in_the_image_names_its_commit_and_cuda_build(image):
+    result = image.run("--version", "--json")
+    assert result.returncode == 0, result.stderr
+    facts = json.loads(result.stdout)
+    assert facts["git_commit"] == git("rev-parse", "HEAD")
+    assert facts["cnn_job"] == project()["version"]
+    assert facts["torch"].partition("+")[0] == str(locked(LOCK.read_text())["torch"][0])
+    assert facts["cuda"] and facts["cudnn"]  # PyPI's CUDA build, cuDNN from its nvidia wheel
+    assert facts["gpu_visible"] is False and facts["gpus"] == []  # no --gpus here
+    text = image.run("--version")
+    assert text.stdout.splitlines()[0] == f"cnn-job {project()['version']}", text.stderr
 
 
 # ----------------------------------------------------------------------------------------------
