@@ -175,7 +175,7 @@ def test_parallel_runs_every_trial_and_resumes_the_stopped_one(four):
     assert four["statuses"][1]["settings"] == {"lr": 0.0176731, "seed": 1}
     resumed = [line for line in parallel.stdout.splitlines() if "resumed from" in line]
     assert resumed and all(line.startswith("trial 001 | ") for line in resumed)
-    assert "4 finished, 0 stopped, 0 failed, 0 not run, of 4" in parallel.stdout
+    assert "sweep four: 4 finished, of 4;" in parallel.stdout
 
 
 def test_a_second_parallel_run_skips_the_finished_trials(four):
@@ -212,7 +212,8 @@ def test_the_report_table_json_and_plot(four):
         s["trial"]: s["settings"] for s in four["statuses"]}
 
     image = Image.open(plot)
-    assert image.format == "PNG" and image.size == (2 * 460, 44 + 340)  # a panel for lr and seed
+    # a panel for lr and seed, and the learning curves
+    assert image.format == "PNG" and image.size == (3 * 460, 44 + 340)
     assert len(image.convert("RGB").getcolors(maxcolors=100_000)) > 20  # drawn on, not blank
 
 
