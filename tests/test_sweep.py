@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 
 from job.sweep import EarlyStop, claim, load_plan
 from tests.conftest import CNN_JOB, run_cli
+from tests.test_multinode import alive, free_port
 from tests.test_signals import wait_for
 from tests.wandb_records import OfflineRun, records
 
@@ -42,6 +42,19 @@ def write(path: Path, text: str) -> Path:
 
 def status(root: Path, index: int) -> dict:
     return json.loads((root / f"trial-{index:03d}" / "trial.json").read_text())
+
+
+def stop_after_first_checkpoint(sweep_file: Path, root: Path, index: int) -> dict:
+    """Trial `index` alone, stopped by SIGTERM once its first checkpoint is written."""
+    trial = subprocess.Popen([str(CNN_JOB), "sweep", "run", str(sweep_file), "--trial", str(index)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for(f"trial {index}'s first checkpoint", (root / f"trial-{index:03d}" / "latest").exists,
+             trial)
+    trial.send_signal(signal.SIGTERM)
+    out, err = trial.communicate(timeout=WAIT_S)
+    return {"returncode": trial.returncode, "stdout": out, "stderr": err,
+            "status": status(root, index)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -170,14 +183,7 @@ def four(tmp_path_factory, data_dir):
     folder = tmp_path_factory.mktemp("sweep")
     root = folder / "root"
     sweep_file = write(folder / "four.yaml", FOUR_TRIALS.format(root=root, data=data_dir))
-    trial = subprocess.Popen([str(CNN_JOB), "sweep", "run", str(sweep_file), "--trial", "1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wait_for("trial 1's first checkpoint", (root / "trial-001" / "latest").exists, trial)
-    trial.send_signal(signal.SIGTERM)
-    out, err = trial.communicate(timeout=WAIT_S)
-    stopped = {"returncode": trial.returncode, "stdout": out, "stderr": err,
-               "status": status(root, 1)}
+    stopped = stop_after_first_checkpoint(sweep_file, root, 1)
     parallel = run_cli("sweep", "run", str(sweep_file), "--parallel", "2")
     statuses = [status(root, index) for index in range(4)]
     again = run_cli("sweep", "run", str(sweep_file), "--parallel", "2")
@@ -405,14 +411,7 @@ def asha(tmp_path_factory, data_dir):
     for name in ("sweep.json", "trial-000/trial.json", "trial-001/trial.json"):
         (b / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(a / name, b / name)
-    trial = subprocess.Popen([str(CNN_JOB), "sweep", "run", str(files["b"]), "--trial", "2"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wait_for("trial 2's first checkpoint", (b / "trial-002" / "latest").exists, trial)
-    trial.send_signal(signal.SIGTERM)
-    out, err = trial.communicate(timeout=WAIT_S)
-    stopped = {"returncode": trial.returncode, "stdout": out, "stderr": err,
-               "status": status(b, 2)}
+    stopped = stop_after_first_checkpoint(files["b"], b, 2)
     resumed = run_cli("sweep", "run", str(files["b"]), "--trial", "2")
     return {"a": a, "b": b, "files": files, "folder": folder, "message": message,
             "uninterrupted": uninterrupted, "stopped": stopped, "resumed": resumed}
@@ -517,22 +516,6 @@ seeds: {seeds}
 """
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on: connections are refused."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    """Neither gone nor a zombie (an orphan's parent may never reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rfind(")") + 2:].split()[0] != "Z"
-
-
 def test_parallel_beside_a_live_trial_skips_it_and_leaves_its_status(tmp_path, data_dir):
     root = tmp_path / "root"
     sweep_file = write(tmp_path / "long.yaml", LONG.format(root=root, data=data_dir, seeds="[0]"))
@@ -561,7 +544,7 @@ def test_a_child_out_of_storage_is_unavailable_and_parallel_exits_69(tmp_path):
     sweep_file = write(tmp_path / "offline.yaml", f"""\
 dataset: mnist
 checkpoint_uri: {root}
-fixed: {{net: fast, device: cpu, data_uri: "http://127.0.0.1:{closed_port()}/data",
+fixed: {{net: fast, device: cpu, data_uri: "http://127.0.0.1:{free_port()}/data",
         cache_dir: {tmp_path / "cache"}, storage_retry_s: 0}}
 seeds: [0]
 """)
@@ -581,7 +564,7 @@ def test_parallel_retries_storage_for_the_files_budget_only(tmp_path):
     sweep_file = write(tmp_path / "s3.yaml", f"""\
 dataset: mnist
 checkpoint_uri: s3://bucket/sweeps/s3
-fixed: {{device: cpu, s3_endpoint_url: "http://127.0.0.1:{closed_port()}", storage_retry_s: 1}}
+fixed: {{device: cpu, s3_endpoint_url: "http://127.0.0.1:{free_port()}", storage_retry_s: 1}}
 seeds: [0]
 """)
     env = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret",
