@@ -229,7 +229,8 @@ def start_tracker(cfg: TrainConfig, d: Dist, job: Setup, run_id: str | None, tri
     """W&B on rank 0, continuing the checkpointed run's W&B run when there is one."""
     return tracking.start(
         enabled=d.is_main, mode=cfg.wandb_mode, project=cfg.wandb_project, run_name=cfg.run_name,
-        run_id=run_id, config={**cfg.to_dict(), **job.environment, **(trial.tracking if trial else {})},
+        run_id=run_id,
+        config={**cfg.to_dict(), **job.environment, **(trial.tracking if trial else {})},
         class_names=job.class_names, say=job.say,
     )
 
