@@ -397,7 +397,7 @@ class EarlyStop:
         higher = METRICS[self.metric] == "higher"
         trials = len(others) + 1
         decision = {"epoch": epoch, "value": value, "trials": trials, "threshold": None}
-        if trials < self.min_trials:
+        if trials < self.min_trials or (not others and self.method == "median"):
             return {**decision, "decision": "go on",
                     "reason": f"{trials} of min_trials {self.min_trials} recorded at epoch {epoch}"}
         show = _metric_text(self.metric)

@@ -296,8 +296,9 @@ def test_a_sweep_in_s3(s3, tmp_path, data_dir):
     sweep_file = write(tmp_path / "two.yaml", f"""\
 dataset: mnist
 checkpoint_uri: {root}
-fixed: {{net: fast, limit_train: 512, device: cpu, data_uri: {data_dir}}}
+fixed: {{net: fast, epochs: 2, limit_train: 512, device: cpu, data_uri: {data_dir}}}
 seeds: [0, 1]
+early_stop: {{method: median, min_trials: 1}}
 """)
     assert run_cli("sweep", "plan", str(sweep_file)).returncode == 0
     # The trial takes the file's settings only: CNN_JOB_EPOCHS does not reach it; the machine's
@@ -314,7 +315,9 @@ seeds: [0, 1]
     assert message.read_text() == trial.stdout.strip().splitlines()[-1]
     stored = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="sweeps/two/trial-001/trial.json")
                         ["Body"].read())
-    assert stored["status"] == "finished" and stored["epochs"] == 1
+    assert stored["status"] == "finished" and stored["epochs"] == 2
+    # its rung read trial 0's status in the bucket, which has none yet
+    assert [(r["epoch"], r["trials"], r["decision"]) for r in stored["rungs"]] == [(1, 1, "go on")]
     plan = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="sweeps/two/sweep.json")["Body"].read())
     assert plan["trials"] == [{"trial": 0, "settings": {"seed": 0}},
                               {"trial": 1, "settings": {"seed": 1}}]
@@ -365,6 +368,8 @@ def test_the_rules_decide_from_the_records_by_the_documented_rule():
     median = EarlyStop("median", "val_acc", min_epochs=2, reduction_factor=None, min_trials=3)
     assert [e for e in range(1, 6) if median.checks_at(e, epochs=5)] == [2, 3, 4]
     assert median.decide(2, 0.1, [0.9])["decision"] == "go on"  # 2 records < 3
+    alone = EarlyStop("median", "val_acc", 1, None, min_trials=1)
+    assert alone.decide(1, 0.1, [])["decision"] == "go on"  # no other trial: no median
     decided = median.decide(2, 0.69, [0.6, 0.7, 0.8])  # the others' median: 0.7
     assert (decided["decision"], decided["threshold"]) == ("pruned", 0.7)
     assert median.decide(2, 0.7, [0.6, 0.7, 0.8])["decision"] == "go on"  # a tie goes on
