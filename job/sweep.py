@@ -861,8 +861,12 @@ def _ended(store, index: int, returncode: int, lease_s: float) -> dict:
     a trial another live job holds is left as it is (the child was refused: exit 2); otherwise
     the exit status is recorded: 69 as `unavailable` (storage out of reach: resumable), 75 as
     `stopped` (a signal before the trial could say), anything else, or a death by a signal (OOM,
-    SIGKILL), as `failed`."""
-    status = read_status(store)
+    SIGKILL), as `failed`. A trial.json out of this process's reach too is `unavailable`: its
+    outcome is unknown here, and the next run resumes or skips it as it finds it."""
+    try:
+        status = read_status(store)
+    except StorageUnavailable as error:
+        return {"trial": index, "status": "unavailable", "error": first_line(error, 300)}
     wrote = status["status"] if status else None
     if (returncode, wrote) in ((0, "finished"), (0, "pruned"), (PREEMPTED_EXIT_CODE, "stopped")):
         return status
