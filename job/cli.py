@@ -177,11 +177,12 @@ def _check_train_args(args: list[str]) -> None:
     TrainConfig(**{name: value for name, value in params.items() if value is not None})
 
 
-def run_training(cfg: TrainConfig) -> dict:
+def run_training(cfg: TrainConfig, trial=None) -> dict:
+    """The training loop; `trial`: a sweep's trial (job/sweep.py's Trial) that it runs as."""
     # Imported here so that `--help` and bad-option errors answer without loading torch.
     from job.train import train as train_loop
 
-    return train_loop(cfg)
+    return train_loop(cfg, trial)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,8 +292,9 @@ def sweep_run(
         help="Run every trial not finished yet on this machine, K at a time, each a child "
         "process (one GPU each, or the CPU's cores shared).", show_default=False)] = None,
 ) -> None:
-    """Run one trial as `cnn-job train` with its settings (resumable, exit 75 on a signal), or
-    every trial with --parallel K (exit 0 all finished, 1 one failed, 75 stopped).
+    """Run one trial as `cnn-job train` with its settings (resumable, exit 75 on a signal,
+    0 finished or pruned), or every trial with --parallel K (exit 0 all finished or pruned, 1 one
+    failed, 69 storage out of reach, 75 stopped or running elsewhere).
 
     A trial takes the file's settings only: CNN_JOB_* variables do not reach it.
     """
@@ -306,8 +308,9 @@ def sweep_run(
     if status["status"] == "stopped":
         _last_line(trial_line(status))
         raise typer.Exit(PREEMPTED_EXIT_CODE)
-    _print_where_the_model_is(status["summary"], plan.trial_uri(index), plan.endpoint_url)
-    _last_line(trial_line(status))
+    if status["status"] == "finished":
+        _print_where_the_model_is(status["summary"], plan.trial_uri(index), plan.endpoint_url)
+    _last_line(trial_line(status))  # finished, or pruned (exit 0: done, as a Job counts it)
 
 
 def _last_line(line: str) -> None:

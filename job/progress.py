@@ -301,12 +301,18 @@ def print_sweep_report(plan: dict, rows: list[dict], root: str) -> None:
         table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
     for row in rows:
         status = row["status"] + (f": {row['error']}" if row.get("error") else "")
+        if row.get("pruned"):
+            status = f"pruned at epoch {row['pruned']['epoch']}"
         table.add_row(f"{row['trial']:03d}", status,
                       *(_setting(row["settings"].get(name)) for name in plan["swept"]),
                       str(row["epochs"]),
                       "-" if row["val_acc"] is None else f"{row['val_acc']:.2%}",
                       "-" if row["train_seconds"] is None else f"{row['train_seconds']:.1f}")
     print_table(table)
+    for row in rows:
+        if row.get("pruned"):  # the rung and the metric it was pruned on, said in full
+            console.print(f"pruned: trial {row['trial']:03d} at epoch {row['pruned']['epoch']}: "
+                          f"{row['pruned']['reason']}")
     console.print(strip_userinfo(f"root: {root}"))
     best = next((row for row in rows if row["status"] == "finished"), None)
     if best:

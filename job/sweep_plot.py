@@ -1,5 +1,6 @@
-"""`cnn-job sweep report --plot`: val_acc against each swept option, one panel per option, drawn
-with Pillow (no plotting library). Each point is labelled with its trial; the best is ringed."""
+"""`cnn-job sweep report --plot`: val_acc against each swept option, one panel per option, and the
+trials' learning curves (their metric per epoch), drawn with Pillow (no plotting library). Each
+point is labelled with its trial; the best is ringed, a pruned trial marked with a grey ×."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ LEFT, RIGHT, TOP, BOTTOM = 72, 20, 40, 58  # a panel's margins around its plot a
 TITLE_H = 44
 COLUMNS = 3
 INK, GRID, POINT, BEST = (30, 30, 30), (225, 225, 225), (31, 119, 180), (214, 39, 40)
+PRUNED = (150, 150, 150)
 
 
 def save_plot(plan: dict, rows: list[dict], path: Path) -> None:
@@ -27,9 +29,12 @@ def draw_sweep(plan: dict, rows: list[dict]):
 
     options = plan["swept"] or ["trial"]
     done = [row for row in rows if row["val_acc"] is not None]
-    best = max(done, key=lambda row: row["val_acc"], default=None)
-    columns = min(COLUMNS, len(options))
-    panel_rows = math.ceil(len(options) / columns)
+    finished = [row for row in done if row["status"] == "finished"]
+    best = max(finished or done, key=lambda row: row["val_acc"], default=None)
+    curves = any(row.get("history") for row in rows)
+    panels = len(options) + curves
+    columns = min(COLUMNS, panels)
+    panel_rows = math.ceil(panels / columns)
     image = Image.new("RGB", (columns * PANEL_W, TITLE_H + panel_rows * PANEL_H), "white")
     draw = ImageDraw.Draw(image)
     fonts = {size: ImageFont.load_default(size=size) for size in (12, 14, 18)}
@@ -44,7 +49,60 @@ def draw_sweep(plan: dict, rows: list[dict]):
         top = TITLE_H + (number // columns) * PANEL_H
         _panel(draw, fonts, (left, top), option, option in plan["log_scale"], done, best,
                (y_low, y_high))
+    if curves:
+        number = len(options)
+        _curves(draw, fonts, ((number % columns) * PANEL_W, TITLE_H + (number // columns) * PANEL_H),
+                (plan.get("early_stop") or {}).get("metric", "val_acc"), rows, best)
     return image
+
+
+def _curves(draw, fonts, origin, metric: str, rows: list[dict], best) -> None:
+    """Each trial's `metric` per epoch from its recorded history: a line per trial, labelled at
+    its last epoch; the best red, a pruned trial grey and ending in ×."""
+    x0, y0 = origin[0] + LEFT, origin[1] + TOP
+    x1, y1 = origin[0] + PANEL_W - RIGHT, origin[1] + PANEL_H - BOTTOM
+    curves = [(row, [(entry["epoch"], entry[metric]) for entry in row.get("history", [])
+                     if entry.get(metric) is not None]) for row in rows]
+    curves = [(row, points) for row, points in curves if points]
+    last_epoch = max(epoch for _, points in curves for epoch, _ in points)
+    values = [value for _, points in curves for _, value in points]
+    y_range = _padded(min(values), max(values))
+
+    def x_at(epoch):
+        return x0 + (epoch - 0.5) / last_epoch * (x1 - x0)
+
+    def y_at(value):
+        return y1 - (value - y_range[0]) / (y_range[1] - y_range[0]) * (y1 - y0)
+
+    for tick in _ticks(*y_range):
+        y = y_at(tick)
+        draw.line([(x0, y), (x1, y)], fill=GRID)
+        label = f"{tick:.{_decimals(y_range)}%}" if metric == "val_acc" else _label(tick)
+        draw.text((x0 - 8, y), label, fill=INK, font=fonts[12], anchor="rm")
+    step = max(1, math.ceil(last_epoch / 10))
+    for epoch in range(1, last_epoch + 1, step):
+        x = x_at(epoch)
+        draw.line([(x, y0), (x, y1)], fill=GRID)
+        draw.text((x, y1 + 6), str(epoch), fill=INK, font=fonts[12], anchor="mt")
+    draw.rectangle([x0, y0, x1, y1], outline=INK)
+    draw.text(((x0 + x1) / 2, y1 + 30), "epoch (grey x: pruned)", fill=INK, font=fonts[14], anchor="mt")
+    draw.text((x0, y0 - 8), f"{metric} per epoch", fill=INK, font=fonts[14], anchor="ls")
+    for row, points in sorted(curves, key=lambda curve: curve[0] is best):  # the best on top
+        colour = PRUNED if row["status"] == "pruned" else BEST if row is best else POINT
+        line = [(x_at(epoch), y_at(value)) for epoch, value in points]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, y in line:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+        x, y = line[-1]
+        if row["status"] == "pruned":
+            _cross(draw, x, y)
+        draw.text((x + 8, y - 4), f"{row['trial']}", fill=INK, font=fonts[12], anchor="ls")
+
+
+def _cross(draw, x: float, y: float) -> None:
+    draw.line([(x - 6, y - 6), (x + 6, y + 6)], fill=PRUNED, width=3)
+    draw.line([(x - 6, y + 6), (x + 6, y - 6)], fill=PRUNED, width=3)
 
 
 def _panel(draw, fonts, origin, option, log_scale, rows, best, y_range) -> None:
@@ -91,7 +149,10 @@ def _panel(draw, fonts, origin, option, log_scale, rows, best, y_range) -> None:
         x, y = x_at(position(value)), y_at(row["val_acc"])
         if row is best:
             draw.ellipse([x - 9, y - 9, x + 9, y + 9], outline=BEST, width=3)
-        draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=BEST if row is best else POINT)
+        if row["status"] == "pruned":  # its last recorded val_acc, not a finished run's
+            _cross(draw, x, y)
+        else:
+            draw.ellipse([x - 4, y - 4, x + 4, y + 4], fill=BEST if row is best else POINT)
         draw.text((x + 8, y - 4), f"{row['trial']}", fill=INK, font=fonts[12], anchor="ls")
 
 

@@ -151,6 +151,8 @@ class WandbTracker(NullTracker):
         def finish():
             if summary is not None:
                 self.run.summary.update(summary)
+                if summary.get("pruned"):  # a sweep's trial its early stopping ended
+                    self.run.tags = (*self.run.tags, "pruned")
             self.run.finish(exit_code=0 if summary is not None else 1)
             # finish() returns once W&B's service has the run's last records, not once they
             # are in the run's files: its writer may still hold some, and a rank exits with

@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -28,11 +29,16 @@ from job.step import TrainStep, autocast_for, resolve_compile, tune_device
 from job.storage import check_output_file
 from job.summary import build_summary, process_seconds, provenance, write_summary
 
+if TYPE_CHECKING:
+    from job.sweep import Trial
+
 RECORD_INDICES_ENV = "CNN_JOB_RECORD_INDICES"  # PATH: each rank appends its batches' indices
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) training as configured; returns the summary (rank 0's is complete)."""
+def train(cfg: TrainConfig, trial: Trial | None = None) -> dict:
+    """Run (or resume) training as configured; returns the summary (rank 0's is complete).
+    `trial`: a sweep's trial (job/sweep.py, one process), which adds its keys to W&B's config
+    and, at each epoch's start, may stop the run early (its summary says why, under "pruned")."""
     clock = Clock()
     d = distributed.setup(cfg.device, cfg.collective_timeout_s)
     torch.empty(0, device=d.device)  # CUDA's context is made here, not inside a later phase
@@ -41,7 +47,7 @@ def train(cfg: TrainConfig) -> dict:
                                     cfg.s3_endpoint_url, log=functools.partial(say, d.is_main),
                                     retry_s=cfg.storage_retry_s)
     try:
-        return _train(cfg, d, checkpoints, clock)
+        return _train(cfg, d, checkpoints, clock, trial)
     finally:
         checkpoints.release()  # the next job on this run need not wait for the lease to expire
         distributed.teardown(d)
@@ -219,11 +225,12 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager, clock: Clo
     )
 
 
-def start_tracker(cfg: TrainConfig, d: Dist, job: Setup, run_id: str | None):
+def start_tracker(cfg: TrainConfig, d: Dist, job: Setup, run_id: str | None, trial: Trial | None):
     """W&B on rank 0, continuing the checkpointed run's W&B run when there is one."""
     return tracking.start(
         enabled=d.is_main, mode=cfg.wandb_mode, project=cfg.wandb_project, run_name=cfg.run_name,
-        run_id=run_id, config={**cfg.to_dict(), **job.environment},
+        run_id=run_id,
+        config={**cfg.to_dict(), **job.environment, **(trial.tracking if trial else {})},
         class_names=job.class_names, say=job.say,
     )
 
@@ -266,7 +273,7 @@ def end_epoch(cfg: TrainConfig, d: Dist, job: Setup, run: RunState, tracker) -> 
 
 
 def finish(cfg: TrainConfig, d: Dist, job: Setup, run: RunState, tracker, clock: Clock,
-           stopped_by: str | None) -> dict:
+           stopped_by: str | None, pruned: str | None) -> dict:
     """The run's summary: said, written (--summary-json) and sent to W&B, which is closed."""
     preempted_by = stopped_by if run.epoch < cfg.epochs else None
     if preempted_by:
@@ -279,7 +286,8 @@ def finish(cfg: TrainConfig, d: Dist, job: Setup, run: RunState, tracker, clock:
                                {**job.environment, "compile": job.step.mode},
                                clock.seconds_to_first_step),
                "net": cfg.net, "tta": cfg.tta, "startup_s": clock.startup_s(),
-               "first_steps_s": job.step.first_steps_s, **gpu_memory(d.device)}
+               "first_steps_s": job.step.first_steps_s, **gpu_memory(d.device),
+               **({"pruned": pruned} if pruned else {})}
     if d.is_main and cfg.summary_json and not preempted_by:
         write_summary(Path(cfg.summary_json), summary)
     if d.is_main:  # how the run ended, in one line: the pod's termination message
@@ -301,19 +309,23 @@ def _last_line(summary: dict, run: RunState) -> str:
 # the loop
 
 
-def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager, clock: Clock) -> dict:
+def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager, clock: Clock,
+           trial: Trial | None) -> dict:
     job = set_up(cfg, d, checkpoints, clock)
     batches, checkpointer = job.train_batches, job.checkpointer
     run = checkpointer.resume() if cfg.resume == "auto" else RunState()
     clock.mark("resume")
-    tracker = start_tracker(cfg, d, job, run.wandb_run_id)
+    tracker = start_tracker(cfg, d, job, run.wandb_run_id, trial)
     clock.mark("tracker_start")
     epoch_images = batches.remaining(0)  # all ranks' images in a whole epoch
     job.say(f"training {cfg.dataset} (--net {cfg.net}) on {d.world_size} × {d.device.type}: "
             f"{epoch_images} images/epoch, batch {cfg.batch_size}/process")
 
+    pruned = None  # why a sweep's early stopping ended the trial here
     with tracker, StopRequest() as stop:
         while run.epoch < cfg.epochs and not stop.decided(d):  # all ranks, after each epoch
+            if trial and (pruned := trial.after_epochs(run.history)):  # its rung's decision
+                break
             run.begin_epoch(d)
             job.training.begin_epoch(run.epoch)
             clock.begin_epoch()
@@ -337,7 +349,7 @@ def _train(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager, clock: Clo
                 break
             end_epoch(cfg, d, job, run, tracker)
 
-        summary = finish(cfg, d, job, run, tracker, clock, stop.signal_name)
+        summary = finish(cfg, d, job, run, tracker, clock, stop.signal_name, pruned)
         # Leave together, still under StopRequest (a late signal cannot split the ranks' exit
         # statuses): rank 0 may still be writing, and a rank that tears its process group down
         # while a peer is mid-exchange can be aborted by Gloo.

@@ -1,21 +1,26 @@
 """Sweeps: the plan a file expands to, bad files refused before anything is written, trials run
-K at a time, a stopped trial resumed, a changed file refused, the report, S3 and W&B."""
+K at a time, a stopped trial resumed, a changed file refused, the report, S3 and W&B; early
+stopping (ASHA through a preemption, median), and --parallel's bookkeeping beside another live
+job, a child out of storage, a signal, and its own death."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from job.sweep import load_plan
+from job.sweep import EarlyStop, claim, load_plan
 from tests.conftest import CNN_JOB, run_cli
+from tests.test_multinode import alive, free_port
 from tests.test_signals import wait_for
-from tests.wandb_records import records
+from tests.wandb_records import OfflineRun, records
 
 WAIT_S = 120
 
@@ -37,6 +42,19 @@ def write(path: Path, text: str) -> Path:
 
 def status(root: Path, index: int) -> dict:
     return json.loads((root / f"trial-{index:03d}" / "trial.json").read_text())
+
+
+def stop_after_first_checkpoint(sweep_file: Path, root: Path, index: int) -> dict:
+    """Trial `index` alone, stopped by SIGTERM once its first checkpoint is written."""
+    trial = subprocess.Popen([str(CNN_JOB), "sweep", "run", str(sweep_file), "--trial", str(index)],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    wait_for(f"trial {index}'s first checkpoint", (root / f"trial-{index:03d}" / "latest").exists,
+             trial)
+    trial.send_signal(signal.SIGTERM)
+    out, err = trial.communicate(timeout=WAIT_S)
+    return {"returncode": trial.returncode, "stdout": out, "stderr": err,
+            "status": status(root, index)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -108,9 +126,19 @@ grid: {lr: [0.01, 0.02]}
     (GOOD + "seeds: [0, 1]\n", ("--trial", "4"), "trial 4 is not in sweep bad: its 4 trials are 0 to 3"),
     (GOOD.replace("fixed: ", "fixed: ["), T0, "is not valid YAML"),
     (GOOD, (), "which trial? pass --trial N"),
+    (GOOD.replace("epochs: 1", "epochs: 1, epochs: 2"), T0,
+     "epochs is given twice (line 3); give each key once"),
+    (GOOD + "dataset: cifar10\n", T0, "dataset is given twice (line 5)"),
+    (GOOD.replace("ROOT", '""'), T0, "checkpoint_uri is empty; give a folder or s3://"),
+    (GOOD + "early_stop: {method: hyperband}\n", T0, "early_stop: method must be asha or median"),
+    (GOOD + "early_stop: {method: asha, reduction_factor: 1}\n", T0,
+     "early_stop: reduction_factor must be a whole number, at least 2 (got 1)"),
+    (GOOD + "early_stop: {method: median, metric: loss}\n", T0,
+     "early_stop: metric must be val_acc or val_loss (got 'loss')"),
 ], ids=["unknown-option", "refused-value", "refused-swept-value", "empty-grid-list", "not-a-number",
         "min-above-max", "log-min-not-positive", "count-0", "sweeps-own-option", "unknown-section",
-        "trial-out-of-range", "bad-yaml", "no-trial"])
+        "trial-out-of-range", "bad-yaml", "no-trial", "duplicate-option", "duplicate-section",
+        "empty-root", "unknown-early-stop", "reduction-factor-1", "unknown-metric"])
 def test_a_bad_sweep_is_one_line_exit_2_and_creates_nothing(tmp_path, text, args, message):
     root = tmp_path / "root"
     sweep_file = write(tmp_path / "bad.yaml", text.replace("ROOT", str(root)))
@@ -120,6 +148,22 @@ def test_a_bad_sweep_is_one_line_exit_2_and_creates_nothing(tmp_path, text, args
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
     assert message in result.stderr
     assert not root.exists()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (GOOD.replace("ROOT", "s3://bucket/a/../x"), "checkpoint_uri s3://bucket/a/../x: a path "
+     "segment is empty, '.' or '..'"),
+    # refused before anything is drawn: a million trials would take minutes and gigabytes
+    (GOOD.replace("grid: {lr: [0.01, 0.02]}", "random: {count: 1000000, lr: {min: 0.001, max: "
+                  "0.1}}\nseeds: [0, 1]"),
+     "2000000 trials (grid 1 × random 1000000 × seeds 2) is more than a sweep's 10000; split it "
+     "into sweeps of at most 10000 trials, each a file with its own checkpoint_uri"),
+], ids=["dot-dot-segment", "too-many-trials"])
+def test_sweep_plan_refuses_what_run_would_in_one_line(tmp_path, text, message):
+    sweep_file = write(tmp_path / "bad.yaml", text.replace("ROOT", str(tmp_path / "root")))
+    result = run_cli("sweep", "plan", str(sweep_file), timeout=60)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
 def test_a_missing_sweep_file_is_one_line(tmp_path):
@@ -139,14 +183,7 @@ def four(tmp_path_factory, data_dir):
     folder = tmp_path_factory.mktemp("sweep")
     root = folder / "root"
     sweep_file = write(folder / "four.yaml", FOUR_TRIALS.format(root=root, data=data_dir))
-    trial = subprocess.Popen([str(CNN_JOB), "sweep", "run", str(sweep_file), "--trial", "1"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    wait_for("trial 1's first checkpoint", (root / "trial-001" / "latest").exists, trial)
-    trial.send_signal(signal.SIGTERM)
-    out, err = trial.communicate(timeout=WAIT_S)
-    stopped = {"returncode": trial.returncode, "stdout": out, "stderr": err,
-               "status": status(root, 1)}
+    stopped = stop_after_first_checkpoint(sweep_file, root, 1)
     parallel = run_cli("sweep", "run", str(sweep_file), "--parallel", "2")
     statuses = [status(root, index) for index in range(4)]
     again = run_cli("sweep", "run", str(sweep_file), "--parallel", "2")
@@ -175,7 +212,7 @@ def test_parallel_runs_every_trial_and_resumes_the_stopped_one(four):
     assert four["statuses"][1]["settings"] == {"lr": 0.0176731, "seed": 1}
     resumed = [line for line in parallel.stdout.splitlines() if "resumed from" in line]
     assert resumed and all(line.startswith("trial 001 | ") for line in resumed)
-    assert "4 finished, 0 stopped, 0 failed, 0 not run, of 4" in parallel.stdout
+    assert "sweep four: 4 finished, of 4;" in parallel.stdout
 
 
 def test_a_second_parallel_run_skips_the_finished_trials(four):
@@ -212,7 +249,8 @@ def test_the_report_table_json_and_plot(four):
         s["trial"]: s["settings"] for s in four["statuses"]}
 
     image = Image.open(plot)
-    assert image.format == "PNG" and image.size == (2 * 460, 44 + 340)  # a panel for lr and seed
+    # a panel for lr and seed, and the learning curves
+    assert image.format == "PNG" and image.size == (3 * 460, 44 + 340)
     assert len(image.convert("RGB").getcolors(maxcolors=100_000)) > 20  # drawn on, not blank
 
 
@@ -220,6 +258,33 @@ def test_the_report_of_a_root_without_a_sweep_is_one_line(tmp_path):
     result = run_cli("sweep", "report", str(tmp_path))
     assert result.returncode == 2 and result.stderr.count("\n") == 1
     assert "holds no sweep (no sweep.json)" in result.stderr
+
+
+@pytest.mark.parametrize(("trial_json", "message"), [
+    (None, "is a file, not a sweep's root: give the sweep's checkpoint_uri"),
+    ("[1, 2]", "trial-000/trial.json is not a trial status this job wrote (not a JSON object)"),
+    ('{"status": 5}', "(status 5 is not one of running, finished, pruned"),
+    ('{"val_acc": "high"}', "(status None is not one of"),
+    ('{"status": "finished", "val_acc": "high"}', "(val_acc 'high' is not a number)"),
+    ('{"status": "pruned", "pruned": {"epoch": "one"}}', "(pruned is not an epoch and a reason)"),
+    ('{"status": "running", "history": [{"epoch": 1, "val_acc": "x"}]}',
+     "(history holds a metric that is not a number)"),
+], ids=["a-file", "a-list", "status-5", "no-status", "val-acc-text", "pruned-no-reason",
+        "history-text"])
+def test_the_report_of_anything_malformed_is_one_line(tmp_path, trial_json, message):
+    sweep_file = write(tmp_path / "good.yaml", GOOD.replace("ROOT", str(tmp_path / "root")))
+    claim(load_plan(str(sweep_file)))  # sweep.json, as the first trial writes it
+    target = tmp_path / "root"
+    if trial_json is None:
+        target = tmp_path / "root" / "sweep.json"
+    else:
+        (tmp_path / "root" / "trial-000").mkdir()
+        (tmp_path / "root" / "trial-000" / "trial.json").write_text(trial_json)
+    for args in ((), ("--json",)):
+        result = run_cli("sweep", "report", str(target), *args)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+        assert result.stdout == ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,8 +296,9 @@ def test_a_sweep_in_s3(s3, tmp_path, data_dir):
     sweep_file = write(tmp_path / "two.yaml", f"""\
 dataset: mnist
 checkpoint_uri: {root}
-fixed: {{net: fast, limit_train: 512, device: cpu, data_uri: {data_dir}}}
+fixed: {{net: fast, epochs: 2, limit_train: 512, device: cpu, data_uri: {data_dir}}}
 seeds: [0, 1]
+early_stop: {{method: median, min_trials: 1}}
 """)
     assert run_cli("sweep", "plan", str(sweep_file)).returncode == 0
     # The trial takes the file's settings only: CNN_JOB_EPOCHS does not reach it; the machine's
@@ -249,7 +315,9 @@ seeds: [0, 1]
     assert message.read_text() == trial.stdout.strip().splitlines()[-1]
     stored = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="sweeps/two/trial-001/trial.json")
                         ["Body"].read())
-    assert stored["status"] == "finished" and stored["epochs"] == 1
+    assert stored["status"] == "finished" and stored["epochs"] == 2
+    # its rung read trial 0's status in the bucket, which has none yet
+    assert [(r["epoch"], r["trials"], r["decision"]) for r in stored["rungs"]] == [(1, 1, "go on")]
     plan = json.loads(s3.client.get_object(Bucket=s3.bucket, Key="sweeps/two/sweep.json")["Body"].read())
     assert plan["trials"] == [{"trial": 0, "settings": {"seed": 0}},
                               {"trial": 1, "settings": {"seed": 1}}]
@@ -273,3 +341,281 @@ grid: {{lr: [0.01]}}
     (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
     (run,) = [r.run for r in records(log) if r.WhichOneof("record_type") == "run"]
     assert run.run_group == "grouped" and run.display_name == "grouped-trial-000"
+
+
+# ----------------------------------------------------------------------------------------------
+# early stopping: the rule, then ASHA through a preemption, and a pruned trial left alone
+
+
+def test_the_rules_decide_from_the_records_by_the_documented_rule():
+    asha = EarlyStop("asha", "val_acc", min_epochs=1, reduction_factor=3, min_trials=3)
+    assert [e for e in range(1, 30) if asha.checks_at(e, epochs=28)] == [1, 3, 9, 27]
+    assert not asha.checks_at(9, epochs=9)  # never at a trial's last epoch
+    # fewer than min_trials records (its own included): nothing pruned, however bad
+    assert asha.decide(1, 0.1, [0.9])["decision"] == "go on"
+    # n = 5: the best max(1, 5 // 3) = 1 go on; a tie with it goes on
+    assert asha.decide(1, 0.8, [0.9, 0.7, 0.6, 0.5])["decision"] == "pruned"
+    assert asha.decide(1, 0.9, [0.9, 0.7, 0.6, 0.5])["decision"] == "go on"
+    # n = 6: the best 2 go on; the threshold is the 2nd best
+    decided = asha.decide(3, 0.8, [0.9, 0.7, 0.6, 0.5, 0.4])
+    assert (decided["decision"], decided["threshold"], decided["trials"]) == ("go on", 0.8, 6)
+    assert decided["reason"] == ("val_acc 80.00% is among the best 2 of the 6 trials at epoch 3 "
+                                 "(the 2nd best: 80.00%; ASHA keeps 1 in 3)")
+    loss = EarlyStop("asha", "val_loss", 1, 2, 2)  # lower is better
+    assert loss.decide(1, 0.30, [0.20])["decision"] == "pruned"
+    assert loss.decide(1, 0.20, [0.30])["decision"] == "go on"
+
+    median = EarlyStop("median", "val_acc", min_epochs=2, reduction_factor=None, min_trials=3)
+    assert [e for e in range(1, 6) if median.checks_at(e, epochs=5)] == [2, 3, 4]
+    assert median.decide(2, 0.1, [0.9])["decision"] == "go on"  # 2 records < 3
+    alone = EarlyStop("median", "val_acc", 1, None, min_trials=1)
+    assert alone.decide(1, 0.1, [])["decision"] == "go on"  # no other trial: no median
+    decided = median.decide(2, 0.69, [0.6, 0.7, 0.8])  # the others' median: 0.7
+    assert (decided["decision"], decided["threshold"]) == ("pruned", 0.7)
+    assert median.decide(2, 0.7, [0.6, 0.7, 0.8])["decision"] == "go on"  # a tie goes on
+    assert decided["reason"] == ("val_acc 69.00% is worse than the median 70.00% of the 3 other "
+                                 "trials at epoch 2")
+
+
+ASHA = """\
+name: asha
+dataset: mnist
+checkpoint_uri: {root}
+fixed: {{net: fast, epochs: 2, limit_train: 1024, batch_size: 64, checkpoint_every_steps: 1,
+        device: cpu, data_uri: {data}}}
+grid: {{lr: [0.01, 0.003, 0.00001]}}
+early_stop: {{method: asha, metric: val_acc, min_epochs: 1, reduction_factor: 3}}
+"""
+
+
+def trial_files(root: Path, index: int) -> dict[str, int]:
+    folder = root / f"trial-{index:03d}"
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def asha(tmp_path_factory, data_dir):
+    """Trials 0 and 1 of a 3-trial ASHA sweep (η = 3, a rung at epoch 1 of 2), then trial 2
+    (lr 1e-5) uninterrupted in root A, with W&B offline. In root B, which holds A's records of
+    trials 0 and 1, trial 2 is stopped by SIGTERM inside epoch 1 (before its rung), then resumed
+    by the same command."""
+    folder = tmp_path_factory.mktemp("asha")
+    files = {}
+    for name in ("a", "b"):
+        files[name] = write(folder / f"{name}.yaml", ASHA.format(root=folder / name, data=data_dir))
+    a, b = folder / "a", folder / "b"
+    for index in (0, 1):
+        ran = run_cli("sweep", "run", str(files["a"]), "--trial", str(index))
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+    message = folder / "termination-log"
+    message.write_text("")
+    wandb_env = {"WANDB_MODE": "offline", "WANDB_DIR": str(folder / "wandb-a"),
+                 "WANDB_PROJECT": "cnn-job-tests", "CNN_JOB_TERMINATION_LOG": str(message)}
+    uninterrupted = run_cli("sweep", "run", str(files["a"]), "--trial", "2", env=wandb_env)
+
+    for name in ("sweep.json", "trial-000/trial.json", "trial-001/trial.json"):
+        (b / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(a / name, b / name)
+    stopped = stop_after_first_checkpoint(files["b"], b, 2)
+    resumed = run_cli("sweep", "run", str(files["b"]), "--trial", "2")
+    return {"a": a, "b": b, "files": files, "folder": folder, "message": message,
+            "uninterrupted": uninterrupted, "stopped": stopped, "resumed": resumed}
+
+
+def test_asha_prunes_the_worst_trial_at_its_rung_with_exit_0(asha):
+    ran = asha["uninterrupted"]
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    first, second, pruned = (status(asha["a"], index) for index in range(3))
+    for trial_status in (first, second):  # the first two: too few records to prune on
+        assert trial_status["status"] == "finished" and trial_status["epochs"] == 2
+        assert [e["epoch"] for e in trial_status["history"]] == [1, 2]
+    assert [(r["trials"], r["decision"]) for r in first["rungs"] + second["rungs"]] == [
+        (1, "go on"), (2, "go on")]
+    assert pruned["status"] == "pruned" and pruned["epochs"] == 1 and pruned["error"] is None
+    (rung,) = pruned["rungs"]
+    best_at_1 = max(first["history"][0]["val_acc"], second["history"][0]["val_acc"])
+    assert (rung["epoch"], rung["trials"], rung["threshold"], rung["decision"]) == (
+        1, 3, best_at_1, "pruned")
+    assert rung["value"] == pruned["history"][0]["val_acc"] == pruned["val_acc"]
+    assert pruned["pruned"] == {"epoch": 1, "reason": rung["reason"]}
+    last = ran.stdout.strip().splitlines()[-1]
+    assert last == (f"trial 002 pruned at epoch 1: val_acc {pruned['val_acc']:.2%} is not among "
+                    f"the best 1 of the 3 trials at epoch 1 (the best: {best_at_1:.2%}; ASHA "
+                    "keeps 1 in 3); its checkpoints are kept")
+    assert asha["message"].read_text() == last
+    assert (asha["a"] / "trial-002" / "latest").exists()  # its checkpoints stay
+    assert "epoch 2/2" not in ran.stdout
+
+
+def test_asha_stopped_inside_a_rung_then_resumed_decides_as_uninterrupted(asha):
+    stopped = asha["stopped"]
+    assert stopped["returncode"] == 75, stopped["stderr"]
+    assert stopped["status"]["status"] == "stopped" and stopped["status"]["rungs"] == []
+    assert stopped["status"]["epochs"] == 0  # inside epoch 1, before its rung
+    resumed = asha["resumed"]
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed from" in resumed.stdout
+    then, now = status(asha["a"], 2), status(asha["b"], 2)
+    assert now["status"] == "pruned"
+    assert now["rungs"] == then["rungs"] and now["history"] == then["history"]
+    assert resumed.stdout.strip().splitlines()[-1] == asha["uninterrupted"].stdout.strip(
+        ).splitlines()[-1]
+
+
+def test_a_pruned_trial_is_never_run_again(asha):
+    a, sweep_file = asha["a"], asha["files"]["a"]
+    before, files_before = status(a, 2), trial_files(a, 2)
+    # a replacement pod of the Indexed Job, then the trial by number
+    for env, args in (({"JOB_COMPLETION_INDEX": "2"}, ()), ({}, ("--trial", "2"))):
+        again = run_cli("sweep", "run", str(sweep_file), *args, env=env)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert again.stdout.strip().splitlines() == [asha["uninterrupted"].stdout.strip(
+            ).splitlines()[-1]]
+    parallel = run_cli("sweep", "run", str(sweep_file), "--parallel", "2")
+    assert parallel.returncode == 0, parallel.stdout + parallel.stderr
+    assert " started " not in parallel.stdout
+    assert "trial 002 pruned already at epoch 1: skipped" in parallel.stdout
+    assert "sweep asha: 2 finished, 1 pruned, of 3;" in parallel.stdout
+    assert status(a, 2) == before and trial_files(a, 2) == files_before
+
+
+def test_the_report_shows_pruned_trials_their_curves_and_history(asha):
+    plot = asha["folder"] / "asha.png"
+    shown = run_cli("sweep", "report", str(asha["a"]), "--plot", str(plot))
+    assert shown.returncode == 0, shown.stderr
+    pruned = status(asha["a"], 2)
+    (row,) = [line for line in shown.stdout.splitlines() if line.startswith("│   002")]
+    assert "pruned at epoch 1" in row and f"{pruned['val_acc']:.2%}" in row
+    assert f"pruned: trial 002 at epoch 1: {pruned['pruned']['reason']}" in shown.stdout
+    rows = json.loads(run_cli("sweep", "report", str(asha["a"]), "--json").stdout)
+    assert [r["status"] for r in rows] == ["finished", "finished", "pruned"]
+    assert rows[2]["history"] == pruned["history"] and rows[2]["rungs"] == pruned["rungs"]
+    assert rows[2]["pruned"] == pruned["pruned"]
+    image = Image.open(plot).convert("RGB")
+    assert image.size == (2 * 460, 44 + 340)  # lr, and the learning curves
+    # the pruned trial's grey × is drawn in both panels
+    grey = [x for x in range(image.size[0]) for y in range(44, image.size[1])
+            if image.getpixel((x, y)) == (150, 150, 150)]
+    assert min(grey) < 460 < max(grey)
+
+
+def test_a_trial_carries_its_sweep_to_wandb_and_a_pruned_one_is_tagged(asha):
+    (run,) = [OfflineRun(folder) for folder in (asha["folder"] / "wandb-a" / "wandb").glob(
+        "offline-run-*")]
+    assert run.config["sweep"] == "asha" and run.config["sweep_trial"] == 2
+    log = next(run.folder.glob("run-*.wandb"))
+    tags = [list(r.run.tags) for r in records(log) if r.WhichOneof("record_type") == "run"]
+    assert tags[0] == [] and tags[-1] == ["pruned"], tags
+
+
+# ----------------------------------------------------------------------------------------------
+# --parallel's bookkeeping: another live job, storage out of reach, a signal, its own death
+
+LONG = """\
+name: long
+dataset: mnist
+checkpoint_uri: {root}
+fixed: {{net: fast, epochs: 20, limit_train: 2048, batch_size: 32, checkpoint_every_steps: 1,
+        device: cpu, data_uri: {data}}}
+seeds: {seeds}
+"""
+
+
+def test_parallel_beside_a_live_trial_skips_it_and_leaves_its_status(tmp_path, data_dir):
+    root = tmp_path / "root"
+    sweep_file = write(tmp_path / "long.yaml", LONG.format(root=root, data=data_dir, seeds="[0]"))
+    live = subprocess.Popen([str(CNN_JOB), "sweep", "run", str(sweep_file), "--trial", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for("trial 0's first checkpoint", (root / "trial-000" / "latest").exists, live)
+        beside = run_cli("sweep", "run", str(sweep_file), "--parallel", "1")
+        assert beside.returncode == 75, beside.stdout + beside.stderr
+        assert ("trial 000 is being run by a live job elsewhere: its trial.json is left as it "
+                "is: skipped") in beside.stdout
+        assert "sweep long: 1 running elsewhere, of 1;" in beside.stdout
+        assert " started " not in beside.stdout
+        live_status = status(root, 0)
+        assert live_status["status"] == "running" and live_status["error"] is None
+        rows = json.loads(run_cli("sweep", "report", str(root), "--json").stdout)
+        assert rows[0]["status"] == "running"
+    finally:
+        live.send_signal(signal.SIGTERM)
+        live.communicate(timeout=WAIT_S)
+    assert live.returncode == 75 and status(root, 0)["status"] == "stopped"
+
+
+def test_a_child_out_of_storage_is_unavailable_and_parallel_exits_69(tmp_path):
+    root = tmp_path / "root"
+    sweep_file = write(tmp_path / "offline.yaml", f"""\
+dataset: mnist
+checkpoint_uri: {root}
+fixed: {{net: fast, device: cpu, data_uri: "http://127.0.0.1:{free_port()}/data",
+        cache_dir: {tmp_path / "cache"}, storage_retry_s: 0}}
+seeds: [0]
+""")
+    result = run_cli("sweep", "run", str(sweep_file), "--parallel", "1")
+    assert result.returncode == 69, result.stdout + result.stderr
+    recorded = status(root, 0)
+    assert recorded["status"] == "unavailable"
+    assert recorded["error"] == ("storage out of reach (exit status 69): run the sweep again to "
+                                 "resume it")
+    assert f"trial 000 unavailable: {recorded['error']}" in result.stdout
+    assert "sweep offline: 1 unavailable, of 1;" in result.stdout
+    rows = json.loads(run_cli("sweep", "report", str(root), "--json").stdout)
+    assert rows[0]["status"] == "unavailable"
+
+
+def test_parallel_retries_storage_for_the_files_budget_only(tmp_path):
+    sweep_file = write(tmp_path / "s3.yaml", f"""\
+dataset: mnist
+checkpoint_uri: s3://bucket/sweeps/s3
+fixed: {{device: cpu, s3_endpoint_url: "http://127.0.0.1:{free_port()}", storage_retry_s: 1}}
+seeds: [0]
+""")
+    env = {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    for args in (("--parallel", "1"), ("--trial", "0")):
+        # the default budget (300 s) would outlast the timeout
+        result = run_cli("sweep", "run", str(sweep_file), *args, env=env, timeout=90)
+        assert result.returncode == 69, result.stdout + result.stderr
+        assert result.stderr.count("\n") == 1 and "s3://bucket/sweeps/s3/sweep.json" in result.stderr
+
+
+def test_parallel_forwards_sigterm_to_its_trials_and_starts_no_more(tmp_path, data_dir):
+    root = tmp_path / "root"
+    sweep_file = write(tmp_path / "long.yaml",
+                       LONG.format(root=root, data=data_dir, seeds="[0, 1, 2]"))
+    parent = subprocess.Popen([str(CNN_JOB), "sweep", "run", str(sweep_file), "--parallel", "2"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for index in (0, 1):
+        wait_for(f"trial {index}'s first checkpoint",
+                 (root / f"trial-{index:03d}" / "latest").exists, parent)
+    parent.send_signal(signal.SIGTERM)  # to the parent only: each child has a session of its own
+    out, err = parent.communicate(timeout=WAIT_S)
+    assert parent.returncode == 75, out + err
+    assert "SIGTERM: stopping the running trials, starting no more" in out
+    for index in (0, 1):
+        assert status(root, index)["status"] == "stopped"
+        assert f"trial {index:03d} stopped at epoch 0, step " in out
+    assert not (root / "trial-002").exists() and " 002 started" not in out
+    assert "sweep long: 2 stopped, 1 not run, of 3;" in out
+
+
+def test_the_trial_of_a_killed_parallel_stops_as_preempted(tmp_path, data_dir):
+    root = tmp_path / "root"
+    sweep_file = write(tmp_path / "long.yaml", LONG.format(root=root, data=data_dir, seeds="[0]"))
+    parent = subprocess.Popen([str(CNN_JOB), "sweep", "run", str(sweep_file), "--parallel", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for("the trial's first checkpoint", (root / "trial-000" / "latest").exists, parent)
+    holder = (root / "trial-000" / ".holder").read_text()  # "HOST pid PID since ..."
+    child = int(holder.split(" pid ")[1].split()[0])
+    parent.kill()
+    parent.communicate(timeout=WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while alive(child):
+        assert time.monotonic() < deadline, "the trial trained on after its parent died"
+        time.sleep(0.05)
+    recorded = status(root, 0)
+    assert recorded["status"] == "stopped" and recorded["error"] is None
+    assert recorded["epochs"] < 20
