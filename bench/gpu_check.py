@@ -448,10 +448,11 @@ def main() -> int:
               file=sys.stderr)
         return 2
     out = args.out or REPO / "bench" / f"results-{'cuda' if args.device == 'cuda' else 'cpu-dry'}.json"
+    from job.version import versions  # the facts a run's summary records, from one place
+
     report = {
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor(),
-        "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-        "dry_run": args.dry_run, "checks": [],
+        **versions(), "dry_run": args.dry_run, "checks": [],
     }
 
     def record(row: dict) -> None:  # written after every check: a run cut short still reports
