@@ -277,8 +277,9 @@ def _setting(value) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def print_sweep_plan(plan: dict, root: str) -> None:
-    """`cnn-job sweep plan`: one row per trial, one column per swept option."""
+def print_sweep_plan(plan: dict, root: str, environment: dict) -> None:
+    """`cnn-job sweep plan`: one row per trial, one column per swept option; the fixed settings
+    and the CNN_JOB_* variables the trials take where the file sets none."""
     fixed = ", ".join(f"{name} {_setting(value)}" for name, value in plan["fixed"].items())
     table = Table(title=f"sweep {plan['name']}: {plan['dataset']}, {len(plan['trials'])} trials",
                   title_justify="left")
@@ -291,6 +292,9 @@ def print_sweep_plan(plan: dict, root: str) -> None:
                       *(_setting(trial["settings"].get(name)) for name in plan["swept"]))
     print_table(table)
     console.print(strip_userinfo(f"fixed: {fixed or 'nothing (the recipe defaults)'}"))
+    if environment:
+        taken = ", ".join(f"{name}={_setting(value)}" for name, value in environment.items())
+        console.print(f"from the environment, where the file sets none: {taken}")
     console.print(strip_userinfo(f"root: {root} (trial N in {root.rstrip('/')}/trial-NNN)"))
 
 

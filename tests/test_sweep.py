@@ -301,12 +301,12 @@ seeds: [0, 1]
 early_stop: {{method: median, min_trials: 1}}
 """)
     assert run_cli("sweep", "plan", str(sweep_file)).returncode == 0
-    # The trial takes the file's settings only: CNN_JOB_EPOCHS does not reach it; the machine's
-    # cache folder does. Its closing line is also the pod's termination message.
+    # The machine's cache folder reaches the trial; CNN_JOB_EPOCHS is accepted as it agrees
+    # with the file. Its closing line is also the pod's termination message.
     message = tmp_path / "termination-log"
     message.write_text("")
     trial = run_cli("sweep", "run", str(sweep_file),
-                    env={"JOB_COMPLETION_INDEX": "1", "CNN_JOB_EPOCHS": "3",
+                    env={"JOB_COMPLETION_INDEX": "1", "CNN_JOB_EPOCHS": "2",
                          "CNN_JOB_CACHE_DIR": str(tmp_path / "machine-cache"),
                          "CNN_JOB_TERMINATION_LOG": str(message)})
     assert trial.returncode == 0, trial.stderr
@@ -619,3 +619,85 @@ def test_the_trial_of_a_killed_parallel_stops_as_preempted(tmp_path, data_dir):
     recorded = status(root, 0)
     assert recorded["status"] == "stopped" and recorded["error"] is None
     assert recorded["epochs"] < 20
+
+
+# ----------------------------------------------------------------------------------------------
+# the pod's settings: CNN_JOB_* variables of where and how a trial runs apply, those that would
+# change its result are refused; the commands the job prints run as printed
+
+NO_DATA_URI = """\
+name: pod
+dataset: mnist
+checkpoint_uri: {root}
+fixed: {{net: fast, epochs: 1, limit_train: 640, batch_size: 64, lr: 0.01, device: cpu}}
+"""
+
+
+def test_a_trial_takes_the_pods_data_and_checkpoint_cadence(tmp_path, data_dir):
+    """A file without data_uri, as k8s/sweep/'s, run where the settings ConfigMap sets
+    CNN_JOB_DATA_URI and CNN_JOB_CHECKPOINT_EVERY_STEPS: the trial reads that copy of the data
+    (the public mirrors are out of reach here) and checkpoints at that cadence; CNN_JOB_LR with
+    the file's own value is accepted."""
+    copy = tmp_path / "data-copy"
+    shutil.copytree(data_dir / "mnist", copy / "mnist")
+    root = tmp_path / "root"
+    sweep_file = write(tmp_path / "pod.yaml", NO_DATA_URI.format(root=root))
+    env = {"CNN_JOB_DATA_URI": str(copy), "CNN_JOB_CHECKPOINT_EVERY_STEPS": "3",
+           "CNN_JOB_KEEP_CHECKPOINTS": "10", "CNN_JOB_LR": "0.01",
+           "CNN_JOB_CACHE_DIR": str(tmp_path / "cache")}
+    shown = run_cli("sweep", "plan", str(sweep_file), "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["environment"] == {
+        "CNN_JOB_DATA_URI": str(copy), "CNN_JOB_CACHE_DIR": str(tmp_path / "cache"),
+        "CNN_JOB_CHECKPOINT_EVERY_STEPS": 3, "CNN_JOB_KEEP_CHECKPOINTS": 10}
+
+    trial = run_cli("sweep", "run", str(sweep_file), "--trial", "0", env=env)
+    assert trial.returncode == 0, trial.stdout + trial.stderr
+    # 10 steps: a checkpoint every 3, and the epoch's end
+    assert sorted(path.name for path in (root / "trial-000").glob("step-*.pt")) == [
+        f"step-{step:09d}.pt" for step in (3, 6, 9, 10)]
+    from job.checkpoint import load_checkpoint
+
+    config = load_checkpoint(str(root / "trial-000"), None, print).state["config"]
+    assert config["data_uri"] == str(copy) and config["checkpoint_every_steps"] == 3
+    assert config["lr"] == 0.01
+    sources = status(root, 0)["sources"]
+    assert sources["fixed"]["limit_train"] == 640 and sources["grid"] == {}
+    assert sources["environment"] == {
+        "CNN_JOB_DATA_URI": str(copy), "CNN_JOB_CACHE_DIR": str(tmp_path / "cache"),
+        "CNN_JOB_CHECKPOINT_EVERY_STEPS": 3, "CNN_JOB_KEEP_CHECKPOINTS": 10}
+    assert any((tmp_path / "cache" / "parsed").iterdir())
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"CNN_JOB_LR": "0.5"}, "CNN_JOB_LR=0.5 differs from the lr that {file} gives its trials "
+     "(0.01): a trial's result comes from its sweep file; unset CNN_JOB_LR"),
+    ({"CNN_JOB_SEED": "3"}, "CNN_JOB_SEED=3 would change the trials' results, which come from the "
+     "sweep file alone: put seed: 3 in the fixed settings of {file}, or unset CNN_JOB_SEED"),
+    ({"CNN_JOB_DEVICE": "cuda"}, "CNN_JOB_DEVICE=cuda differs from the device that"),
+    ({"CNN_JOB_CHECKPOINT_URI": "runs/x"}, "CNN_JOB_CHECKPOINT_URI=runs/x: a sweep gives each "
+     "trial its own checkpoint_uri ({root}/trial-000); unset CNN_JOB_CHECKPOINT_URI"),
+    ({"CNN_JOB_DATASET": "cifar10"}, "CNN_JOB_DATASET=cifar10: a sweep gives each trial its own "
+     "dataset (mnist)"),
+    ({"CNN_JOB_RESUME": "never"}, "CNN_JOB_RESUME=never: a sweep gives each trial its own resume"),
+    ({"CNN_JOB_CHECKPOINT_EVERY_STEPS": "often"}, "CNN_JOB_CHECKPOINT_EVERY_STEPS"),
+], ids=["other-value", "not-in-the-file", "device", "checkpoint-uri", "dataset", "resume",
+        "not-a-number"])
+def test_a_result_changing_variable_is_refused_in_one_line(tmp_path, env, message):
+    root = tmp_path / "root"
+    sweep_file = write(tmp_path / "pod.yaml", NO_DATA_URI.format(root=root))
+    message = message.format(file=sweep_file, root=root)
+    for command in (("plan",), ("run", "--trial", "0"), ("run", "--parallel", "1")):
+        result = run_cli("sweep", command[0], str(sweep_file), *command[1:], env=env)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not root.exists()
+
+
+def test_a_variable_with_the_sweeps_own_value_is_accepted(tmp_path):
+    sweep_file = write(tmp_path / "pod.yaml", NO_DATA_URI.format(root=tmp_path / "root"))
+    accepted = {"CNN_JOB_DATASET": "mnist", "CNN_JOB_RESUME": "auto", "CNN_JOB_OVERWRITE": "false",
+                "CNN_JOB_LR": "0.01", "CNN_JOB_DEVICE": "cpu", "CNN_JOB_NET": "fast"}
+    shown = run_cli("sweep", "plan", str(sweep_file), "--json", env=accepted)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["environment"] == {}
