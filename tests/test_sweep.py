@@ -701,3 +701,14 @@ def test_a_variable_with_the_sweeps_own_value_is_accepted(tmp_path):
     shown = run_cli("sweep", "plan", str(sweep_file), "--json", env=accepted)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["environment"] == {}
+
+
+def test_the_shipped_sweep_files_plan_and_the_readme_names_one():
+    repo = Path(__file__).resolve().parent.parent
+    examples = sorted((repo / "examples").glob("*.yaml"))
+    assert "examples/mnist-lr.yaml" in (repo / "README.md").read_text()
+    assert repo / "examples" / "mnist-lr.yaml" in examples
+    for example in examples:
+        shown = run_cli("sweep", "plan", str(example.relative_to(repo)), cwd=repo)
+        assert shown.returncode == 0, shown.stderr
+        assert f"root: runs/sweeps/{example.stem} " in shown.stdout
