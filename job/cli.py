@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +19,7 @@ from job.config import TrainConfig, default_cache_dir, default_checkpoint_uri
 from job.datasets import DATASETS, preset
 from job.errors import JobError, strip_userinfo
 from job.preemption import PREEMPTED_EXIT_CODE, Interrupted, handle_signals_from_here
-from job.progress import print_error, set_last_line
+from job.progress import follow_up, print_error, set_last_line
 
 app = typer.Typer(
     name="cnn-job",
@@ -128,22 +127,23 @@ def train(
         raise typer.Exit(PREEMPTED_EXIT_CODE)
     if summary:
         _print_where_the_model_is(summary, checkpoint_uri or default_checkpoint_uri(dataset),
-                                  s3_endpoint_url)
+                                  s3_endpoint_url, data_uri)
 
 
-def _print_where_the_model_is(summary: dict, checkpoint_uri: str, endpoint_url: str | None) -> None:
-    """A finished run's last lines: its final checkpoint, and the command that evaluates it."""
+def _print_where_the_model_is(summary: dict, checkpoint_uri: str, endpoint_url: str | None,
+                              data_uri: str | None) -> None:
+    """A finished run's last lines: its final checkpoint, and the command that evaluates it
+    (which reads the run's data too)."""
     # Rank 0 speaks for the run: torchrun's other ranks write no checkpoint and keep quiet.
     if os.environ.get("RANK", "0") != "0" or not summary.get("checkpoint"):
         return
     val_acc = summary["final_val_acc"]
     tta = " with TTA" if summary["history"] and summary["history"][-1].get("tta") else ""
-    command = ["cnn-job", "evaluate", checkpoint_uri]
-    if endpoint_url and checkpoint_uri.startswith("s3://"):
-        command += ["--s3-endpoint-url", endpoint_url]
+    command = follow_up(["cnn-job", "evaluate", checkpoint_uri], endpoint_url, checkpoint_uri,
+                        data_uri)
     print(strip_userinfo(f"model: {summary['checkpoint']} (val_acc "
                          f"{'-' if val_acc is None else format(val_acc, '.2%')}{tta})"))
-    print(strip_userinfo(f"next: {shlex.join(command)}"), flush=True)
+    print(f"next: {command}", flush=True)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -328,7 +328,8 @@ def sweep_run(
         _last_line(trial_line(status))
         raise typer.Exit(PREEMPTED_EXIT_CODE)
     if status["status"] == "finished":
-        _print_where_the_model_is(status["summary"], plan.trial_uri(index), plan.endpoint_url)
+        _print_where_the_model_is(status["summary"], plan.trial_uri(index), plan.endpoint_url,
+                                  plan.config(index).data_uri)
     _last_line(trial_line(status))  # finished, or pruned (exit 0: done, as a Job counts it)
 
 
@@ -372,7 +373,7 @@ def sweep_report(
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        print_sweep_report(plan, rows, uri)
+        print_sweep_report(plan, rows, uri, s3_endpoint_url)
     if plot:
         print(f"plot: {plot}", file=sys.stderr if as_json else sys.stdout)
 

@@ -36,6 +36,7 @@ from job.config import SETTING_KINDS, TrainConfig, setting_kind
 from job.errors import JobError, StorageUnavailable, first_line, strip_userinfo
 from job.lease import lease_for
 from job.preemption import PREEMPTED_EXIT_CODE, SIGNALS, Interrupted
+from job.progress import follow_up
 from job.storage import (
     DEFAULT_STORAGE_RETRY_S,
     LocalStore,
@@ -976,8 +977,9 @@ def _sum_up(plan: Plan, outcome: dict[int, dict], say: Callable[[str], None]) ->
     not_run = len(plan.trials) - len(outcome)
     said = [f"{len(counts[name])} {name}" for name in names if counts[name]]
     said += [f"{not_run} not run"] if not_run else []
-    say(f"sweep {plan.name}: {', '.join(said)}, of {len(plan.trials)}; "
-        f"cnn-job sweep report {plan.root}")
+    report_command = follow_up(["cnn-job", "sweep", "report", plan.root], plan.endpoint_url,
+                               plan.root)
+    say(f"sweep {plan.name}: {', '.join(said)}, of {len(plan.trials)}; {report_command}")
     for index in counts["failed"]:
         say(f"failed: {trial_line(outcome[index])}")
     if counts["failed"]:

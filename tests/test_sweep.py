@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -701,6 +702,54 @@ def test_a_variable_with_the_sweeps_own_value_is_accepted(tmp_path):
     shown = run_cli("sweep", "plan", str(sweep_file), "--json", env=accepted)
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["environment"] == {}
+
+
+def test_the_printed_commands_run_as_printed(s3, tmp_path, data_dir, monkeypatch):
+    """train's `next:`, a sweep's `cnn-job sweep report ...` and the report's `next: cnn-job
+    evaluate ...`, each run as printed where the only endpoint is the one the job printed (the
+    file's or the option's: AWS_ENDPOINT_URL unset)."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    shell = {"PATH": f"{CNN_JOB.parent}{os.pathsep}{os.environ['PATH']}",
+             "CNN_JOB_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run_printed(output: str, prefix: str) -> str:
+        (line,) = [line for line in output.splitlines() if prefix in line]
+        command = shlex.split(line.split(prefix, 1)[1])
+        assert command[0] == "cnn-job" and "--s3-endpoint-url" in command, line
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, **shell})
+        assert result.returncode == 0, f"{line}\n{result.stderr}"
+        return result.stdout
+
+    # train: the data in the bucket, the checkpoints in a folder; evaluate reads the run's data
+    data = f"s3://{s3.bucket}/datasets"
+    assert run_cli("data", "push", "mnist", data, "--from", str(data_dir), "--s3-endpoint-url",
+                   s3.endpoint).returncode == 0
+    train = run_cli("train", "mnist", "--net", "fast", "--epochs", "1", "--limit-train", "256",
+                    "--device", "cpu", "--data-uri", data, "--checkpoint-uri",
+                    str(tmp_path / "run"), "--s3-endpoint-url", s3.endpoint, env=shell)
+    assert train.returncode == 0, train.stderr
+    assert train.stdout.splitlines()[-1] == (f"next: cnn-job evaluate {tmp_path / 'run'} "
+                                             f"--s3-endpoint-url {s3.endpoint}")
+    assert "accuracy" in run_printed(train.stdout, "next: ").lower()
+
+    # a sweep in the bucket, its endpoint in the file: the trial's next:, the report, evaluate
+    root = f"s3://{s3.bucket}/sweeps/printed"
+    sweep_file = write(tmp_path / "printed.yaml", f"""\
+dataset: mnist
+checkpoint_uri: {root}
+fixed: {{net: fast, epochs: 1, limit_train: 256, device: cpu, data_uri: {data_dir},
+        s3_endpoint_url: "{s3.endpoint}"}}
+""")
+    sweep = run_cli("sweep", "run", str(sweep_file), "--parallel", "1", env=shell)
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+    assert f"trial 000 | next: cnn-job evaluate {root}/trial-000 --s3-endpoint-url " in sweep.stdout
+    run_printed(sweep.stdout, "trial 000 | next: ")
+    assert sweep.stdout.splitlines()[-1] == (f"sweep printed: 1 finished, of 1; cnn-job sweep "
+                                             f"report {root} --s3-endpoint-url {s3.endpoint}")
+    report = run_printed(sweep.stdout, "of 1; ")
+    assert "best: trial 000" in report
+    assert "accuracy" in run_printed(report, "next: ").lower()
 
 
 def test_the_shipped_sweep_files_plan_and_the_readme_names_one():
