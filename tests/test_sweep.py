@@ -123,6 +123,7 @@ grid: {lr: [0.01, 0.02]}
     (GOOD.replace("grid: {lr: [0.01, 0.02]}", "random: {count: 0, lr: {min: 0.1, max: 1}}"),
      T0, "random: count must be a whole number, at least 1"),
     (GOOD.replace("epochs: 1", "checkpoint_uri: x"), T0, "checkpoint_uri is the sweep's own"),
+    (GOOD.replace("epochs: 1", "resume: never"), T0, "resume is the sweep's own"),
     (GOOD.replace("grid:", "seeds: [0]\ngrid: {seed: [1]}\nx:"), T0, "unknown section 'x'"),
     (GOOD + "seeds: [0, 1]\n", ("--trial", "4"), "trial 4 is not in sweep bad: its 4 trials are 0 to 3"),
     (GOOD.replace("fixed: ", "fixed: ["), T0, "is not valid YAML"),
@@ -137,9 +138,9 @@ grid: {lr: [0.01, 0.02]}
     (GOOD + "early_stop: {method: median, metric: loss}\n", T0,
      "early_stop: metric must be val_acc or val_loss (got 'loss')"),
 ], ids=["unknown-option", "refused-value", "refused-swept-value", "empty-grid-list", "not-a-number",
-        "min-above-max", "log-min-not-positive", "count-0", "sweeps-own-option", "unknown-section",
-        "trial-out-of-range", "bad-yaml", "no-trial", "duplicate-option", "duplicate-section",
-        "empty-root", "unknown-early-stop", "reduction-factor-1", "unknown-metric"])
+        "min-above-max", "log-min-not-positive", "count-0", "sweeps-own-option", "sweeps-own-resume",
+        "unknown-section", "trial-out-of-range", "bad-yaml", "no-trial", "duplicate-option",
+        "duplicate-section", "empty-root", "unknown-early-stop", "reduction-factor-1", "unknown-metric"])
 def test_a_bad_sweep_is_one_line_exit_2_and_creates_nothing(tmp_path, text, args, message):
     root = tmp_path / "root"
     sweep_file = write(tmp_path / "bad.yaml", text.replace("ROOT", str(root)))
