@@ -220,32 +220,35 @@ def load_plan(path: str, environment: dict | None = None) -> Plan:
     return plan
 
 
+_NOT_SET = object()  # an option the sweep file leaves to the recipe
+
+
 def _environment(plan: Plan, environment: dict) -> dict:
     """The `where` settings of `environment` (option → value); one JobError line for a setting
     of another kind whose value is not the one the sweep gives every trial."""
     for option, value in environment.items():
-        if setting_kind(option) == "where":
+        kind = setting_kind(option)
+        if kind == "where":
             continue
         variable, shown = f"CNN_JOB_{option.upper()}", _yaml_text(value)
-        if setting_kind(option) == "run":
-            given = {_yaml_text(plan.own(index)[option]) for index in range(len(plan.trials))}
-            if given != {shown}:
-                raise JobError(
-                    f"{variable}={shown}: a sweep gives each trial its own {option} "
-                    f"({_listed(given)}); unset {variable} to run sweep {plan.source}")
+        if kind == "run":
+            given = [plan.own(index)[option] for index in range(len(plan.trials))]
+        else:
+            given = [{**plan.fixed, **settings}.get(option, _NOT_SET) for settings in plan.trials]
+        if all(each == value and type(each) is type(value) for each in given):
             continue
-        given = {_yaml_text(trial[option]) if option in trial else None
-                 for trial in ({**plan.fixed, **settings} for settings in plan.trials)}
-        if None in given:
+        listed = _listed({_yaml_text(each) for each in given if each is not _NOT_SET})
+        if kind == "run":
+            raise JobError(f"{variable}={shown}: a sweep gives each trial its own {option} "
+                           f"({listed}); unset {variable} to run sweep {plan.source}")
+        if _NOT_SET in given:
             raise JobError(
                 f"{variable}={shown} would change the trials' results, which come from the sweep "
                 f"file alone: put {option}: {shown} in the fixed settings of {plan.source}, or "
                 f"unset {variable}")
-        if given != {shown}:
-            raise JobError(
-                f"{variable}={shown} differs from the {option} that {plan.source} gives its "
-                f"trials ({_listed(given)}): a trial's result comes from its sweep file; unset "
-                f"{variable}")
+        raise JobError(
+            f"{variable}={shown} differs from the {option} that {plan.source} gives its trials "
+            f"({listed}): a trial's result comes from its sweep file; unset {variable}")
     return {option: value for option, value in environment.items()
             if setting_kind(option) == "where"}
 
