@@ -18,7 +18,9 @@ from typing import Any
 from job import recipes
 from job.datasets import DATASETS, preset
 from job.errors import JobError, strip_userinfo
+from job.progress import progress_interval_s
 from job.storage import DEFAULT_STORAGE_RETRY_S, check_storage_retry_s, uri_kind
+from job.tracking import init_timeout_s
 
 LR_SCHEDULES = ("constant", "linear", "cosine", "triangle")  # see job/optim.py's lr_at
 COMPILE_MODES = ("auto", "off", "cuda-graph")  # how a training step runs: see job/step.py
@@ -175,6 +177,10 @@ class TrainConfig:
         if self.data_uri is not None:  # a URI refused before the checkpoint folder is made
             uri_kind(self.data_uri, "--data-uri")
         check_storage_retry_s(self.storage_retry_s)
+        # Seconds read from the environment alone, refused here, before any work and on every
+        # rank alike, not when first used (rank 0's progress lines, W&B's thread).
+        progress_interval_s()
+        init_timeout_s()
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),

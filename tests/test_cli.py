@@ -255,6 +255,21 @@ def test_a_sweep_seed_past_64_bits_is_one_line(tmp_path):
                           "trial 1 (seed 99999999999999999999)", "does not fit in 64 bits")
 
 
+@pytest.mark.parametrize("command, variable, value", [
+    (["train", "mnist"], "CNN_JOB_PROGRESS_INTERVAL_S", "soon"),
+    (["train", "mnist"], "WANDB_INIT_TIMEOUT", "-1"),
+    (["checkpoints", "list", "s3://bucket/runs"], "CNN_JOB_STORAGE_RETRY_S", "nan"),
+    (["launch", "train", "mnist"], "CNN_JOB_RDZV_TIMEOUT_S", "inf"),
+])
+def test_a_bad_number_of_seconds_in_the_environment_is_one_line(command, variable, value,
+                                                                 tmp_path):
+    """Every seconds variable by one rule: a finite number, 0 or more; refused before any work."""
+    result = run_cli(*command, env={variable: value}, cwd=tmp_path)
+    assert_one_line_error(result, f"{variable}={value!r} is not a number of seconds: it takes a "
+                          "finite number, 0 or more")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["evaluate", "{tmp}/run", "--device", "tpu"], "--device must be auto, cpu or cuda"),
     (["predict", "{tmp}/run", "{tmp}/x.png", "--device", "tpu"], "--device must be auto, cpu or cuda"),
