@@ -226,7 +226,9 @@ def data_push(
     dataset: DatasetArgument,
     uri: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX to upload to.", show_default=False)],
     source: Annotated[Path, typer.Option("--from", help="Local folder laid out as "
-                                         "<dataset>/<archive>, e.g. ../shared/datasets.")],
+                                         "<dataset>/<archive>, the archives under their canonical "
+                                         "names (mnist/train-images-idx3-ubyte.gz, ..., "
+                                         "cifar10/cifar-10-python.tar.gz).")],
     s3_endpoint_url: EndpointOption = None,
 ) -> None:
     """Upload a dataset's archives (checked first) to PREFIX/<dataset>/ in a bucket."""
