@@ -15,7 +15,19 @@ from typing import Annotated
 
 import typer
 
-from job.config import TrainConfig, default_cache_dir, default_checkpoint_uri
+from job.config import (
+    CompileMode,
+    Dataset,
+    Device,
+    LrSchedule,
+    Net,
+    Precision,
+    Resume,
+    TrainConfig,
+    WandbMode,
+    default_cache_dir,
+    default_checkpoint_uri,
+)
 from job.datasets import DATASETS, preset
 from job.errors import JobError, strip_userinfo
 from job.preemption import PREEMPTED_EXIT_CODE, Interrupted, handle_signals_from_here
@@ -79,26 +91,26 @@ def _root(
 
 @app.command()
 def train(
-    dataset: Annotated[str, typer.Argument(
+    dataset: Annotated[Dataset, typer.Argument(
         help=_FIELDS["dataset"].metadata["help"], envvar="CNN_JOB_DATASET", show_default=False,
     )],
-    net: Annotated[str, _option("net")] = _DEFAULTS["net"],
+    net: Annotated[Net, _option("net")] = _DEFAULTS["net"],
     # None: the recipe's default (its DEFAULTS), so that only options given override it
     epochs: Annotated[int | None, _option("epochs")] = None,
     batch_size: Annotated[int | None, _option("batch_size")] = None,
     lr: Annotated[float | None, _option("lr")] = None,
-    lr_schedule: Annotated[str | None, _option("lr_schedule")] = None,
+    lr_schedule: Annotated[LrSchedule | None, _option("lr_schedule")] = None,
     seed: Annotated[int, _option("seed")] = _DEFAULTS["seed"],
-    device: Annotated[str, _option("device")] = _DEFAULTS["device"],
-    precision: Annotated[str, _option("precision")] = _DEFAULTS["precision"],
-    compile: Annotated[str, _option("compile")] = _DEFAULTS["compile"],
+    device: Annotated[Device, _option("device")] = _DEFAULTS["device"],
+    precision: Annotated[Precision, _option("precision")] = _DEFAULTS["precision"],
+    compile: Annotated[CompileMode, _option("compile")] = _DEFAULTS["compile"],
     data_uri: Annotated[str | None, _option("data_uri")] = None,
-    cache_dir: Annotated[Path | None, _option("cache_dir")] = None,  # None: TrainConfig's factory
+    cache_dir: Annotated[Path | None, _option("cache_dir")] = None,
     checkpoint_uri: Annotated[str | None, _option("checkpoint_uri")] = None,
     s3_endpoint_url: EndpointOption = None,
     checkpoint_every_steps: Annotated[int, _option("checkpoint_every_steps")]
     = _DEFAULTS["checkpoint_every_steps"],
-    resume: Annotated[str, _option("resume")] = _DEFAULTS["resume"],
+    resume: Annotated[Resume, _option("resume")] = _DEFAULTS["resume"],
     overwrite: Annotated[bool, _option("overwrite", flag=True)] = _DEFAULTS["overwrite"],
     lease_seconds: Annotated[float, _option("lease_seconds")] = _DEFAULTS["lease_seconds"],
     storage_retry_s: Annotated[float, _option("storage_retry_s")] = _DEFAULTS["storage_retry_s"],
@@ -112,7 +124,7 @@ def train(
     summary_json: Annotated[Path | None, _option("summary_json")] = None,
     log_every_steps: Annotated[int, _option("log_every_steps")] = _DEFAULTS["log_every_steps"],
     wandb_project: Annotated[str | None, _option("wandb_project")] = None,
-    wandb_mode: Annotated[str | None, _option("wandb_mode")] = None,
+    wandb_mode: Annotated[WandbMode | None, _option("wandb_mode")] = None,
     run_name: Annotated[str | None, _option("run_name")] = None,
 ) -> None:
     """Train the --net recipe on DATASET, checkpointing every epoch and resuming from the newest checkpoint.
@@ -121,8 +133,18 @@ def train(
     (preempted: run the same command again to resume). Bad input exits with status 2; S3 out of
     reach for longer than --storage-retry-s, with 69.
     """
-    settings = {k: v for k, v in locals().items() if v is not None}
-    summary = _run(lambda: run_training(TrainConfig(**settings)))
+    # By name, each option to its field; None (not given) is TrainConfig's default.
+    summary = _run(lambda: run_training(TrainConfig(
+        dataset=dataset, net=net, epochs=epochs, batch_size=batch_size, lr=lr,
+        lr_schedule=lr_schedule, augment=augment, tta=tta, seed=seed, device=device,
+        precision=precision, compile=compile, data_uri=data_uri, cache_dir=cache_dir,
+        checkpoint_uri=checkpoint_uri, s3_endpoint_url=s3_endpoint_url,
+        checkpoint_every_steps=checkpoint_every_steps, resume=resume, overwrite=overwrite,
+        lease_seconds=lease_seconds, storage_retry_s=storage_retry_s,
+        collective_timeout_s=collective_timeout_s, keep_checkpoints=keep_checkpoints,
+        limit_train=limit_train, eval_batch_size=eval_batch_size, log_every_steps=log_every_steps,
+        wandb_project=wandb_project, wandb_mode=wandb_mode, run_name=run_name,
+        summary_json=summary_json)))
     if summary and summary.get("preempted_by"):  # the loop said so on rank 0
         raise typer.Exit(PREEMPTED_EXIT_CODE)
     if summary:
@@ -180,7 +202,7 @@ def _check_train_args(args: list[str]) -> None:
         params = _train_context(args).params
     except typer.Exit:  # --help, printed: no workers to start
         raise typer.Exit(0) from None
-    TrainConfig(**{name: value for name, value in params.items() if value is not None})
+    TrainConfig(**params)
 
 
 def _train_settings_from_environment() -> dict:
@@ -219,7 +241,9 @@ def data_push(
     dataset: DatasetArgument,
     uri: Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX to upload to.", show_default=False)],
     source: Annotated[Path, typer.Option("--from", help="Local folder laid out as "
-                                         "<dataset>/<archive>, e.g. ../shared/datasets.")],
+                                         "<dataset>/<archive>, the archives under their canonical "
+                                         "names (mnist/train-images-idx3-ubyte.gz, ..., "
+                                         "cifar10/cifar-10-python.tar.gz).")],
     s3_endpoint_url: EndpointOption = None,
 ) -> None:
     """Upload a dataset's archives (checked first) to PREFIX/<dataset>/ in a bucket."""
@@ -384,7 +408,7 @@ def sweep_report(
 CheckpointArgument = Annotated[str, typer.Argument(
     help="A checkpoint file, or a checkpoint folder or s3://BUCKET/PREFIX (its `latest`); local "
          "or s3://.", show_default=False)]
-DeviceOption = Annotated[str, _option("device")]
+DeviceOption = Annotated[Device, _option("device")]
 TtaOption = Annotated[bool | None, typer.Option(
     "--tta/--no-tta", help="Test-time augmentation: the recipe's views' logits weighted (CIFAR-10: "
     "mirror and 1 px shifts, 6 views; MNIST: shifts, 3).", envvar="CNN_JOB_TTA",
@@ -409,7 +433,7 @@ def evaluate(
         show_default=False)] = None,
     cache_dir: Annotated[Path | None, _option("cache_dir")] = None,
     device: DeviceOption = _DEFAULTS["device"],
-    precision: Annotated[str | None, typer.Option(
+    precision: Annotated[Precision | None, typer.Option(
         help="fp32, bf16, or auto (bf16 autocast on CUDA only).", envvar="CNN_JOB_PRECISION",
         show_default="the run's")] = None,
     batch_size: Annotated[int | None, typer.Option(

@@ -10,20 +10,30 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from job import recipes
 from job.datasets import DATASETS, preset
 from job.errors import JobError, strip_userinfo
+from job.progress import progress_interval_s
 from job.storage import DEFAULT_STORAGE_RETRY_S, check_storage_retry_s, uri_kind
+from job.tracking import init_timeout_s
 
-LR_SCHEDULES = ("constant", "linear", "cosine", "triangle")  # see job/optim.py's lr_at
-COMPILE_MODES = ("auto", "off", "cuda-graph")  # how a training step runs: see job/step.py
-PRECISIONS = ("auto", "fp32", "bf16")
-DEVICES = ("auto", "cpu", "cuda")
+# The settings that are choices: typer lists each one's values in --help and refuses any other
+# (an option's or its CNN_JOB_* variable's) in one line; TrainConfig checks the same values
+# when it is built otherwise (a sweep file, bench/).
+Dataset = Literal[DATASETS]  # the presets (job/datasets.py)
+Net = Literal[recipes.NETS]  # the registry's --net names (job/recipes/__init__.py)
+LrSchedule = Literal["constant", "linear", "cosine", "triangle"]  # see job/optim.py's lr_at
+CompileMode = Literal["auto", "off", "cuda-graph"]  # how a training step runs: see job/step.py
+Precision = Literal["auto", "fp32", "bf16"]
+Device = Literal["auto", "cpu", "cuda"]
+Resume = Literal["auto", "never"]
+WandbMode = Literal["online", "offline", "disabled"]
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's 64-bit generator takes
 
 
@@ -31,14 +41,11 @@ SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch's 64-bit generator takes
 # a run's settings
 
 
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise JobError("--precision must be auto, fp32 or bf16")
-
-
-def check_device(device: str) -> None:
-    if device not in DEVICES:
-        raise JobError(f"--device must be {', '.join(DEVICES[:-1])} or {DEVICES[-1]}")
+def choices(hint: Any) -> tuple:
+    """The values a Literal type takes, also under `| None`; () for any other type."""
+    if typing.get_origin(hint) is Literal:
+        return typing.get_args(hint)
+    return next((values for arg in typing.get_args(hint) if (values := choices(arg))), ())
 
 
 def check_seed(seed: int, option: str = "--seed") -> None:
@@ -107,27 +114,27 @@ class TrainConfig:
     """Everything that decides a training run. Each field is one CLI option (`--epochs`, ...)
     and one environment variable (`CNN_JOB_EPOCHS`, ...); its metadata holds the option's help."""
 
-    dataset: str = setting(help=f"Which dataset: {' or '.join(DATASETS)}.")
-    net: str = setting("seed", "The recipe (it brings the defaults below): "
+    dataset: Dataset = setting(help=f"Which dataset: {' or '.join(DATASETS)}.")
+    net: Net = setting("seed", "The recipe (it brings the defaults below): "
                        + recipes.net_help() + ".")
     # None: not given, so the recipe's DEFAULTS; an option given, even the default's value, stays.
     epochs: int | None = per_recipe("epochs")
     batch_size: int | None = per_recipe("batch_size")
     lr: float | None = per_recipe("lr")
-    lr_schedule: str | None = per_recipe("lr_schedule")
+    lr_schedule: LrSchedule | None = per_recipe("lr_schedule")
     augment: bool | None = per_recipe("augment")
     tta: bool | None = per_recipe("tta")
     seed: int = setting(0, "Seed for init, shuffling and augmentation.")
-    device: str = setting("auto", "auto (CUDA when present), cpu or cuda.")
-    precision: str = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
-    compile: str = setting(
+    device: Device = setting("auto", "auto (CUDA when present), cpu or cuda.")
+    precision: Precision = setting("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16.")
+    compile: CompileMode = setting(
         "auto", "auto (each training step a CUDA graph on one GPU; eager on CPU and under DDP), "
         "cuda-graph or off.")
     data_uri: str | None = setting(
         None, "Folder, s3:// or http(s) URI laid out as <dataset>/<archive>.",
         default_text="the public mirrors")
-    cache_dir: Path = setting(help="Where downloaded archives are kept.", default_factory=default_cache_dir,
-                              default_text=_with_tilde(default_cache_dir()))
+    cache_dir: Path | None = setting(None, "Where downloaded archives are kept.",
+                                     default_text=_with_tilde(default_cache_dir()))
     checkpoint_uri: str | None = setting(
         None, "Folder or s3://BUCKET/PREFIX for checkpoints.",
         default_text=default_checkpoint_uri("<dataset>"))
@@ -136,7 +143,7 @@ class TrainConfig:
         default_text="AWS_ENDPOINT_URL(_S3), else AWS")
     checkpoint_every_steps: int = setting(
         0, "Also checkpoint every N steps inside epochs (0: at the end of every epoch only).")
-    resume: str = setting("auto", "auto: continue from the newest checkpoint; never: start afresh.")
+    resume: Resume = setting("auto", "auto: continue from the newest checkpoint; never: start afresh.")
     overwrite: bool = setting(
         False, "With --resume never: delete the run already in --checkpoint-uri first (else refused).")
     lease_seconds: float = setting(
@@ -155,7 +162,7 @@ class TrainConfig:
     log_every_steps: int = setting(
         10, "Log train loss, lr and images/s to W&B (and the progress bar) every N steps.")
     wandb_project: str | None = setting(None, "W&B project.", default_text="WANDB_PROJECT, else cnn-job")
-    wandb_mode: str | None = setting(
+    wandb_mode: WandbMode | None = setting(
         None, "online, offline or disabled.",
         default_text="WANDB_MODE, else online with an API key, offline without")
     run_name: str | None = setting(None, "W&B run name.", default_text="W&B picks one")
@@ -168,21 +175,24 @@ class TrainConfig:
                 setattr(self, name, value)
         if self.checkpoint_uri is None:
             self.checkpoint_uri = default_checkpoint_uri(self.dataset)
-        self.cache_dir = Path(self.cache_dir).expanduser()
-        check_precision(self.precision)
-        check_device(self.device)
+        self.cache_dir = Path(self.cache_dir or default_cache_dir()).expanduser()
+        for name, values in CHOICES.items():
+            if getattr(self, name) not in values:
+                raise JobError(f"--{name.replace('_', '-')} {getattr(self, name)} is not one of "
+                               f"{', '.join(v for v in values if v is not None)}")
         check_seed(self.seed)
         if self.data_uri is not None:  # a URI refused before the checkpoint folder is made
             uri_kind(self.data_uri, "--data-uri")
         check_storage_retry_s(self.storage_retry_s)
+        # Seconds read from the environment alone, refused here, before any work and on every
+        # rank alike, not when first used (rank 0's progress lines, W&B's thread).
+        progress_interval_s()
+        init_timeout_s()
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.eval_batch_size >= 1, "--eval-batch-size must be at least 1"),
             (math.isfinite(self.lr) and self.lr > 0, "--lr must be a positive finite number"),
-            (self.compile in COMPILE_MODES, f"--compile must be {', '.join(COMPILE_MODES)}"),
-            (self.resume in ("auto", "never"), "--resume must be auto or never"),
-            (self.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be {', '.join(LR_SCHEDULES)}"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (math.isfinite(self.collective_timeout_s) and self.collective_timeout_s >= 1,
              "--collective-timeout-s must be a finite number of seconds, at least 1"),
@@ -192,8 +202,6 @@ class TrainConfig:
              "--overwrite deletes the run in --checkpoint-uri: it goes with --resume never only"),
             (self.checkpoint_every_steps >= 0, "--checkpoint-every-steps must be 0 or more"),
             (self.log_every_steps >= 1, "--log-every-steps must be at least 1"),
-            (self.wandb_mode in (None, "online", "offline", "disabled"),
-             "--wandb-mode must be online, offline or disabled"),
             (self.limit_train is None or self.limit_train >= 1, "--limit-train must be >= 1"),
         ]
         for ok, message in checks:
@@ -212,6 +220,12 @@ class TrainConfig:
             key: strip_userinfo(str(value) if isinstance(value, Path) else value)
             for key, value in dataclasses.asdict(self).items()
         }
+
+
+# Each choice setting's values, from its type (None too where it may be None): what TrainConfig
+# checks.
+CHOICES = {name: values + ((None,) if type(None) in typing.get_args(hint) else ())
+           for name, hint in typing.get_type_hints(TrainConfig).items() if (values := choices(hint))}
 
 
 # ----------------------------------------------------------------------------------------------

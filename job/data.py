@@ -57,10 +57,10 @@ from job.storage import (
 # ----------------------------------------------------------------------------------------------
 # fetching the archives
 
-LAYOUT_HINT = (
-    "a folder, s3:// prefix or http(s) mirror laid out like ../shared/datasets "
-    "(<dataset>/<archive>)"
-)
+def layout_hint(p: DatasetPreset) -> str:
+    """Where --data-uri may point: the layout itself, with the dataset's archive names."""
+    return ("a folder, s3:// prefix or http(s) mirror laid out as <dataset>/<archive>, for "
+            f"{p.name}: {', '.join(f'{p.name}/{archive.name}' for archive in p.archives)}")
 
 
 def fetch_archives(
@@ -83,7 +83,7 @@ def fetch_archives(
     missing = [name for name, path in paths.items() if not path.is_file()]
     if missing:
         raise JobError(
-            f"--data-uri {data_uri}: no {p.name}/{missing[0]} there; point it at {LAYOUT_HINT}"
+            f"--data-uri {data_uri}: no {p.name}/{missing[0]} there; point it at {layout_hint(p)}"
         )
     return paths
 
@@ -165,7 +165,7 @@ def _download_all(
     # the public mirrors' files are checked against torchvision's published md5s. A user's
     # mirror that fails for a while is waited for (`retry_s`, as S3 is); the public mirrors are
     # tried one after another, once: failing them all is a machine without internet.
-    sha256_sums = _read_sha256_sums(sums_url, retry_s) if sums_url else {}
+    sha256_sums = _read_sha256_sums(p, sums_url, retry_s) if sums_url else {}
     paths = {}
     for archive in p.archives:
         dest = cache / archive.name
@@ -208,7 +208,7 @@ def _download_one(p: DatasetPreset, name: str, bases: list[str], dest: Path, md5
             failures.append(f"{url}: {getattr(error, 'reason', None) or error}")
     raise JobError(
         f"could not download {p.name} ({'; '.join(failures)}); without internet, "
-        f"point --data-uri at {LAYOUT_HINT}"
+        f"point --data-uri at {layout_hint(p)}"
     )
 
 
@@ -223,10 +223,10 @@ def _download_from_mirror(p: DatasetPreset, name: str, base: str, dest: Path,
             raise _no_room(p, name, dest, error) from None
         raise JobError(f"could not download {p.name} from {url} "
                        f"({getattr(error, 'reason', None) or error}); check --data-uri, or point "
-                       f"it at {LAYOUT_HINT}") from None
+                       f"it at {layout_hint(p)}") from None
 
 
-def _read_sha256_sums(base_url: str, retry_s: float) -> dict[str, str]:
+def _read_sha256_sums(p: DatasetPreset, base_url: str, retry_s: float) -> dict[str, str]:
     url = f"{base_url}/SHA256SUMS"
     try:
         text = ride_out(lambda: http_get_bytes(url, request_timeout_s(retry_s)),
@@ -235,7 +235,7 @@ def _read_sha256_sums(base_url: str, retry_s: float) -> dict[str, str]:
         reason = getattr(error, "reason", None) or error
         raise JobError(
             f"--data-uri {base_url} does not answer ({reason}); check the URL, or point it "
-            f"at {LAYOUT_HINT}"
+            f"at {layout_hint(p)}"
         ) from None
     sums = {}
     for line in (text or b"").decode("utf-8", "replace").splitlines():

@@ -1,8 +1,10 @@
 """The one exception type for problems a user can cause and fix (and its one kind that a retry
 fixes: storage out of reach), the redaction that keeps credentials written into a URI
-(`https://user:secret@host`) out of every line we print or store, and an exception's first line
-for the one-line reports."""
+(`https://user:secret@host`) out of every line we print or store, an exception's first line
+for the one-line reports, and the one rule for a number of seconds a user sets."""
 
+import math
+import os
 import re
 
 _USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
@@ -34,3 +36,26 @@ def strip_userinfo(value):
 def first_line(error: BaseException, limit: int, fallback: str | None = None) -> str:
     """An exception's first line, cut to `limit` characters: for one-line reports."""
     return (str(error).splitlines() or [fallback or type(error).__name__])[0][:limit]
+
+
+def check_seconds(seconds: float, what: str) -> float:
+    """`seconds` if it is a number of seconds as every such setting takes it (an option, a
+    CNN_JOB_*_S variable, W&B's WANDB_INIT_TIMEOUT): a finite number, 0 or more, where 0 is
+    zero seconds (no interval, no retrying, no waiting); else one line naming `what` (the
+    option or variable with its value) and what it takes."""
+    if not (math.isfinite(seconds) and seconds >= 0):
+        raise JobError(f"{what} is not a number of seconds: it takes a finite number, 0 or more")
+    return seconds
+
+
+def seconds_from_env(name: str, default: float) -> float:
+    """The seconds environment variable `name` holds (check_seconds' rule); unset or empty (a
+    ConfigMap's placeholder), `default`."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    return check_seconds(seconds, f"{name}={text!r}")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from job import distributed
 from job.checkpoint import load_checkpoint
-from job.config import check_device, check_precision, default_cache_dir, uses_bf16
+from job.config import default_cache_dir, uses_bf16
 from job.data import DeviceBatches, load_test_split, read_test_files
 from job.errors import JobError, strip_userinfo
 from job.evaluation import evaluate, tta_logits
@@ -39,11 +39,8 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
     the other ranks. Under torchrun the split is sharded over the ranks and the sums
     all-reduced, as after every training epoch. `tta` None: test-time augmentation as training
     evaluated these weights."""
-    check_device(device)
     if batch_size is not None and batch_size < 1:
         raise JobError("--batch-size must be at least 1")
-    if precision is not None:
-        check_precision(precision)
     d = distributed.setup(device)
     say = log if d.is_main else (lambda message: None)
     try:
@@ -56,7 +53,6 @@ def evaluate_checkpoint(checkpoint_uri: str, *, data_uri: str | None, test_data:
                                     cache_dir or default_cache_dir(), endpoint_url)
         batch_size = batch_size or saved.get("eval_batch_size", 1000)
         precision = precision or saved.get("precision", "auto")
-        check_precision(precision)
         tune_device(d.device)  # as training runs its evaluation
         batches = DeviceBatches(split.images, split.labels, p, d.device, batch_size, shuffle=False,
                                 rank=d.rank, world_size=d.world_size)
@@ -111,7 +107,6 @@ def predict(checkpoint_uri: str, image_uris: list[str], *, top_k: int, device: s
     `tta` None: test-time augmentation as training evaluated these weights."""
     if top_k < 1:
         raise JobError("--top-k must be at least 1")
-    check_device(device)
     checkpoint = load_checkpoint(checkpoint_uri, endpoint_url, log)
     p = checkpoint.preset
     pixels = [prepare_image(read_object(uri, "IMAGE", endpoint_url), p, uri) for uri in image_uris]

@@ -31,7 +31,7 @@ import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from job.errors import JobError, StorageUnavailable, first_line
+from job.errors import JobError, StorageUnavailable, check_seconds, first_line, seconds_from_env
 from job.preemption import (
     PREEMPTED_EXIT_CODE,
     SIGNALS,
@@ -48,7 +48,7 @@ USAGE = "cnn-job launch [TORCHRUN OPTIONS] train DATASET [OPTIONS]"
 RDZV_TIMEOUT_ENV = "CNN_JOB_RDZV_TIMEOUT_S"
 # How long a node waits for the others to join, whichever rendezvous backend (torchrun's own
 # defaults: 900 s for the static one, 600 s for c10d's).
-RDZV_TIMEOUT_S = 600
+RDZV_TIMEOUT_S = 600.0
 
 
 def split_command(args: list[str]) -> tuple[list[str], list[str]]:
@@ -187,9 +187,10 @@ def torchrun_config(torchrun_args: list[str], job_args: list[str]):
     parser.add_argument(
         "--rdzv-timeout", "--rdzv_timeout", type=float, default=None,
         help=f"Seconds a node waits for the others to join (env {RDZV_TIMEOUT_ENV}, default "
-             f"{RDZV_TIMEOUT_S}); an entry of --rdzv-conf (timeout, join_timeout) wins.")
+             f"{RDZV_TIMEOUT_S:g}; whole seconds, at least 1: 0 waits the least the backends "
+             "take); an entry of --rdzv-conf (timeout, join_timeout) wins.")
     parsed = parser.parse_args([*torchrun_args, "-m", "job", *job_args])
-    timeout_s = rdzv_timeout_setting(parsed.rdzv_timeout, refuse)
+    timeout_s = rdzv_timeout_setting(parsed.rdzv_timeout)
     try:
         # What torchrun's run() does before config_from_args (torch/distributed/run.py).
         one_node = parse_min_max_nnodes(parsed.nnodes)[1] == 1
@@ -209,23 +210,16 @@ def torchrun_config(torchrun_args: list[str], job_args: list[str]):
                    refuse)
     key = _timeout_key(config.rdzv_backend)
     if key not in {entry.split("=", 1)[0].strip() for entry in parsed.rdzv_conf.split(",")}:
-        config.rdzv_configs[key] = math.ceil(timeout_s)  # whole seconds, as the backends read
+        # whole seconds, as the backends read them, and at least 1, the least they take
+        config.rdzv_configs[key] = max(1, math.ceil(timeout_s))
     return config, command, command_args
 
 
-def rdzv_timeout_setting(option: float | None, refuse) -> float:
+def rdzv_timeout_setting(option: float | None) -> float:
     """--rdzv-timeout, else CNN_JOB_RDZV_TIMEOUT_S, else RDZV_TIMEOUT_S; a bad value refused."""
-    text = os.environ.get(RDZV_TIMEOUT_ENV) or str(RDZV_TIMEOUT_S)
-    name = f"{RDZV_TIMEOUT_ENV}={text!r}"
-    if option is not None:
-        text, name = str(option), f"--rdzv-timeout {option:g}"
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = math.nan
-    if not seconds > 0 or math.isinf(seconds):
-        refuse(f"{name}: a number of seconds above 0")
-    return seconds
+    if option is None:
+        return seconds_from_env(RDZV_TIMEOUT_ENV, RDZV_TIMEOUT_S)
+    return check_seconds(option, f"--rdzv-timeout {option:g}")
 
 
 def check_endpoint(endpoint: str, option: str, refuse) -> None:

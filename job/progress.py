@@ -25,7 +25,7 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from job.errors import strip_userinfo
+from job.errors import seconds_from_env, strip_userinfo
 
 console = Console(highlight=False, soft_wrap=True)  # log lines stay whole off a terminal
 
@@ -174,18 +174,9 @@ class EpochProgress:
 
 
 def progress_interval_s() -> float:
-    """CNN_JOB_PROGRESS_INTERVAL_S; a value that is not a number of seconds gets the default and
-    one warning line (a bad log setting must not stop a run, nor one rank of it)."""
-    text = os.environ.get(PROGRESS_INTERVAL_ENV, "").strip()
-    try:
-        value = float(text) if text else DEFAULT_PROGRESS_INTERVAL_S
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also NaN
-        print(f"warning: {PROGRESS_INTERVAL_ENV}={text!r} is not a number of seconds (0 or more); "
-              f"using {DEFAULT_PROGRESS_INTERVAL_S:g}", flush=True)
-        return DEFAULT_PROGRESS_INTERVAL_S
-    return value
+    """CNN_JOB_PROGRESS_INTERVAL_S (0: a line at every log step). TrainConfig reads it too, so a
+    bad value is refused before any work, on every rank alike."""
+    return seconds_from_env(PROGRESS_INTERVAL_ENV, DEFAULT_PROGRESS_INTERVAL_S)
 
 
 def _clock(seconds: float) -> str:

@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import http.client
 import io
-import math
 import os
 import random
 import re
@@ -38,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from job.errors import JobError, StorageUnavailable
+from job.errors import JobError, StorageUnavailable, check_seconds, seconds_from_env
 from job.preemption import Interrupted, stop_requested
 from job.progress import say
 
@@ -285,23 +284,14 @@ def s3_endpoint(endpoint_url: str | None = None) -> str | None:
 DEFAULT_STORAGE_RETRY_S = 300.0  # --storage-retry-s's default (TrainConfig's): a few minutes
 
 
-def check_storage_retry_s(seconds: float, option: str = "--storage-retry-s") -> None:
-    if not (math.isfinite(seconds) and seconds >= 0):
-        raise JobError(f"{option} must be a finite number of seconds, 0 or more")
+def check_storage_retry_s(seconds: float) -> None:
+    check_seconds(seconds, f"--storage-retry-s {seconds:g}")
 
 
 def storage_retry_s() -> float:
     """The retry budget where no --storage-retry-s is given (evaluate, export, checkpoints,
     data, ...): CNN_JOB_STORAGE_RETRY_S, else train's default."""
-    value = os.environ.get(STORAGE_RETRY_ENV, "").strip()
-    if not value:
-        return DEFAULT_STORAGE_RETRY_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        seconds = math.nan
-    check_storage_retry_s(seconds, STORAGE_RETRY_ENV)
-    return seconds
+    return seconds_from_env(STORAGE_RETRY_ENV, DEFAULT_STORAGE_RETRY_S)
 
 
 def request_timeout_s(retry_s: float) -> float:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from job.config import SETTING_KINDS, TrainConfig, setting_kind
+from job.config import CHOICES, SETTING_KINDS, TrainConfig, setting_kind
 from job.errors import JobError, StorageUnavailable, first_line, strip_userinfo
 from job.lease import lease_for
 from job.preemption import PREEMPTED_EXIT_CODE, SIGNALS, Interrupted
@@ -340,8 +340,9 @@ def _options(section, section_name: str, where: str) -> dict:
 
 
 def _kind(option: str) -> str:
-    """The option's type, from TrainConfig's annotation: int, float, bool, str or Path."""
-    return str(_FIELDS[option].type).split("|")[0].strip()
+    """The option's type, from TrainConfig's annotation: int, float, bool, str (a choice's
+    values too) or Path."""
+    return "str" if option in CHOICES else str(_FIELDS[option].type).split("|")[0].strip()
 
 
 def _value(option: str, value, where: str):

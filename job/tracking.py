@@ -25,13 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from job.errors import strip_userinfo
+from job.errors import seconds_from_env, strip_userinfo
 from job.storage import local_path, uri_kind
 
 if TYPE_CHECKING:
     from job.evaluation import Evaluation
 
 DEFAULT_PROJECT = "cnn-job"
+INIT_TIMEOUT_ENV = "WANDB_INIT_TIMEOUT"
+DEFAULT_INIT_TIMEOUT_S = 90.0  # W&B's own default
 # At close, W&B's last records get at most this long, then its service process is stopped: a
 # stopped pod has a grace period (Kubernetes: 30 s by default) that a slow or absent W&B server
 # must not eat, and a finished run must not wait out W&B's retries (90 s and more) either.
@@ -199,12 +201,19 @@ def start(
             name=run_name, id=run_id, resume="allow", mode=mode, dir=folder,
             config={key: strip_userinfo(value) for key, value in config.items()},
             settings=wandb.Settings(
-                init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 90)),
+                init_timeout=init_timeout_s(),
                 console="off", silent=True,
             ),
         )
 
     return BackgroundTracker(run_id, init, class_names, say, for_want_of_key)
+
+
+def init_timeout_s() -> float:
+    """WANDB_INIT_TIMEOUT, W&B's own: how long its start may take before the run goes on without
+    it (0: no time at all). TrainConfig reads it too, so a bad value is refused before any work,
+    not by W&B's thread once training runs."""
+    return seconds_from_env(INIT_TIMEOUT_ENV, DEFAULT_INIT_TIMEOUT_S)
 
 
 def _no_sdk_analytics() -> None:

@@ -105,7 +105,9 @@ def test_a_malformed_rendezvous_endpoint_is_one_line_before_anything_starts(tmp_
     (["--rdzv-endpoint", ":29400"], "--rdzv-endpoint ':29400': not HOST:PORT"),
     (["--rdzv-backend", "static", "--master-port", "70000"],
      "--master-addr/--master-port '127.0.0.1:70000': not HOST:PORT"),
-    (["--rdzv-timeout", "0"], "--rdzv-timeout 0: a number of seconds above 0"),
+    (["--rdzv-timeout", "-1"], "--rdzv-timeout -1 is not a number of seconds: it takes a finite "
+                               "number, 0 or more"),
+    (["--rdzv-timeout", "nan"], "--rdzv-timeout nan is not a number of seconds"),
     (["--rdzv-timeout", "soon"], "argument --rdzv-timeout/--rdzv_timeout: invalid float value"),
 ])
 def test_bad_rendezvous_settings_are_refused(launch_args, fragment):
@@ -115,7 +117,7 @@ def test_bad_rendezvous_settings_are_refused(launch_args, fragment):
 
 def test_a_bad_rendezvous_timeout_in_the_environment_is_refused(monkeypatch):
     monkeypatch.setenv("CNN_JOB_RDZV_TIMEOUT_S", "ten")
-    with pytest.raises(JobError, match="CNN_JOB_RDZV_TIMEOUT_S='ten': a number of seconds above 0"):
+    with pytest.raises(JobError, match="CNN_JOB_RDZV_TIMEOUT_S='ten' is not a number of seconds"):
         torchrun_config(["--nnodes", "2"], list(TRAIN))
 
 
@@ -126,6 +128,11 @@ def test_the_rendezvous_timeout_reaches_either_backend_unless_rdzv_conf_names_it
     c10d, _, _ = torchrun_config(["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
                                   "node0:29400", "--rdzv-timeout", "30.5"], list(TRAIN))
     assert c10d.rdzv_configs["join_timeout"] == 31
+    # 0: the least the backends take (torch refuses a timeout of 0 s); empty: the default
+    monkeypatch.setenv("CNN_JOB_RDZV_TIMEOUT_S", "0")
+    assert torchrun_config(["--nnodes", "2"], list(TRAIN))[0].rdzv_configs["timeout"] == 1
+    monkeypatch.setenv("CNN_JOB_RDZV_TIMEOUT_S", "")
+    assert torchrun_config(["--nnodes", "2"], list(TRAIN))[0].rdzv_configs["timeout"] == 600
     named, _, _ = torchrun_config(["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-conf",
                                    "join_timeout=45"], list(TRAIN))
     assert named.rdzv_configs["join_timeout"] == "45"

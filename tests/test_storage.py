@@ -325,11 +325,14 @@ def test_endpoint_that_does_not_answer_is_unavailable_not_bad_input(tmp_path):
 def test_the_storage_retry_budget_is_a_setting(monkeypatch):
     assert TrainConfig(dataset="mnist").storage_retry_s == 300
     assert TrainConfig(dataset="mnist", storage_retry_s=0).storage_retry_s == 0
-    with pytest.raises(JobError, match="--storage-retry-s must be a finite number of seconds"):
+    with pytest.raises(JobError, match="--storage-retry-s -1 is not a number of seconds: it "
+                                       "takes a finite number, 0 or more"):
         TrainConfig(dataset="mnist", storage_retry_s=-1)
     monkeypatch.setenv("CNN_JOB_STORAGE_RETRY_S", "12.5")
     assert S3Store("s3://b/p").retry_s == 12.5  # the commands without the option read the env
     assert S3Store("s3://b/p", retry_s=3).retry_s == 3
     monkeypatch.setenv("CNN_JOB_STORAGE_RETRY_S", "soon")
-    with pytest.raises(JobError, match="CNN_JOB_STORAGE_RETRY_S must be a finite number"):
+    with pytest.raises(JobError, match="CNN_JOB_STORAGE_RETRY_S='soon' is not a number of seconds"):
         S3Store("s3://b/p")
+    monkeypatch.setenv("CNN_JOB_STORAGE_RETRY_S", "")  # a ConfigMap's placeholder: the default
+    assert S3Store("s3://b/p").retry_s == 300

@@ -1,4 +1,4 @@
-"""airbench94, ~94% in 10 epochs
+"""airbench94: 94.01% published (original CIFAR-10), 90.5-90.7% measured on a JPEG-derived copy
 
 A whitened, BatchNormed CNN trained with Nesterov SGD and lookahead, evaluated with TTA.
 
