@@ -209,7 +209,7 @@ def _train_settings_from_environment() -> dict:
     """The settings the CNN_JOB_* variables give `cnn-job train`, parsed as train parses them,
     by option name (a sweep's trials take them by job/config.py's SETTING_KINDS)."""
     # DATASET from the command line when CNN_JOB_DATASET is unset: a stand-in, never kept
-    context = _train_context([] if os.environ.get("CNN_JOB_DATASET") else ["-"])
+    context = _train_context([] if os.environ.get("CNN_JOB_DATASET") else [next(iter(DATASETS))])
     return {name: value for name, value in context.params.items()
             if context.get_parameter_source(name).name == "ENVIRONMENT"}
 
