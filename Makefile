@@ -68,7 +68,8 @@ test: $(STAMP) $(CHECKOV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
-# BENCH_ARGS: e.g. "--nets fast" for --net fast's speed and its two full accuracy runs.
+# BENCH_ARGS: e.g. "--nets cifar10/fast" for that recipe's two full accuracy runs (DATASET/NET,
+# any pair of job/recipes' registry).
 # BASELINE=<rev>: instead, the seed nets' training epochs by <rev>'s code and by this checkout's,
 # alternated in one sitting with the seed-style reference (bench/bench.py's doc; ~6 min on 2 cores).
 BASELINE ?=

@@ -10,15 +10,15 @@ Accuracy: `cnn-job train DATASET` on defaults (5 epochs), its final validation a
 Start-up: `cnn-job train DATASET --epochs 1 --limit-train 64` on a warm cache, W&B disabled,
 three times: the median wall time of the process, and of its seconds from process start to the
 first training step (`seconds_to_first_step` in its summary).
---net fast (CIFAR-10, `--nets fast`): images/s of one training epoch without test-time
-augmentation (evaluation is not timed), and with accuracy, full default runs (10 epochs) for
-seeds 0 and 1 (--seeds): each one's final accuracy with test-time augmentation (what training reports),
-and its final checkpoint's without (`cnn-job evaluate --no-tta`), their means and spreads.
---net fast on MNIST (`--nets fast-mnist`, part of the default): its whole default run (one
-epoch) for each of --seeds: its final accuracy, training seconds and images/s, and their mean.
-Results print as markdown tables and are written to bench/results-<device>.json (the fields
-of the nets not run this time are kept, and so are the accuracy runs recorded for other seeds:
-`--seeds 1` adds seed 1 to a recorded seed 0, and the means and spreads cover both).
+A recipe, `--nets DATASET/NET` for each (dataset, --net) of the registry (job/recipes; `mnist/fast`
+is part of the default): its whole default run for each of --seeds, and for each its final
+accuracy (with test-time augmentation where the recipe evaluates with it, what training
+reports), that final checkpoint's without (`cnn-job evaluate --no-tta`, one evaluation pass),
+its epochs, training seconds and images/s, and their means and spreads over the seeds.
+Results print as markdown tables and are written to bench/results-<device>.json, the recipes'
+under `recipes`, keyed DATASET/NET (the fields of the nets not run this time are kept, and so
+are the runs recorded for other seeds: `--seeds 1` adds seed 1 to a recorded seed 0, and the
+means and spreads cover both).
 
 Against an earlier commit (`make bench BASELINE=<rev>`, `--baseline REV`): a worktree of REV
 is checked out beside this one, and for each of --datasets, --rounds times, one training epoch
@@ -49,7 +49,7 @@ from torchvision import transforms
 
 from job.data import fetch_archives, load_splits
 from job.datasets import preset
-from job.recipes import load
+from job.recipes import RECIPES, load
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "datasets"
@@ -187,56 +187,62 @@ def start_up(dataset: str, data_uri: str, device: str, workdir: Path, runs: int 
             "seconds_to_first_step": statistics.median(r["seconds_to_first_step"] for r in results)}
 
 
-def fast_net(data_uri: str, device: str, workdir: Path, limit: int | None, accuracy: bool,
-             seeds: tuple[int, ...] = (0, 1)) -> dict:
-    """The fast net's figures (see the module's doc)."""
-    limit_args = ["--limit-train", str(limit)] if limit else []
-    speed = cnn_job("cifar10", data_uri, device, workdir, "--net", "fast", "--epochs", "1",
-                    "--no-tta", *limit_args)
-    result = {"device": device, "images_per_second": speed["train_images_per_second"],
-              "speed_limit_train": limit}
-    if not accuracy:
-        return result
+def recipe_runs(dataset: str, net: str, data_uri: str, device: str, workdir: Path,
+                seeds: tuple[int, ...]) -> dict:
+    """The recipe's whole default run once per seed: its final accuracy (with TTA where the
+    recipe evaluates with it), and then that final checkpoint's without TTA (`cnn-job evaluate
+    --no-tta`, one evaluation pass), epochs, training seconds, images/s and the wall time."""
     runs = []
     for seed in seeds:
-        full = cnn_job("cifar10", data_uri, device, workdir, "--net", "fast", "--seed", str(seed))
-        plain = subprocess.run(
-            [sys.executable, "-m", "job", "evaluate", full["checkpoint"], "--data-uri", data_uri,
-             "--device", device, "--no-tta", "--json", "-"],
-            check=True, capture_output=True, text=True)
-        runs.append({"seed": seed, "val_acc_tta": full["final_val_acc"],
-                     "val_acc_no_tta": json.loads(plain.stdout)["accuracy"],
-                     "train_seconds": full["train_seconds"], "epochs": full["epochs"],
-                     "train_images_per_second": full["train_images_per_second"]})
-    return {**result, **accuracy_over(runs)}
-
-
-def fast_mnist(data_uri: str, device: str, workdir: Path, seeds: tuple[int, ...] = (0, 1)) -> dict:
-    """MNIST's --net fast, its whole default run (one epoch) once per seed: accuracy, training
-    seconds and images/s, and the wall time of the command."""
-    runs = []
-    for seed in seeds:
-        full = cnn_job("mnist", data_uri, device, workdir, "--net", "fast", "--seed", str(seed))
-        runs.append({"seed": seed, "val_acc": full["final_val_acc"], "epochs": full["epochs"],
-                     "train_seconds": full["train_seconds"], "wall_seconds": full["wall_seconds"],
-                     "seconds_to_first_step": full["seconds_to_first_step"],
-                     "train_images_per_second": full["train_images_per_second"]})
-    accuracies = [run["val_acc"] for run in runs]
-    return {"device": device, "mean_val_acc": statistics.mean(accuracies),
-            "spread_val_acc": max(accuracies) - min(accuracies),
-            "mean_train_seconds": statistics.mean(run["train_seconds"] for run in runs),
-            "runs": sorted(runs, key=lambda run: run["seed"])}
+        full = cnn_job(dataset, data_uri, device, workdir, "--net", net, "--seed", str(seed))
+        run = {"seed": seed, "val_acc": full["final_val_acc"], "tta": full["tta"],
+               "epochs": full["epochs"], "train_seconds": full["train_seconds"],
+               "train_images_per_second": full["train_images_per_second"],
+               "wall_seconds": full["wall_seconds"],
+               "seconds_to_first_step": full["seconds_to_first_step"]}
+        if full["tta"]:
+            plain = subprocess.run(
+                [sys.executable, "-m", "job", "evaluate", full["checkpoint"], "--data-uri",
+                 data_uri, "--device", device, "--no-tta", "--json", "-"],
+                check=True, capture_output=True, text=True)
+            run["val_acc_no_tta"] = json.loads(plain.stdout)["accuracy"]
+        runs.append(run)
+    return {"device": device, **accuracy_over(runs)}
 
 
 def accuracy_over(runs: list[dict]) -> dict:
-    """The mean and spread (max - min) of the runs' accuracies, with the runs, by seed."""
+    """The mean and spread (max - min) of the runs' accuracies (and of those without TTA, where
+    every run has one), their mean epochs and training seconds, with the runs, by seed."""
     runs = sorted(runs, key=lambda run: run["seed"])
     result = {}
-    for key in ("val_acc_tta", "val_acc_no_tta"):
-        values = [run[key] for run in runs]
-        result[f"mean_{key}"] = statistics.mean(values)
-        result[f"spread_{key}"] = max(values) - min(values)
+    for key in ("val_acc", "val_acc_no_tta"):
+        values = [run[key] for run in runs if key in run]
+        if len(values) == len(runs):
+            result[f"mean_{key}"] = statistics.mean(values)
+            result[f"spread_{key}"] = max(values) - min(values)
+    for key in ("epochs", "train_seconds", "train_images_per_second"):
+        result[f"mean_{key}"] = statistics.mean(run[key] for run in runs)
     return {**result, "runs": runs}
+
+
+def recorded_with(recorded: dict, measured: dict) -> dict:
+    """A recipe's record after this bench's runs: the runs recorded before stay, but for the
+    seeds run again, and the means and spreads cover them all."""
+    again = {run["seed"] for run in measured["runs"]}
+    return {**recorded, **measured, **accuracy_over(
+        measured["runs"] + [run for run in recorded.get("runs", []) if run["seed"] not in again])}
+
+
+def print_recipes(records: dict) -> None:
+    print("\n| recipe | seeds | epochs | val acc (mean) | without TTA | spread | train s (mean) | "
+          "img/s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for label, record in records.items():
+        plain = f"{record['mean_val_acc_no_tta']:.2%}" if "mean_val_acc_no_tta" in record else "-"
+        tta = " (TTA)" if all(run.get("tta") for run in record["runs"]) else ""
+        print(f"| {label} | {len(record['runs'])} | {record['mean_epochs']:g} | "
+              f"{record['mean_val_acc']:.2%}{tta} | {plain} | {record['spread_val_acc']:.2%} | "
+              f"{record['mean_train_seconds']:,.0f} | {record['mean_train_images_per_second']:,.0f} |")
 
 
 def main() -> None:
@@ -247,12 +253,13 @@ def main() -> None:
     parser.add_argument("--limit-train", type=int, default=None, help="images per speed epoch")
     parser.add_argument("--no-accuracy", action="store_true", help="skip the full-length runs")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1],
-                        help="--nets fast and fast-mnist: the seeds of their full runs")
-    parser.add_argument("--nets", nargs="+", default=["seed", "fast-mnist"],
-                        choices=["seed", "fast", "fast-mnist"],
-                        help="seed: the seed nets on --datasets; fast: --net fast on CIFAR-10 "
-                             "(2 full runs of ~1 hour each on a 2-core CPU); fast-mnist: --net "
-                             "fast on MNIST, one epoch per seed (--seeds)")
+                        help="the seeds of each DATASET/NET recipe's full runs")
+    parser.add_argument("--nets", nargs="+", default=["seed", "mnist/fast"],
+                        choices=["seed", *(f"{dataset}/{net}" for dataset, net in RECIPES)],
+                        help="seed: the seed nets' speed, start-up and 5-epoch accuracy on "
+                             "--datasets, against the seed-style reference; DATASET/NET: that "
+                             "recipe's whole default run once per --seeds (on a 2-core CPU "
+                             "seconds for mnist/fast, ~40 minutes for each CIFAR-10 one)")
     parser.add_argument("--baseline", metavar="REV",
                         help="compare the seed nets' training epochs with commit REV's, and only that")
     parser.add_argument("--rounds", type=int, default=2, help="--baseline: epochs per side")
@@ -266,16 +273,14 @@ def main() -> None:
         (REPO / "bench" / f"compare-{args.device}.json").write_text(json.dumps(result, indent=2) + "\n")
         return
 
-    rows, fast, mnist_fast = [], None, None
+    rows, measured = [], {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        if "fast-mnist" in args.nets:
-            mnist_fast = fast_mnist(args.data_uri, args.device, workdir, tuple(args.seeds))
-            print(json.dumps({"fast_mnist": mnist_fast}), flush=True)
-        if "fast" in args.nets:
-            fast = fast_net(args.data_uri, args.device, workdir, args.limit_train,
-                            not args.no_accuracy, tuple(args.seeds))
-            print(json.dumps({"fast": fast}), flush=True)
+        for label in [] if args.no_accuracy else [n for n in args.nets if "/" in n]:
+            dataset, net = label.split("/")
+            measured[label] = recipe_runs(dataset, net, args.data_uri, args.device, workdir,
+                                          tuple(args.seeds))
+            print(json.dumps({label: measured[label]}), flush=True)
         for dataset in args.datasets if "seed" in args.nets else ():
             limit = ["--limit-train", str(args.limit_train)] if args.limit_train else []
             seed = seed_style_images_per_second(dataset, args.data_uri, args.device, args.limit_train)
@@ -299,46 +304,29 @@ def main() -> None:
 
     out = REPO / "bench" / f"results-{args.device}.json"
     results = json.loads(out.read_text()) if out.exists() else {}
-    if fast:  # the accuracy runs recorded before stay, but for the seeds run again
-        recorded = results.get("fast", {})
-        if "runs" in fast:
-            again = {run["seed"] for run in fast["runs"]}
-            fast.update(accuracy_over(fast["runs"] + [run for run in recorded.get("runs", [])
-                                                      if run["seed"] not in again]))
-        fast = {**recorded, **fast}
+    recorded = results.setdefault("recipes", {})
+    for label, record in measured.items():
+        recorded[label] = recorded_with(recorded.get(label, {}), record)
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"\n{device_name}, torch {torch.__version__}, {os.cpu_count()} cpu cores\n")
-    print("| dataset | seed-style img/s | cnn-job img/s | speed-up | 5-epoch val acc | train s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    if rows:
+        print("| dataset | seed-style img/s | cnn-job img/s | speed-up | 5-epoch val acc | train s |")
+        print("|---|---:|---:|---:|---:|---:|")
     for r in rows:
         acc = f"{r['final_val_acc']:.2%}" if "final_val_acc" in r else "-"
         secs = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-"
         print(f"| {r['dataset']} | {r['seed_style_images_per_second']:,.0f} | "
               f"{r['ours_images_per_second']:,.0f} | {r['speedup']:.2f}× | {acc} | {secs} |")
-    print("\n| dataset | start to first step, s | `--epochs 1 --limit-train 64` wall, s |")
-    print("|---|---:|---:|")
+    if rows:
+        print("\n| dataset | start to first step, s | `--epochs 1 --limit-train 64` wall, s |")
+        print("|---|---:|---:|")
     for r in rows:
         print(f"| {r['dataset']} | {r['start_up']['seconds_to_first_step']:.2f} | "
               f"{r['start_up']['wall_seconds']:.2f} |")
-    if fast:
-        seeds = len(fast.get("runs", []))
-        print(f"\n| net | img/s (1 epoch) | val acc, TTA (mean of {seeds}) | without TTA | "
-              "spread (TTA) |")
-        print("|---|---:|---:|---:|---:|")
-        shown = [f"{fast[key]:.2%}" if key in fast else "-"
-                 for key in ("mean_val_acc_tta", "mean_val_acc_no_tta", "spread_val_acc_tta")]
-        print(f"| fast | {fast['images_per_second']:,.0f} | {' | '.join(shown)} |")
-    if mnist_fast:
-        print("\n| net | seeds | val acc (mean) | spread | train s (mean) | img/s |")
-        print("|---|---:|---:|---:|---:|---:|")
-        print(f"| mnist --net fast | {len(mnist_fast['runs'])} | {mnist_fast['mean_val_acc']:.2%} | "
-              f"{mnist_fast['spread_val_acc']:.2%} | {mnist_fast['mean_train_seconds']:.1f} | "
-              f"{statistics.mean(r['train_images_per_second'] for r in mnist_fast['runs']):,.0f} |")
-        results["fast_mnist"] = mnist_fast
+    if measured:
+        print_recipes({label: recorded[label] for label in measured})
     results.update({"device": device_name, "torch": torch.__version__})
     results.update({"rows": rows} if rows else {})
-    if fast:
-        results["fast"] = fast
     out.write_text(json.dumps(results, indent=2) + "\n")
 
 

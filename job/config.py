@@ -92,7 +92,7 @@ PER_RECIPE_HELP = {
     "batch_size": "Images per step per process; under DDP the global batch is this times the "
                   "world size.",
     "lr": "The peak learning rate of the recipe's optimiser (fast on CIFAR-10: SGD's for the loss "
-          "summed over the batch).",
+          "summed over the batch; muon: Muon's, for the conv filters).",
     "lr_schedule": "linear or cosine decay to 0 over the run, constant, or triangle (0.2 → 1 over "
                    "23% of the run, then → 0.07).",
     "augment": "CIFAR-10 only: the recipe's random crops and flips (seed: 4 px zero padding and a "

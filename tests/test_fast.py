@@ -8,7 +8,6 @@ import json
 import pickle
 import tarfile
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,7 @@ from job.recipes.fast import (
 from job.train import train
 from tests.conftest import run_cli
 from tests.test_cli import assert_one_line_error
-from tests.trained_runs import write_cifar_batch
+from tests.trained_runs import assert_same_logits, onnx_logits, write_cifar_batch
 
 TRAIN_IMAGES, TEST_IMAGES = 512, 100
 
@@ -140,7 +139,7 @@ def test_fast_net_shape_and_frozen_parts():
 
 def test_a_net_without_a_recipe_is_refused_in_one_line():
     with pytest.raises(JobError, match=r"^--net turbo has no recipe for cifar10: train it with --net "
-                                       r"seed or fast; --net is one of seed, fast$"):
+                                       r"seed or fast or muon; --net is one of seed, fast, muon$"):
         TrainConfig(dataset="cifar10", net="turbo")
 
 
@@ -350,7 +349,6 @@ def test_onnx_export_of_a_fast_run_carries_tta_and_matches_pytorch(tmp_path, sma
     reports; the earlier epochs evaluate the net alone (airbench's way). `evaluate` (as `predict`
     and `export`) of a checkpoint defaults to how training evaluated those weights."""
     import onnx
-    import onnxruntime
 
     summary = train(fast_config(tmp_path, small_cifar, epochs=2, batch_size=128))
     first, last = summary["history"]
@@ -376,12 +374,9 @@ def test_onnx_export_of_a_fast_run_carries_tta_and_matches_pytorch(tmp_path, sma
     images = normalised(cifar10.test_images[:64]).contiguous()
     with torch.no_grad():
         expected = tta_logits(net, images, MIRROR_AND_SHIFTS)
-    session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
-    (got,) = session.run(["logits"], {"images": images.numpy()})
-    assert np.abs(got - expected.numpy()).max() <= 1e-4
-    assert np.array_equal(got.argmax(1), expected.argmax(1).numpy())
-    (one,) = session.run(["logits"], {"images": images[:1].numpy()})  # the batch is dynamic
-    assert np.abs(one - expected[:1].numpy()).max() <= 1e-4
+    assert_same_logits(onnx_logits(tmp_path / "net.onnx", images), expected)
+    # the batch is dynamic
+    assert_same_logits(onnx_logits(tmp_path / "net.onnx", images[:1]), expected[:1])
 
     # Evaluate defaults to what training reported (with TTA); --no-tta is the plain net.
     report = run_cli("evaluate", str(tmp_path / "ckpt"), "--data-uri", str(small_cifar),

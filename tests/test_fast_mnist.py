@@ -5,12 +5,8 @@ in one process, evaluate / predict / export with ONNX parity, W&B's records.
 Runs on the real MNIST from ../shared/datasets, cut with --limit-train, on CPU. Its accuracy in
 a whole epoch (≥ 99.0%, mean of 2 seeds) is `make bench`'s to measure, not a timed test's."""
 
-import json
 import os
-import subprocess
-from collections import Counter
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,9 +16,14 @@ from job.evaluation import SHIFTS
 from job.recipes import load
 from job.recipes.fast_mnist import BETAS, DEFAULTS, FastMnistNet
 from job.train import train
-from tests.conftest import CNN_JOB, run_cli
-from tests.test_resume import served, stop_under_launch
-from tests.trained_runs import write_pngs
+from tests.test_resume import resume_in_one_process, stop_under_launch
+from tests.trained_runs import (
+    assert_same_logits,
+    evaluated,
+    exported_net,
+    onnx_logits,
+    predicted_classes,
+)
 
 
 def config(tmp_path, data_dir, **overrides) -> TrainConfig:
@@ -102,33 +103,18 @@ def test_a_run_resumed_inside_its_epoch_ends_bit_exact(tmp_path, data_dir, strai
 
 def test_evaluate_predict_and_onnx_export_agree_with_training(tmp_path, data_dir, mnist,
                                                                straight_run):
-    import onnxruntime
-
     folder, summary = straight_run
     checkpoints = str(folder / "ckpt")
-    report = run_cli("evaluate", checkpoints, "--data-uri", str(data_dir), "--cache-dir",
-                     str(tmp_path / "cache"), "--json", "-")
-    assert report.returncode == 0, report.stderr
-    evaluated = json.loads(report.stdout)
-    assert evaluated["accuracy"] == summary["final_val_acc"] and evaluated["tta"] is False
+    report = evaluated(checkpoints, data_dir, tmp_path / "cache")
+    assert report["accuracy"] == summary["final_val_acc"] and report["tta"] is False
 
-    result = run_cli("export", checkpoints, "--format", "onnx", "--output", str(tmp_path / "net.onnx"))
-    assert result.returncode == 0, result.stderr
-    net = load("mnist", "fast").build_model().eval()
-    net.load_state_dict(read(summary["checkpoint"])["model"])
+    net = exported_net(checkpoints, tmp_path / "net.onnx", "mnist", "fast")
     images = normalised(mnist.test_images[:64]).contiguous()
     with torch.no_grad():
         expected = net(images)
-    session = onnxruntime.InferenceSession(str(tmp_path / "net.onnx"), providers=["CPUExecutionProvider"])
-    (got,) = session.run(["logits"], {"images": images.numpy()})
-    assert np.abs(got - expected.numpy()).max() <= 1e-4
-    assert np.array_equal(got.argmax(1), expected.argmax(1).numpy())
-
-    pngs = write_pngs(mnist.test_images[:4], tmp_path / "pngs")
-    predicted = run_cli("predict", checkpoints, *map(str, pngs), "--json")
-    assert predicted.returncode == 0, predicted.stderr
-    top = [json.loads(line)["top"][0]["index"] for line in predicted.stdout.splitlines()]
-    assert top == expected[:4].argmax(1).tolist()
+    assert_same_logits(onnx_logits(tmp_path / "net.onnx", images), expected)
+    assert predicted_classes(checkpoints, mnist.test_images[:4], tmp_path / "pngs") == (
+        expected[:4].argmax(1).tolist())
 
 
 def test_under_launch_sigterm_stops_with_75_and_one_process_resumes_with_wandb(tmp_path, data_dir):
@@ -146,18 +132,8 @@ def test_under_launch_sigterm_stops_with_75_and_one_process_resumes_with_wandb(t
     position = stop_under_launch(args, 32, folder, env)["epoch_position"]
     assert 0 < position < 4096
 
-    env.update(CNN_JOB_RECORD_INDICES=f"{record}-then", WANDB_MODE="offline",
-               WANDB_DIR=str(tmp_path / "wandb"))
-    resumed = subprocess.run([str(CNN_JOB), *args, "--batch-size", "128", "--summary-json",
-                              str(tmp_path / "s.json")], capture_output=True, text=True, env=env,
-                             timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"continuing epoch 1 at image {position} of its order" in resumed.stdout.replace("\n", " ")
-    counts = Counter(served(tmp_path / "indices-first") + served(tmp_path / "indices-then"))
-    assert sorted(counts) == list(range(4096)) and set(counts.values()) == {1}
-    summary = json.loads((tmp_path / "s.json").read_text())
+    summary = resume_in_one_process(args, 128, position, 4096, tmp_path, env)
     (run,) = offline_runs(tmp_path / "wandb")
     assert run.config["net"] == "fast" and run.summary["final_val_acc"] == summary["final_val_acc"]
     assert any("val/acc" in row for row in run.history)
-    assert "W&B logging failed" not in resumed.stdout + resumed.stderr
     assert recipes.saved_net(read(summary["checkpoint"])["config"]) == "fast"

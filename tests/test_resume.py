@@ -204,6 +204,24 @@ def served(record: Path) -> list[int]:
     return indices
 
 
+def resume_in_one_process(args: list[str], batch_size: int, position: int, images: int,
+                          tmp_path: Path, env: dict) -> dict:
+    """After stop_under_launch (recording to tmp_path/indices-first): `args` again in one
+    process at `batch_size`, W&B offline in tmp_path/wandb. It continues at image `position`,
+    every one of the epoch's `images` is trained once over the two, W&B goes on. Its summary."""
+    env = {**env, "CNN_JOB_RECORD_INDICES": str(tmp_path / "indices-then"),
+           "WANDB_MODE": "offline", "WANDB_DIR": str(tmp_path / "wandb")}
+    resumed = subprocess.run([str(CNN_JOB), *args, "--batch-size", str(batch_size),
+                              "--summary-json", str(tmp_path / "s.json")],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"continuing epoch 1 at image {position} of its order" in resumed.stdout.replace("\n", " ")
+    counts = Counter(served(tmp_path / "indices-first") + served(tmp_path / "indices-then"))
+    assert sorted(counts) == list(range(images)) and set(counts.values()) == {1}
+    assert "W&B logging failed" not in resumed.stdout + resumed.stderr
+    return json.loads((tmp_path / "s.json").read_text())
+
+
 @pytest.mark.parametrize(("first", "then"), [
     ((1, 64), (1, 128)),  # batch 64 → 128
     ((2, 32), (1, 32)),  # 2 processes → 1

@@ -47,6 +47,60 @@ def write_pngs(images, folder: Path) -> list[Path]:
     return paths
 
 
+def exported_net(checkpoints: str, output: Path, dataset: str, net: str):
+    """`cnn-job export` of `checkpoints` as ONNX to `output`, and the PyTorch net of the
+    checkpoint it exported (`latest`), in eval mode: the two to compare."""
+    import torch
+
+    from job.recipes import load
+    from tests.conftest import run_cli
+
+    result = run_cli("export", checkpoints, "--format", "onnx", "--output", str(output))
+    assert result.returncode == 0, result.stderr
+    model = load(dataset, net).build_model().eval()
+    latest = Path(checkpoints) / (Path(checkpoints) / "latest").read_text().strip()
+    model.load_state_dict(torch.load(latest, weights_only=True)["model"])
+    return model
+
+
+def onnx_logits(path: Path, images) -> np.ndarray:
+    """The logits the exported ONNX file at `path` computes for `images` (N×C×H×W float32)."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(["logits"], {"images": images.numpy()})
+    return logits
+
+
+def assert_same_logits(got: np.ndarray, expected) -> None:
+    """An export's logits against PyTorch's (a tensor): within 1e-4, the same class each."""
+    assert np.abs(got - expected.numpy()).max() <= 1e-4
+    assert np.array_equal(got.argmax(1), expected.argmax(1).numpy())
+
+
+def evaluated(checkpoints: str, data: Path, cache: Path, *options: str) -> dict:
+    """`cnn-job evaluate`'s JSON report of `checkpoints` on the data at `data`."""
+    import json
+
+    from tests.conftest import run_cli
+
+    report = run_cli("evaluate", checkpoints, "--data-uri", str(data), "--cache-dir", str(cache),
+                     "--json", "-", *options)
+    assert report.returncode == 0, report.stderr
+    return json.loads(report.stdout)
+
+
+def predicted_classes(checkpoints: str, images, folder: Path) -> list[int]:
+    """`cnn-job predict`'s top class for each of `images` (test-split uint8), written as PNGs."""
+    import json
+
+    from tests.conftest import run_cli
+
+    predicted = run_cli("predict", checkpoints, *map(str, write_pngs(images, folder)), "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    return [json.loads(line)["top"][0]["index"] for line in predicted.stdout.splitlines()]
+
+
 def write_mnist_idx(images, labels, folder: Path) -> list[Path]:
     """MNIST's archive format: gzipped IDX files of images (N×28×28) and labels (N)."""
     folder.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ RECIPES: dict[tuple[str, str], str] = {
     ("cifar10", "seed"): "seed",
     ("cifar10", "fast"): "fast",
     ("mnist", "fast"): "fast_mnist",
+    ("cifar10", "muon"): "muon",
 }
 NETS = tuple(dict.fromkeys(net for _, net in RECIPES))
 # The settings each recipe's DEFAULTS gives: left out on the command line, they are the recipe's.
