@@ -30,7 +30,7 @@ import torch
 from job import distributed, recipes
 from job.datasets import PRESETS, DatasetPreset
 from job.distributed import Dist
-from job.errors import JobError, first_line, strip_userinfo
+from job.errors import JobError, cannot_write, first_line, strip_userinfo
 from job.lease import lease_for
 from job.preemption import Interrupted
 from job.recipes.base import Training
@@ -297,10 +297,8 @@ class CheckpointManager:
             earlier = [old for old in self.names() if old < name]
             kept = (f"the previous checkpoint {earlier[0]} is intact" if earlier
                     else "this run has no checkpoint yet")
-            raise JobError(
-                f"could not write checkpoint {self.location(name)} ({error.strerror or error}); "
-                f"{kept}: free space or pass another --checkpoint-uri"
-            ) from None
+            raise cannot_write(f"checkpoint {self.location(name)}", error, "--checkpoint-uri",
+                               kept) from None
         earlier = [old for old in self.names() if old < name]
         for old in earlier[self.keep - 1:]:
             self.store.delete(old)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from job.datasets import PRESETS, DatasetPreset
-from job.errors import JobError, first_line
+from job.errors import JobError, cannot_write, first_line, reason
 from job.progress import say
 from job.storage import (
     CHUNK_BYTES,
@@ -273,15 +273,11 @@ def _refused_by_disk(error: BaseException) -> bool:
             and error.errno in DISK_REFUSALS)
 
 
-def _reason(error: OSError) -> str:
-    return error.strerror or first_line(error, 120)
-
-
 def _no_room(p: DatasetPreset, name: str, dest: Path, error: OSError) -> JobError:
     """A download with nowhere to go: the data itself cannot be had."""
-    return JobError(f"cannot write the data cache at {dest.parent} ({_reason(error)}), so "
-                    f"{p.name}'s {name} cannot be downloaded: free space there, or pass another "
-                    "--cache-dir (or CNN_JOB_CACHE_DIR)")
+    return cannot_write(f"the data cache at {dest.parent}", error,
+                        "--cache-dir (or CNN_JOB_CACHE_DIR)",
+                        f"{p.name}'s {name} cannot be downloaded")
 
 
 def _cannot_cache(cache_dir: Path, path: Path, error: OSError) -> None:
@@ -289,7 +285,7 @@ def _cannot_cache(cache_dir: Path, path: Path, error: OSError) -> None:
     the run goes on from memory, and says so once."""
     if cache_dir not in _WARNED_CACHES:
         _WARNED_CACHES.add(cache_dir)
-        say(True, f"warning: cannot write the data cache at {path} ({_reason(error)}); going on "
+        say(True, f"warning: cannot write the data cache at {path} ({reason(error)}); going on "
                   "without it this run")
 
 
@@ -488,7 +484,7 @@ def _load_parsed(folder: Path, sha256: dict[str, str], classes: int) -> ImageSpl
     except FileNotFoundError:
         return None  # never completed: a first start, or its writer was killed before the end
     except (OSError, ValueError) as error:
-        return _reparse(manifest_path, f"is damaged ({_detail(error)})")
+        return _reparse(manifest_path, f"is damaged ({reason(error, 80)})")
     if manifest.get("sha256") != sha256:
         return None
     if any(not digest.startswith(f"{ARRAY_DIGEST}:") for _, _, digest in entries.values()):
@@ -499,7 +495,7 @@ def _load_parsed(folder: Path, sha256: dict[str, str], classes: int) -> ImageSpl
         try:
             array = np.load(path, mmap_mode="c", allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:
-            return _reparse(path, f"is damaged ({_detail(error)})")
+            return _reparse(path, f"is damaged ({reason(error, 80)})")
         if [list(array.shape), str(array.dtype)] != [shape, dtype]:
             return _reparse(path, f"is damaged ({list(array.shape)} {array.dtype}, where the "
                                   f"manifest says {shape} {dtype})")
@@ -525,10 +521,6 @@ def _manifest_arrays(manifest: object) -> dict[str, tuple[list[int], str, str]]:
             raise ValueError(f"no shape, dtype and digest for {name}")
         entries[name] = tuple(entry)
     return entries
-
-
-def _detail(error: Exception) -> str:
-    return getattr(error, "strerror", None) or first_line(error, 80)
 
 
 def _reparse(path: Path, what: str) -> None:

@@ -1,8 +1,9 @@
 """The one exception type for problems a user can cause and fix (and its one kind that a retry
 fixes: storage out of reach), the redaction that keeps credentials written into a URI
 (`https://user:secret@host`) out of every line we print or store, and an exception's first line
-for the one-line reports."""
+for the one-line reports, with the one line for a write the disk refused."""
 
+import errno
 import re
 
 _USERINFO = re.compile(r"(\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
@@ -34,3 +35,24 @@ def strip_userinfo(value):
 def first_line(error: BaseException, limit: int, fallback: str | None = None) -> str:
     """An exception's first line, cut to `limit` characters: for one-line reports."""
     return (str(error).splitlines() or [fallback or type(error).__name__])[0][:limit]
+
+
+def reason(error: BaseException, limit: int = 120) -> str:
+    """Why a system call failed, in the system's words ("No space left on device", "Read-only
+    file system"); for an error without them, its first line."""
+    return getattr(error, "strerror", None) or first_line(error, limit)
+
+
+# A disk with no room for the file (full, over quota, past the largest file it takes).
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def cannot_write(what: str, error: BaseException, option: str, kept: str = "",
+                 then: str = "") -> JobError:
+    """The one line for a write the disk refused: what could not be written (naming where), why
+    (`reason`), what that leaves (`kept`), and what to do: on a full disk, free space there or
+    pass another `option`; on one that refuses (read-only, no permission), a writable one."""
+    fix = (f"free space there, or pass another {option}" if getattr(error, "errno", None) in DISK_FULL
+           else f"pass a writable {option}")
+    return JobError(f"cannot write {what} ({reason(error)})" + (f"; {kept}" if kept else "")
+                    + f": {fix}" + (f", {then}" if then else ""))
