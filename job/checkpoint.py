@@ -44,6 +44,8 @@ NAME_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
 
 # key -> the type its value has. Every checkpoint ever written has the REQUIRED keys; the others
 # came later (or may be None), and a checkpoint without them still resumes (see RunState).
+# Beside these, a checkpoint holds what its recipe's Training adds (job/recipes/base.py: its
+# STATE, e.g. --net fast's "lookahead"), which that recipe checks when a run resumes.
 FORMAT: dict[str, type | tuple[type, ...]] = {
     "model": dict,  # the net's state_dict (recipes.load(dataset, net).build_model())
     "optimizer": dict,  # the recipe optimiser's state_dict, in torch.optim's format
@@ -59,7 +61,6 @@ FORMAT: dict[str, type | tuple[type, ...]] = {
     "wandb_run_id": (str, type(None)),  # the W&B run a resume continues
     "epoch_position": int,  # images of the epoch's permutation consumed (all ranks)
     "run": dict,  # {"id": hex, "started": ISO time}: the run this checkpoint continues
-    "lookahead": dict,  # fast on CIFAR-10: the lookahead's EMA copy of the model's float state
 }
 REQUIRED = ("model", "optimizer", "config", "rng", "epoch", "step", "metrics")
 

@@ -14,9 +14,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from job import distributed, recipes, tracking
+from job.batches import DeviceBatches
 from job.checkpoint import Checkpointer, CheckpointManager, RunState
 from job.config import TrainConfig, uses_bf16
-from job.data import DeviceBatches, ImageSplits, check_cache_dir, fetch_archives, load_splits
+from job.data import ImageSplits, check_cache_dir, fetch_archives, load_splits
 from job.datasets import preset
 from job.distributed import Dist
 from job.errors import JobError
