@@ -121,14 +121,16 @@ def write_synthetic_cifar(path: Path, train: int = 10000, test: int = 2000) -> N
 # running the job as a user would
 
 
-def job_env() -> dict:
-    return {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
+def job_env(tree: Path = REPO) -> dict:
+    return {**os.environ, "PYTHONPATH": str(tree), "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 
 
-def job(*args: str, timeout_s: float = 180) -> tuple[int, str, float]:
+def job(*args: str, timeout_s: float = 180, tree: Path = REPO) -> tuple[int, str, float]:
+    """`python -m job ARGS` of the checkout `tree` (a variant's copy: bench/gpu_variants.py), as
+    a user runs it: exit status, output and wall seconds."""
     started = time.perf_counter()
     result = subprocess.run([sys.executable, "-m", "job", *args], capture_output=True, text=True,
-                            env=job_env(), timeout=timeout_s, cwd=REPO)
+                            env=job_env(tree), timeout=timeout_s, cwd=tree)
     return result.returncode, result.stdout + result.stderr, time.perf_counter() - started
 
 
@@ -138,23 +140,29 @@ def train_args(dataset: str, data: Path, folder: Path, device: str, small: bool,
             "--device", device, "--cache-dir", str(folder.parent / "cache"), *limit, *extra]
 
 
+def default_net() -> str:
+    """The --net a train command without one trains."""
+    from job.config import TrainConfig
+
+    return TrainConfig.__dataclass_fields__["net"].default
+
+
 def command_label(dataset: str, net: str) -> str:
     """How a row names a run: the train command's arguments, --net only where it is not the
     default one."""
-    from job.config import TrainConfig
-
-    default_net = TrainConfig.__dataclass_fields__["net"].default
-    return dataset if net == default_net else f"{dataset} --net {net}"
+    return dataset if net == default_net() else f"{dataset} --net {net}"
 
 
 def check_training(dataset: str, data: Path, work: Path, device: str, small: bool,
-                   compile_mode: str | None = None, net: str = "seed", seed: int = 0) -> dict:
-    """One run, timed: `compile_mode` None is the cold start (1 epoch on 640 images, parsing
-    the archives into the cache), else a whole run at --compile compile_mode, on the recipe's
-    defaults. A recipe that evaluates with TTA: then also `evaluate --no-tta` of its checkpoint,
-    so that both accuracies are reported; small, in batches of 128 without TTA."""
+                   compile_mode: str | None = None, net: str | None = None, seed: int = 0) -> dict:
+    """One run of the recipe (`net`: the default one), timed: `compile_mode` None is the cold
+    start (1 epoch on 640 images, parsing the archives into the cache), else a whole run at
+    --compile compile_mode, on the recipe's defaults. A recipe that evaluates with TTA: then also
+    `evaluate --no-tta` of its checkpoint, so that both accuracies are reported; small, in
+    batches of 128 without TTA."""
     from job import recipes
 
+    net = net or default_net()
     with_tta = recipes.defaults(dataset, net)["tta"]
     name = f"{dataset}-{net}-{compile_mode or 'cold'}-{seed}"
     folder, summary = work / f"{name}-ckpt", work / f"{name}.json"
@@ -326,37 +334,29 @@ def judge_targets(rows: list[dict]) -> list[dict]:
 
 
 def profile_steps(dataset: str, data: Path, cache: Path, device: str, graphed: bool,
-                  steps: int = 100, net: str = "seed") -> str:
-    """The PyTorch profiler's table of `steps` training steps, built as the job builds them
-    (bf16 autocast on CUDA, channels_last, the recipe's net, optimizer, loss, batches and its
-    hooks after each step, through TrainStep), after the warm-up and the
-    capture; headed by the seconds those first steps took (kernels loaded, the capture)
-    and the wall time per step against the device's busy time, which tells a launch-bound step
-    (device idle between kernels) from a kernel-bound one."""
+                  steps: int = 100, net: str | None = None) -> str:
+    """The PyTorch profiler's table of `steps` training steps of the recipe (`net`: the default
+    one), on its defaults, built by train's own set-up (job/train.py's load_data and
+    build_trainer: bf16 autocast on CUDA, channels_last, the recipe's net, optimizer, loss,
+    batches and its hooks after each step), after the warm-up and the capture; headed by the
+    seconds those first steps took (kernels loaded, the capture) and the wall time per step
+    against the device's busy time, which tells a launch-bound step (device idle between
+    kernels) from a kernel-bound one."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from job import recipes
-    from job.data import fetch_archives, load_splits
-    from job.datasets import preset
-    from job.step import WARMUP_STEPS, TrainStep, autocast_for, tune_device
+    from job import distributed
+    from job.config import TrainConfig
+    from job.step import WARMUP_STEPS
+    from job.train import build_trainer, load_data
 
-    p = preset(dataset)
-    splits = load_splits(p, fetch_archives(p, str(data), cache), cache)
-    target = torch.device(device)
-    tune_device(target)  # as the job sets up
-    torch.manual_seed(0)
-    recipe = recipes.load(dataset, net)
-    model = recipe.build_model().to(target, memory_format=torch.channels_last)
-    defaults = recipes.defaults(dataset, net)
-    batch_size, lr = defaults["batch_size"], defaults["lr"]
+    cfg = TrainConfig(dataset=dataset, **({"net": net} if net else {}), data_uri=str(data),
+                      cache_dir=cache, device=device, compile="cuda-graph" if graphed else "off")
     if steps < 100:  # a dry run's: a large batch takes seconds a step on a CPU
-        batch_size = min(batch_size, 128)
-    batches = recipe.train_batches(splits.train_images, splits.train_labels, target, batch_size,
-                                   augment=defaults["augment"], seed=0)
-    training = recipe.start(model, batches, lr)
-    step = TrainStep(model, training.optimizer, autocast_for("auto", target), graphed=graphed,
-                     say=print, batch_size=batch_size, criterion=training.criterion)
+        cfg.batch_size = min(cfg.batch_size, 128)
+    d = distributed.setup(cfg.device)  # one process
+    trainer = build_trainer(cfg, d, load_data(cfg, d), cfg.compile, print)
+    batches, training, step, lr = trainer.train_batches, trainer.training, trainer.step, cfg.lr
 
     def endless():  # epoch after epoch: a small (synthetic) set has fewer batches than `steps`
         epoch = 0
@@ -387,8 +387,8 @@ def profile_steps(dataset: str, data: Path, cache: Path, device: str, graphed: b
         wall_us = (time.perf_counter() - started) * 1e6 / steps
     events = profiler.key_averages()
     busy_us = sum(e.self_device_time_total for e in events) / steps if device == "cuda" else None
-    name = command_label(dataset, net)
-    head = (f"{name}, {'cuda-graph' if step.graph is not None else 'eager'}, batch {batch_size}, "
+    name = command_label(dataset, cfg.net)
+    head = (f"{name}, {'cuda-graph' if step.graph is not None else 'eager'}, batch {cfg.batch_size}, "
             f"{steps} steps: {wall_us:.0f} us of wall time per step"
             + (f", device busy {busy_us:.0f} us ({busy_us / wall_us:.0%})" if busy_us else "")
             + f"; the first {WARMUP_STEPS + 5} steps (kernel loading, the capture) took "
@@ -405,7 +405,8 @@ def profiled_nets(report: dict, always: bool) -> list[tuple[str, str]]:
     for target in report.get("targets", []):
         if not target["met"]:  # "train cifar10 --net fast, cuda-graph" -> ("cifar10", "fast")
             label = target["row"].removeprefix("train ").split(",")[0].split()
-            nets.append((label[0], label[label.index("--net") + 1] if "--net" in label else "seed"))
+            nets.append((label[0], label[label.index("--net") + 1] if "--net" in label
+                         else default_net()))
     return nets
 
 
@@ -466,13 +467,12 @@ def main() -> int:
         data, report["cifar10_data"] = prepare_data(args.data, work)
         if not args.profile_only:  # the checks
             modes = [None, "cuda-graph", "off"] if args.device == "cuda" else [None, "off"]
-            for dataset in ("mnist", "cifar10"):
+            # (dataset, what its rows say of the data: CIFAR-10's may be joined or synthetic)
+            for dataset, data_kind in (("mnist", None), ("cifar10", report["cifar10_data"])):
                 for mode in modes:
                     row = guarded(f"train {dataset}", check_training, dataset, data, work, args.device,
                                   args.dry_run, mode)
-                    if dataset == "cifar10":
-                        row["data"] = report["cifar10_data"]
-                    record(row)
+                    record({**row, "data": data_kind} if data_kind else row)
             for mode in modes[1:]:  # --net fast on the warm cache (the cold start is the seed's above)
                 row = guarded("train cifar10 --net fast", check_training, "cifar10", data, work,
                               args.device, args.dry_run, mode, "fast")

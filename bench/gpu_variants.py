@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
-from gpu_check import CIFAR, write_synthetic_cifar  # noqa: E402
+from gpu_check import CIFAR, job, write_synthetic_cifar  # noqa: E402
 
 # name -> [(file, old text, new text)]; "base" is the checkout as it is.
 VARIANTS: dict[str, list[tuple[str, str, str]]] = {
@@ -77,15 +74,11 @@ def variant_tree(name: str, edits: list[tuple[str, str, str]], root: Path) -> Pa
 def train(tree: Path, data: Path, cache: Path, folder: Path, net: str, dataset: str,
           device: str, *extra: str) -> dict:
     summary = folder.with_suffix(".json")
-    command = [sys.executable, "-m", "job", "train", dataset, "--net", net, "--data-uri", str(data),
-               "--cache-dir", str(cache), "--checkpoint-uri", str(folder), "--device", device,
-               "--wandb-mode", "disabled", "--summary-json", str(summary), *extra]
-    started = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True, cwd=tree, timeout=300,
-                            env={**os.environ, "PYTHONPATH": str(tree), "PYTHONUNBUFFERED": "1"})
-    wall = time.perf_counter() - started
-    if result.returncode != 0:
-        return {"ok": False, "detail": (result.stdout + result.stderr)[-600:]}
+    code, output, wall = job("train", dataset, "--net", net, "--data-uri", str(data), "--cache-dir",
+                             str(cache), "--checkpoint-uri", str(folder), "--device", device,
+                             "--summary-json", str(summary), *extra, timeout_s=300, tree=tree)
+    if code != 0:
+        return {"ok": False, "detail": output[-600:]}
     s = json.loads(summary.read_text())
     return {"ok": True, "wall_s": round(wall, 2), "first_step_s": round(s["seconds_to_first_step"], 2),
             "train_s": round(s["train_seconds"], 2), "val_acc": s["final_val_acc"],

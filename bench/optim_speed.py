@@ -1,12 +1,13 @@
 """The optimisers' flat buffers against their per-tensor path (FLAT_BUFFERS in job/optim.py), on
 the CPU: images per second of the eager training step (job/step.py's TrainStep) of the seed
 MNIST and CIFAR-10 nets (Adam, batch 64) and of the fast net (SGD in three groups, batch 256),
-on random batches (speed only). In each run a fresh net and optimiser of each setting take turns,
-ten steps at a time, so that a busy machine slows both alike. The process's host memory is set
-up as the job's (job/step.py's tune_device): both settings then reuse their steps' memory. Left
-to glibc's adaptive thresholds, the two in one process hid what the flat buffers cost alone in
-a training run (the per-tensor net's gradients kept the heap from being trimmed for both);
-`make bench BASELINE=<rev>`'s whole epochs are what a speed claim rests on.
+each built by train's own set-up (job/train.py's build_trainer: the recipe's net, optimiser,
+loss and step) over random images (speed only). In each run a fresh net and optimiser of each
+setting take turns, ten steps at a time, so that a busy machine slows both alike. The process's
+host memory is set up as the job's (job/step.py's tune_device): both settings then reuse their
+steps' memory. Left to glibc's adaptive thresholds, the two in one process hid what the flat
+buffers cost alone in a training run (the per-tensor net's gradients kept the heap from being
+trimmed for both); `make bench BASELINE=<rev>`'s whole epochs are what a speed claim rests on.
 
     .venv/bin/python bench/optim_speed.py [--runs 3] [--steps 300] [--fast-steps 40] [--json F]
 
@@ -26,38 +27,38 @@ from pathlib import Path
 
 import torch
 
-from job import optim
-from job.recipes import load
-from job.recipes.base import mean_cross_entropy
-from job.recipes.fast import fast_sgd, init_whitening, summed_smoothed_cross_entropy
+from job import distributed, optim
+from job.config import TrainConfig
+from job.data import ImageSplits
+from job.datasets import preset
 from job.step import TrainStep, tune_device
+from job.train import Trainer, build_trainer
 
-NETS = {"mnist seed": ("mnist", "seed", 64), "cifar10 seed": ("cifar10", "seed", 64),
-        "cifar10 fast": ("cifar10", "fast", 256)}
+# row -> (dataset, --net, batch size, the option that gives its timed steps)
+NETS = {"mnist seed": ("mnist", "seed", 64, "steps"),
+        "cifar10 seed": ("cifar10", "seed", 64, "steps"),
+        "cifar10 fast": ("cifar10", "fast", 256, "fast_steps")}
 WARMUP_STEPS = 5  # untimed: the first steps allocate the states and warm the caches
 BLOCK_STEPS = 10  # the two settings take turns this many steps at a time
 UPDATE_BLOCKS = 20  # blocks of optimiser updates alone, per setting
 
 
-def random_batches(dataset: str, batch_size: int, count: int) -> list:
-    generator = torch.Generator().manual_seed(0)
-    shape = (batch_size, 3, 32, 32) if dataset == "cifar10" else (batch_size, 1, 28, 28)
-    return [(torch.randn(shape, generator=generator).contiguous(memory_format=torch.channels_last),
-             torch.randint(0, 10, (batch_size,), generator=generator)) for _ in range(count)]
+def random_splits(dataset: str, images: int) -> ImageSplits:
+    """`images` random uint8 images of the dataset's shape, and labels, as both splits."""
+    p, generator = preset(dataset), torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (images, p.image_size, p.image_size, p.channels),
+                           dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, len(p.class_names), (images,), generator=generator)
+    return ImageSplits(pixels, labels, pixels, labels, sha256={})
 
 
-def built(dataset: str, net: str, batch_size: int, flat: bool, batches: list) -> TrainStep:
-    """A fresh net, its recipe's optimiser (flat or per-tensor) and loss, as an eager TrainStep."""
+def built(dataset: str, net: str, batch_size: int, flat: bool, splits: ImageSplits) -> Trainer:
+    """A fresh net, its recipe's optimiser (flat or per-tensor), loss and eager step, in fp32 on
+    the CPU, as train sets them up."""
     optim.FLAT_BUFFERS = flat  # read when the optimiser is built
-    torch.manual_seed(0)
-    model = load(dataset, net).build_model().to(memory_format=torch.channels_last)
-    if net == "seed":
-        optimizer, criterion = optim.Adam(model.parameters(), 1e-3), mean_cross_entropy
-    else:
-        init_whitening(model, batches[0][0])
-        optimizer, criterion = fast_sgd(model, 0.2, batch_size), summed_smoothed_cross_entropy(1)
-    return TrainStep(model, optimizer, lambda **kw: torch.autocast("cpu", enabled=False, **kw),
-                     graphed=False, say=print, batch_size=batch_size, criterion=criterion)
+    cfg = TrainConfig(dataset=dataset, net=net, batch_size=batch_size, device="cpu",
+                      precision="fp32", compile="off")
+    return build_trainer(cfg, distributed.setup(cfg.device), splits, "off", print)
 
 
 def one_run(dataset: str, net: str, batch_size: int, steps: int) -> dict[bool, dict]:
@@ -65,8 +66,10 @@ def one_run(dataset: str, net: str, batch_size: int, steps: int) -> dict[bool, d
     (the least disturbed by the machine's other work), and the microseconds of the optimiser's
     update alone (its fastest block, after the last step's backward). The settings take turns
     in blocks of BLOCK_STEPS, flat first in even blocks and second in odd ones."""
-    batches = random_batches(dataset, batch_size, 8)
-    steppers = {flat: built(dataset, net, batch_size, flat, batches) for flat in (True, False)}
+    splits = random_splits(dataset, 8 * batch_size)
+    trainers = {flat: built(dataset, net, batch_size, flat, splits) for flat in (True, False)}
+    batches = list(trainers[True].train_batches.epoch(0))  # 8, made before any timing
+    steppers: dict[bool, TrainStep] = {flat: trainer.step for flat, trainer in trainers.items()}
     blocks_s: dict[bool, list[float]] = {flat: [] for flat in steppers}
     for step in steppers.values():
         for index in range(WARMUP_STEPS):
@@ -101,8 +104,8 @@ def main() -> int:
     tune_device(torch.device("cpu"))
     rows = []
     for name in args.nets:
-        dataset, net, batch_size = NETS[name]
-        steps = args.fast_steps if net == "fast" else args.steps
+        dataset, net, batch_size, steps_option = NETS[name]
+        steps = getattr(args, steps_option)
         for run in range(args.runs):
             for flat, figures in one_run(dataset, net, batch_size, steps).items():
                 row = {"net": name, "batch": batch_size, "run": run, "flat": flat, "steps": steps,

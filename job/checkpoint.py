@@ -30,7 +30,7 @@ import torch
 from job import distributed, recipes
 from job.datasets import PRESETS, DatasetPreset
 from job.distributed import Dist
-from job.errors import JobError, first_line, strip_userinfo
+from job.errors import JobError, cannot_write, first_line, strip_userinfo
 from job.lease import lease_for
 from job.preemption import Interrupted
 from job.recipes.base import Training
@@ -44,6 +44,8 @@ NAME_PATTERN = re.compile(r"^step-(\d{9})\.pt$")
 
 # key -> the type its value has. Every checkpoint ever written has the REQUIRED keys; the others
 # came later (or may be None), and a checkpoint without them still resumes (see RunState).
+# Beside these, a checkpoint holds what its recipe's Training adds (job/recipes/base.py: its
+# STATE, e.g. --net fast's "lookahead"), which that recipe checks when a run resumes.
 FORMAT: dict[str, type | tuple[type, ...]] = {
     "model": dict,  # the net's state_dict (recipes.load(dataset, net).build_model())
     "optimizer": dict,  # the recipe optimiser's state_dict, in torch.optim's format
@@ -59,7 +61,6 @@ FORMAT: dict[str, type | tuple[type, ...]] = {
     "wandb_run_id": (str, type(None)),  # the W&B run a resume continues
     "epoch_position": int,  # images of the epoch's permutation consumed (all ranks)
     "run": dict,  # {"id": hex, "started": ISO time}: the run this checkpoint continues
-    "lookahead": dict,  # fast on CIFAR-10: the lookahead's EMA copy of the model's float state
 }
 REQUIRED = ("model", "optimizer", "config", "rng", "epoch", "step", "metrics")
 
@@ -297,10 +298,8 @@ class CheckpointManager:
             earlier = [old for old in self.names() if old < name]
             kept = (f"the previous checkpoint {earlier[0]} is intact" if earlier
                     else "this run has no checkpoint yet")
-            raise JobError(
-                f"could not write checkpoint {self.location(name)} ({error.strerror or error}); "
-                f"{kept}: free space or pass another --checkpoint-uri"
-            ) from None
+            raise cannot_write(f"checkpoint {self.location(name)}", error, "--checkpoint-uri",
+                               kept) from None
         earlier = [old for old in self.names() if old < name]
         for old in earlier[self.keep - 1:]:
             self.store.delete(old)

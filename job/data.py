@@ -30,8 +30,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from job.datasets import PRESETS, DatasetPreset
-from job.errors import JobError, first_line
+from job.datasets import CIFAR_PYTHON, IDX, PRESETS, DatasetPreset
+from job.errors import JobError, cannot_write, first_line, reason
 from job.progress import say
 from job.storage import (
     CHUNK_BYTES,
@@ -273,15 +273,11 @@ def _refused_by_disk(error: BaseException) -> bool:
             and error.errno in DISK_REFUSALS)
 
 
-def _reason(error: OSError) -> str:
-    return error.strerror or first_line(error, 120)
-
-
 def _no_room(p: DatasetPreset, name: str, dest: Path, error: OSError) -> JobError:
     """A download with nowhere to go: the data itself cannot be had."""
-    return JobError(f"cannot write the data cache at {dest.parent} ({_reason(error)}), so "
-                    f"{p.name}'s {name} cannot be downloaded: free space there, or pass another "
-                    "--cache-dir (or CNN_JOB_CACHE_DIR)")
+    return cannot_write(f"the data cache at {dest.parent}", error,
+                        "--cache-dir (or CNN_JOB_CACHE_DIR)",
+                        f"{p.name}'s {name} cannot be downloaded")
 
 
 def _cannot_cache(cache_dir: Path, path: Path, error: OSError) -> None:
@@ -289,7 +285,7 @@ def _cannot_cache(cache_dir: Path, path: Path, error: OSError) -> None:
     the run goes on from memory, and says so once."""
     if cache_dir not in _WARNED_CACHES:
         _WARNED_CACHES.add(cache_dir)
-        say(True, f"warning: cannot write the data cache at {path} ({_reason(error)}); going on "
+        say(True, f"warning: cannot write the data cache at {path} ({reason(error)}); going on "
                   "without it this run")
 
 
@@ -375,7 +371,7 @@ def load_splits(p: DatasetPreset, paths: dict[str, Path], cache_dir: Path | None
 
 
 def _parse(p: DatasetPreset, paths: dict[str, Path], sha256: dict[str, str]) -> ImageSplits:
-    if p.name == "mnist":
+    if p.archive_format == IDX:
         images = {s: read_idx(paths[f"{s}-images-idx3-ubyte.gz"]) for s in ("train", "t10k")}
         labels = {s: read_idx(paths[f"{s}-labels-idx1-ubyte.gz"]) for s in ("train", "t10k")}
         for split in ("train", "t10k"):
@@ -392,9 +388,8 @@ def _parse(p: DatasetPreset, paths: dict[str, Path], sha256: dict[str, str]) -> 
             images["train"].unsqueeze(-1), labels["train"].long(),
             images["t10k"].unsqueeze(-1), labels["t10k"].long(), sha256,
         )
-    train_images, train_labels, test_images, test_labels = read_cifar10(
-        paths["cifar-10-python.tar.gz"]
-    )
+    (tarball,) = paths.values()
+    train_images, train_labels, test_images, test_labels = read_cifar10(tarball)
     return ImageSplits(train_images, train_labels, test_images, test_labels, sha256)
 
 
@@ -488,7 +483,7 @@ def _load_parsed(folder: Path, sha256: dict[str, str], classes: int) -> ImageSpl
     except FileNotFoundError:
         return None  # never completed: a first start, or its writer was killed before the end
     except (OSError, ValueError) as error:
-        return _reparse(manifest_path, f"is damaged ({_detail(error)})")
+        return _reparse(manifest_path, f"is damaged ({reason(error, 80)})")
     if manifest.get("sha256") != sha256:
         return None
     if any(not digest.startswith(f"{ARRAY_DIGEST}:") for _, _, digest in entries.values()):
@@ -499,7 +494,7 @@ def _load_parsed(folder: Path, sha256: dict[str, str], classes: int) -> ImageSpl
         try:
             array = np.load(path, mmap_mode="c", allow_pickle=False)
         except (OSError, ValueError, EOFError) as error:
-            return _reparse(path, f"is damaged ({_detail(error)})")
+            return _reparse(path, f"is damaged ({reason(error, 80)})")
         if [list(array.shape), str(array.dtype)] != [shape, dtype]:
             return _reparse(path, f"is damaged ({list(array.shape)} {array.dtype}, where the "
                                   f"manifest says {shape} {dtype})")
@@ -525,10 +520,6 @@ def _manifest_arrays(manifest: object) -> dict[str, tuple[list[int], str, str]]:
             raise ValueError(f"no shape, dtype and digest for {name}")
         entries[name] = tuple(entry)
     return entries
-
-
-def _detail(error: Exception) -> str:
-    return getattr(error, "strerror", None) or first_line(error, 80)
 
 
 def _reparse(path: Path, what: str) -> None:
@@ -562,12 +553,17 @@ def inflated_bytes_bound(p: DatasetPreset, batch: bool = False) -> int:
     splits' sizes: MNIST's largest IDX file (the training images); CIFAR-10's tarball of all six
     batches, or with `batch` one batch file."""
     pixels = p.channels * p.image_size ** 2
-    if p.name == "mnist":
+    if p.archive_format == IDX:
         return IDX_IMAGES_HEADER_BYTES + max(p.split_sizes) * pixels
     record = 2 * pixels + CIFAR_RECORD_SLACK_BYTES
     if batch:
         return CIFAR_BATCH_IMAGES * record + (64 << 10)
     return sum(p.split_sizes) * record + (1 << 20)  # and the tar headers, padding, batches.meta
+
+
+def _in_format(archive_format: str) -> DatasetPreset:
+    """The dataset whose archives are in `archive_format`: its splits bound what they inflate to."""
+    return next(p for p in PRESETS.values() if p.archive_format == archive_format)
 
 
 def _too_big(path: Path, user_file: str | None, p: DatasetPreset, claim: str) -> JobError:
@@ -604,7 +600,7 @@ def read_idx(path: Path, user_file: str | None = None) -> torch.Tensor:
     """An MNIST IDX file (gzip-compressed, unsigned bytes) as a uint8 tensor of its shape: inflated
     a chunk at a time into an array of the size its header promises, and never past what an
     MNIST split can hold (inflated_bytes_bound)."""
-    p = PRESETS["mnist"]
+    p = _in_format(IDX)
     limit = inflated_bytes_bound(p)
     try:
         with gzip.open(path, "rb") as handle:
@@ -618,14 +614,14 @@ def read_idx(path: Path, user_file: str | None = None) -> torch.Tensor:
             header, expected = 4 + len(sizes), math.prod(dims)
             if header + expected > limit:
                 raise _too_big(path, user_file, p, f"has a header that promises {expected} bytes, "
-                                                   f"more than the {limit} a mnist split can hold")
+                                                   f"more than the {limit} a {p.name} split can hold")
             data = np.empty(expected, np.uint8)
             held, beyond = _read_into(handle, memoryview(data)), 0
             while held == expected and (chunk := handle.read(CHUNK_BYTES)):
                 beyond += len(chunk)  # more than promised: counted, never kept
                 if header + expected + beyond > limit:
                     raise _too_big(path, user_file, p,
-                                   f"inflates past the {limit} bytes a mnist split can hold")
+                                   f"inflates past the {limit} bytes a {p.name} split can hold")
     except (OSError, EOFError, zlib.error) as error:
         raise _corrupt(path, error, user_file) from None
     if held + beyond != expected:
@@ -672,7 +668,7 @@ def read_cifar10(path: Path, user_file: str | None = None
     disk, a member whose name would escape the archive's folder is refused, and so is one larger
     than a batch can be, or a tarball that inflates past both splits (inflated_bytes_bound).
     Errors name `user_file` (a user's own --test-data) where given."""
-    p = PRESETS["cifar10"]
+    p = _in_format(CIFAR_PYTHON)
     limit, batch_limit = inflated_bytes_bound(p), inflated_bytes_bound(p, batch=True)
     past_limit = f"inflates past the {limit} bytes both cifar10 splits can hold"
     wanted = {*CIFAR_TRAIN, CIFAR_TEST}
@@ -733,9 +729,8 @@ def load_test_split(p: DatasetPreset, data_uri: str | None, cache_dir: Path,
     check_cache_dir(cache_dir)
     paths = fetch_archives(p, data_uri, cache_dir, endpoint_url)
     splits = load_splits(p, paths, cache_dir)  # mapped from training's parsed cache when there
-    test_archives = [name for name in paths if p.name != "mnist" or name.startswith("t10k")]
     return TestSplit(splits.test_images, splits.test_labels, data_uri or "the public mirrors",
-                     {name: splits.sha256[name] for name in test_archives})
+                     {a.name: splits.sha256[a.name] for a in p.archives if a.holds_test})
 
 
 def read_test_files(p: DatasetPreset, uris: list[str], checkpoint: str,
@@ -768,7 +763,7 @@ def read_test_files(p: DatasetPreset, uris: list[str], checkpoint: str,
                     f"pass {p.name} test data")
     if images is None or labels is None:
         raise JobError(f"--test-data: {p.name} needs images and labels "
-                       f"({'an IDX images file and an IDX labels file' if p.name == 'mnist' else 'a batch'})")
+                       f"({TEST_FILES[p.archive_format]})")
     if len(images) != len(labels):
         raise JobError(f"--test-data: {len(images)} images but {len(labels)} labels; the files do "
                        "not belong together")
@@ -777,6 +772,10 @@ def read_test_files(p: DatasetPreset, uris: list[str], checkpoint: str,
     if bad := labels_outside(labels, len(p.class_names)):
         raise JobError(f"--test-data {' '.join(uris)}: {bad}")
     return TestSplit(images, labels, " ".join(uris), sha256)
+
+
+# What --test-data takes in each archive format.
+TEST_FILES = {IDX: "an IDX images file and an IDX labels file", CIFAR_PYTHON: "a batch"}
 
 
 def _shape(p: DatasetPreset) -> tuple[int, int, int]:
@@ -812,118 +811,3 @@ def _parse_test_file(path: Path, data: bytes, uri: str):
             raise JobError(f"--test-data {uri} is not a CIFAR-10 batch ({first_line(error, 80)})") from None
         return "both", (torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels))
     raise unknown
-
-
-# ----------------------------------------------------------------------------------------------
-# on-device batches
-
-
-def derived_seed(*parts: object) -> int:
-    """A 63-bit seed that is a pure function of its parts (seed, epoch, step, rank, ...)."""
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-class DeviceBatches:
-    """One split held on the device as uint8; yields (normalised float images, labels).
-
-    Training epochs: the epoch's order is a permutation drawn from (seed, epoch) alone, and the
-    run walks it front to back in global batches of batch_size × world_size, rank r taking
-    every world_size-th image from position r (as DistributedSampler does). So a step always
-    consumes a prefix of the permutation, and where a run stands in its epoch is one number,
-    the count of permutation positions consumed: a resume with another batch size or world
-    size starts at that position, and each image is still used exactly once per epoch. At the
-    end, the last `(N - position) % world_size` positions sit the epoch out (drop_last).
-    Augmentation is drawn per permutation position from (seed, epoch), so an image gets the
-    same crop and flip whatever the batch size, world size or resume point.
-
-    Evaluation (shuffle=False): rank r takes images r, r + world_size, ... in order.
-    """
-
-    PAD = 4  # pixels of zero padding for the random crop, as torchvision's RandomCrop(32, 4)
-    # (a recipe with another augmentation subclasses this: see job/recipes/fast.py)
-
-    def __init__(
-        self, images: torch.Tensor, labels: torch.Tensor, p: DatasetPreset, device: torch.device,
-        batch_size: int, *, shuffle: bool, augment: bool = False, seed: int = 0,
-        rank: int = 0, world_size: int = 1,
-    ) -> None:
-        self.images = images.to(device)  # N×H×W×C uint8
-        self.labels = labels.to(device)
-        self.device = device
-        self.batch_size = batch_size
-        self.shuffle, self.augment, self.seed = shuffle, augment, seed
-        self.rank, self.world_size = rank, world_size
-        # x_normalised = (x_uint8 / 255 - mean) / std, folded into one multiply-add
-        std = torch.tensor(p.std, device=device).view(1, -1, 1, 1)
-        mean = torch.tensor(p.mean, device=device).view(1, -1, 1, 1)
-        self.scale, self.shift = 1 / (255 * std), -mean / std
-        self.record_to: str | None = None  # append "epoch: indices" per batch to <this>.rank<r>
-        self.per_rank = self.remaining(0) // world_size if shuffle else len(
-            range(rank, len(self.images), world_size))  # evaluation shards may differ by one
-
-    def __len__(self) -> int:
-        """Batches per whole epoch on this rank."""
-        return -(-self.per_rank // self.batch_size)
-
-    def remaining(self, position: int) -> int:
-        """Images (all ranks) a training epoch still serves after `position` of its order."""
-        return (len(self.images) - position) // self.world_size * self.world_size
-
-    def steps(self, position: int) -> int:
-        """Steps a training epoch takes from `position` to its end."""
-        return -(-self.remaining(position) // (self.batch_size * self.world_size))
-
-    def order(self, epoch: int, position: int = 0) -> torch.Tensor:
-        """Dataset indices this rank serves in `epoch` from `position` on, in serving order."""
-        if not self.shuffle:
-            return torch.arange(self.rank, len(self.images), self.world_size, device=self.device)
-        return self._permutation(epoch)[self._positions(position)].to(self.device)
-
-    def _permutation(self, epoch: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, "shuffle", epoch))
-        return torch.randperm(len(self.images), generator=generator)
-
-    def _positions(self, position: int) -> torch.Tensor:
-        """This rank's permutation positions from `position` on: every world_size-th one."""
-        end = position + self.remaining(position)
-        return torch.arange(position + self.rank, end, self.world_size)
-
-    def epoch(self, epoch: int, position: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """The epoch's batches from permutation `position` on (0: the whole epoch)."""
-        order = self.order(epoch, position)
-        if self.augment:
-            crops = self._crops(epoch)[:, self._positions(position).to(self.device)]
-        for start in range(0, len(order), self.batch_size):
-            index = order[start: start + self.batch_size]
-            if self.record_to:
-                with open(f"{self.record_to}.rank{self.rank}", "a") as record:
-                    record.write(f"{epoch}: {' '.join(map(str, index.tolist()))}\n")
-            images = self.images[index]
-            if self.augment:
-                images = self._crop_and_flip(images, *crops[:, start: start + self.batch_size])
-            # N×H×W×C viewed as N×C×H×W is a channels_last tensor: no copy, and the float ops
-            # below keep that memory format for the convolutions.
-            images = images.permute(0, 3, 1, 2).float().mul_(self.scale).add_(self.shift)
-            yield images, self.labels[index]
-
-    def _crops(self, epoch: int) -> torch.Tensor:
-        """3 × N: vertical and horizontal crop offsets and a flip bit per permutation position."""
-        n, span = len(self.images), 2 * self.PAD + 1
-        generator = torch.Generator(device=self.device).manual_seed(
-            derived_seed(self.seed, "augment", epoch))
-        offsets = torch.randint(0, span, (2, n), device=self.device, generator=generator)
-        flips = torch.randint(0, 2, (1, n), device=self.device, generator=generator)
-        return torch.cat([offsets, flips])
-
-    def _crop_and_flip(self, images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
-                       flip: torch.Tensor) -> torch.Tensor:
-        """Each image's 4-pixel-padded crop at (dy, dx), mirrored where flip is 1: one gather."""
-        n, height, width, _ = images.shape
-        pad = self.PAD
-        rows = dy.view(n, 1) + torch.arange(height, device=self.device)
-        columns = torch.arange(width, device=self.device)
-        columns = dx.view(n, 1) + torch.where(flip.view(n, 1).bool(), columns.flip(0), columns)
-        padded = torch.nn.functional.pad(images, (0, 0, pad, pad, pad, pad))
-        batch = torch.arange(n, device=self.device).view(n, 1, 1)
-        return padded[batch, rows.view(n, height, 1), columns.view(n, 1, width)]

@@ -15,12 +15,19 @@ class Archive:
 
     name: str
     md5: str  # of the upstream file; a user's own mirror may differ (see fetch_archives)
+    holds_test: bool = True  # the test split is in it (what `evaluate --data-uri` reads)
+
+
+# How a dataset's archives are written, and so parsed (job/data.py): gzipped IDX files of
+# unsigned bytes, one per split and kind; or a gzipped tarball of pickled python batches.
+IDX, CIFAR_PYTHON = "idx", "cifar-python"
 
 
 @dataclass(frozen=True)
 class DatasetPreset:
     name: str
     archives: tuple[Archive, ...]
+    archive_format: str  # IDX or CIFAR_PYTHON
     mirrors: tuple[str, ...]  # base URLs holding the archives by name, tried in order
     split_sizes: tuple[int, int]  # images in the train and test splits, as published
     channels: int
@@ -36,11 +43,12 @@ PRESETS: dict[str, DatasetPreset] = {
     "mnist": DatasetPreset(
         name="mnist",
         archives=(
-            Archive("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
-            Archive("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcc1ac7ed4f"),
+            Archive("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873", False),
+            Archive("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcc1ac7ed4f", False),
             Archive("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
             Archive("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
         ),
+        archive_format=IDX,
         mirrors=(
             "https://ossci-datasets.s3.amazonaws.com/mnist",
             "http://yann.lecun.com/exdb/mnist",
@@ -56,6 +64,7 @@ PRESETS: dict[str, DatasetPreset] = {
     "cifar10": DatasetPreset(
         name="cifar10",
         archives=(Archive("cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),),
+        archive_format=CIFAR_PYTHON,
         mirrors=("https://www.cs.toronto.edu/~kriz",),
         split_sizes=(50000, 10000),
         channels=3,

@@ -1,8 +1,10 @@
 """The one exception type for problems a user can cause and fix (and its one kind that a retry
 fixes: storage out of reach), the redaction that keeps credentials written into a URI
 (`https://user:secret@host`) out of every line we print or store, an exception's first line
-for the one-line reports, and the one rule for a number of seconds a user sets."""
+for the one-line reports, the one line for a write the disk refused, and the one rule for a
+number of seconds a user sets."""
 
+import errno
 import math
 import os
 import re
@@ -59,3 +61,24 @@ def seconds_from_env(name: str, default: float) -> float:
     except ValueError:
         seconds = math.nan
     return check_seconds(seconds, f"{name}={text!r}")
+
+
+def reason(error: BaseException, limit: int = 120) -> str:
+    """Why a system call failed, in the system's words ("No space left on device", "Read-only
+    file system"); for an error without them, its first line."""
+    return getattr(error, "strerror", None) or first_line(error, limit)
+
+
+# A disk with no room for the file (full, over quota, past the largest file it takes).
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def cannot_write(what: str, error: BaseException, option: str, kept: str = "",
+                 then: str = "") -> JobError:
+    """The one line for a write the disk refused: what could not be written (naming where), why
+    (`reason`), what that leaves (`kept`), and what to do: on a full disk, free space there or
+    pass another `option`; on one that refuses (read-only, no permission), a writable one."""
+    fix = (f"free space there, or pass another {option}" if getattr(error, "errno", None) in DISK_FULL
+           else f"pass a writable {option}")
+    return JobError(f"cannot write {what} ({reason(error)})" + (f"; {kept}" if kept else "")
+                    + f": {fix}" + (f", {then}" if then else ""))

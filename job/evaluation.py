@@ -1,6 +1,7 @@
 """Evaluation over a whole split: loss, accuracy, confusion matrix and a few misclassified
-images; and test-time augmentation. One function, used after every epoch of training and by
-`cnn-job evaluate`; the tracker only consumes its result.
+images; and test-time augmentation, with the views a recipe gives (job/recipes/). One function,
+used after every epoch of training and by `cnn-job evaluate`; the tracker only consumes its
+result.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from job import distributed
-from job.data import DeviceBatches
+from job.batches import DeviceBatches
 from job.distributed import Dist
 from job.errors import JobError
 
@@ -42,28 +43,6 @@ class TTA:
     views: Callable[[torch.Tensor], list[torch.Tensor]]  # N×C×H×W -> the views, in weights' order
     weights: tuple[float, ...]
     description: str  # the views in words, for an export's metadata
-
-
-def mirror_and_shifts(images: torch.Tensor) -> list[torch.Tensor]:
-    """airbench94's 6 views of N×C×H×W images: identity, mirror, shifted one pixel up-left
-    (reflect-padded), its mirror, shifted down-right, its mirror."""
-    height, width = images.shape[-2:]
-    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
-    up_left, down_right = padded[..., 2:, 2:], padded[..., : height, : width]
-    return [view for image in (images, up_left, down_right) for view in (image, image.flip(-1))]
-
-
-MIRROR_AND_SHIFTS = TTA(mirror_and_shifts, (0.25, 0.25, 0.125, 0.125, 0.125, 0.125),
-                        "identity, mirror, up-left, its mirror, down-right, its mirror")
-
-
-def shifts(images: torch.Tensor) -> list[torch.Tensor]:
-    """mirror_and_shifts' unmirrored views: identity, up-left, down-right (for images, such as
-    digits, whose mirror image is another thing)."""
-    return mirror_and_shifts(images)[::2]
-
-
-SHIFTS = TTA(shifts, (0.5, 0.25, 0.25), "identity, up-left, down-right")
 
 
 def tta_logits(model, images: torch.Tensor, tta: TTA) -> torch.Tensor:

@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 from job import distributed
+from job.batches import DeviceBatches
 from job.checkpoint import load_checkpoint
 from job.config import default_cache_dir, uses_bf16
-from job.data import DeviceBatches, load_test_split, read_test_files
+from job.data import load_test_split, read_test_files
 from job.errors import JobError, strip_userinfo
 from job.evaluation import evaluate, tta_logits
 from job.images import prepare_image

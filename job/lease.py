@@ -23,7 +23,6 @@ reach then ends the run as storage unavailable (exit 69), not as a lease lost to
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import functools
 import json
@@ -37,7 +36,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import NamedTuple
 
-from job.errors import JobError, first_line
+from job.errors import JobError, cannot_write, first_line
 from job.storage import (
     LocalStore,
     S3Store,
@@ -86,12 +85,7 @@ class LocalLock:
             atomic_write_bytes(self.holder_file, f"{holder_description()} since {since}\n".encode())
         except OSError as error:
             self.release()
-            if error.errno == errno.ENOSPC:
-                raise JobError(f"the filesystem of {self.store.folder} is full (writing "
-                               f"{self.holder_file}); free space or pass another "
-                               "--checkpoint-uri") from None
-            raise JobError(f"cannot write {self.holder_file} ({error.strerror or error}); pass a "
-                           "writable --checkpoint-uri") from None
+            raise cannot_write(str(self.holder_file), error, "--checkpoint-uri") from None
 
     def check(self) -> None:
         """An flock is never taken away from a live holder."""

@@ -37,7 +37,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, TypeVar
 
-from job.errors import JobError, StorageUnavailable, check_seconds, seconds_from_env
+from job.errors import (
+    JobError,
+    StorageUnavailable,
+    cannot_write,
+    check_seconds,
+    reason,
+    seconds_from_env,
+)
 from job.preemption import Interrupted, stop_requested
 from job.progress import say
 
@@ -171,7 +178,7 @@ def check_writable_folder(folder: Path, what: str, option: str, create: bool = T
             pass
     except OSError as error:
         raise JobError(
-            f"{what} {folder} is not writable ({error.strerror or error}); "
+            f"{what} {folder} is not writable ({reason(error)}); "
             f"pass a writable folder with {option}"
         ) from None
 
@@ -740,7 +747,7 @@ def read_whole(store: LocalStore | S3Store, name: str, uri: str) -> bytes:
     except IsADirectoryError:
         raise JobError(f"{uri} is a folder, not a file") from None
     except OSError as error:  # a local file's: S3's arrive as JobErrors already
-        raise JobError(f"cannot read {uri} ({error.strerror or error})") from None
+        raise JobError(f"cannot read {uri} ({reason(error)})") from None
     if data is None and isinstance(store, S3Store):
         raise JobError(f"{uri} does not exist in S3; check the URI")
     if data is None:
@@ -767,6 +774,6 @@ class Output:
         try:
             self.store.write(self.name, data)
         except OSError as error:
-            raise JobError(f"could not write {self.option} {self.uri} "
-                           f"({error.strerror or error}); nothing was written") from None
+            raise cannot_write(f"{self.option} {self.uri}", error, self.option,
+                               "nothing was written") from None
         return self.store.location(self.name)

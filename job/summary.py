@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from job.errors import JobError
+from job.errors import cannot_write
 from job.storage import atomic_write_bytes
 from job.version import git_commit, versions
 
@@ -72,6 +72,7 @@ def write_summary(path: Path, summary: dict) -> None:
     try:
         atomic_write_bytes(path, (json.dumps(summary, indent=2) + "\n").encode())
     except OSError as error:
-        raise JobError(f"could not write --summary-json {path} ({error.strerror or error}); "
-                       f"nothing was written there; the run's model is {summary.get('checkpoint')}: "
-                       "free space and run the same command to write it") from None
+        raise cannot_write(f"--summary-json {path}", error, "--summary-json",
+                           f"nothing was written there; the run's model is "
+                           f"{summary.get('checkpoint')}",
+                           "then run the same command to write it") from None

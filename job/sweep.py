@@ -33,7 +33,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from job.config import CHOICES, SETTING_KINDS, TrainConfig, setting_kind
-from job.errors import JobError, StorageUnavailable, first_line, strip_userinfo
+from job.errors import (
+    JobError,
+    StorageUnavailable,
+    cannot_write,
+    first_line,
+    reason,
+    strip_userinfo,
+)
 from job.lease import lease_for
 from job.preemption import PREEMPTED_EXIT_CODE, SIGNALS, Interrupted
 from job.progress import follow_up
@@ -49,6 +56,7 @@ from job.storage import (
 
 SWEEP_FILE = "sweep.json"
 TRIAL_FILE = "trial.json"
+SWEEP_ROOT_OPTION = "checkpoint_uri in the sweep file"  # where a refused write is fixed
 SECTIONS = ("name", "dataset", "checkpoint_uri", "fixed", "grid", "random", "seeds", "early_stop")
 SWEEPS_OWN = SETTING_KINDS["run"]  # set by the sweep for every trial
 MAX_TRIALS = 10_000  # a plan is built (and every trial checked) by each trial's process
@@ -599,8 +607,7 @@ def _create(store: LocalStore | S3Store, name: str, data: bytes) -> bytes | None
         finally:
             store.delete(staged)
     except OSError as error:
-        raise JobError(f"cannot write {store.location(name)} ({error.strerror or error}); "
-                       "give the sweep a writable checkpoint_uri") from None
+        raise cannot_write(store.location(name), error, SWEEP_ROOT_OPTION) from None
 
 
 def _encode(document: dict) -> bytes:
@@ -618,7 +625,7 @@ def read_status(store: LocalStore | S3Store, name: str = TRIAL_FILE) -> dict | N
     try:
         data = store.read(name)
     except OSError as error:  # a local file's: S3's arrive as JobErrors already
-        raise JobError(f"cannot read {location} ({error.strerror or error})") from None
+        raise JobError(f"cannot read {location} ({reason(error)})") from None
     if data is None:
         return None
     try:
@@ -671,8 +678,7 @@ def write_status(store: LocalStore | S3Store, status: dict) -> dict:
     try:
         store.write(TRIAL_FILE, _encode(status))
     except OSError as error:
-        raise JobError(f"cannot write {store.location(TRIAL_FILE)} "
-                       f"({error.strerror or error})") from None
+        raise cannot_write(store.location(TRIAL_FILE), error, SWEEP_ROOT_OPTION) from None
     return status
 
 
@@ -1020,8 +1026,7 @@ def report(root: str, endpoint_url: str | None = None) -> tuple[dict, list[dict]
     try:
         data = store.read(SWEEP_FILE)
     except OSError as error:  # a local file's: S3's arrive as JobErrors already
-        raise JobError(f"cannot read {store.location(SWEEP_FILE)} "
-                       f"({error.strerror or error})") from None
+        raise JobError(f"cannot read {store.location(SWEEP_FILE)} ({reason(error)})") from None
     if data is None:
         raise JobError(f"{root} holds no sweep (no {SWEEP_FILE}): give the checkpoint_uri of a "
                        "sweep file that ran")

@@ -14,9 +14,10 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from job import distributed, recipes, tracking
+from job.batches import DeviceBatches
 from job.checkpoint import Checkpointer, CheckpointManager, RunState
 from job.config import TrainConfig, uses_bf16
-from job.data import DeviceBatches, ImageSplits, check_cache_dir, fetch_archives, load_splits
+from job.data import ImageSplits, check_cache_dir, fetch_archives, load_splits
 from job.datasets import preset
 from job.distributed import Dist
 from job.errors import JobError
@@ -135,8 +136,8 @@ def gpu_memory(device: torch.device) -> dict:
 
 
 @dataclass
-class Setup:
-    """What the loop works with, built once before it."""
+class Trainer:
+    """What trains: the recipe's net, its Training and the step, over the batches."""
 
     recipe: Recipe  # the --net's recipe for this dataset
     model: torch.nn.Module  # the net itself: evaluated and checkpointed
@@ -145,6 +146,12 @@ class Setup:
     train_batches: DeviceBatches
     test_batches: DeviceBatches
     autocast: Callable  # a context manager factory: bf16 autocast, or a no-op
+
+
+@dataclass
+class Setup(Trainer):
+    """What the loop works with, built once before it."""
+
     checkpointer: Checkpointer
     environment: dict  # provenance: world size, device, precision, data sha256, versions, commit
     class_names: tuple[str, ...]
@@ -187,42 +194,46 @@ def set_up(cfg: TrainConfig, d: Dist, checkpoints: CheckpointManager, clock: Clo
 
     splits = load_data(cfg, d)
     clock.mark("read_data")
-    p = preset(cfg.dataset)
+    trainer = build_trainer(cfg, d, splits, step_mode, say_main, clock.mark)
+    # An audit trail of which images each rank trained on, in order (tests read it).
+    trainer.train_batches.record_to = os.environ.get(RECORD_INDICES_ENV) or None
+    return Setup(
+        **vars(trainer),
+        checkpointer=Checkpointer(checkpoints, cfg, d, trainer.model, trainer.training,
+                                  splits.sha256, trainer.train_batches),
+        environment=provenance(d.world_size, d.device, uses_bf16(cfg.precision, d.device.type),
+                               splits.sha256, step_mode),
+        class_names=preset(cfg.dataset).class_names,
+        say=say_main,
+    )
+
+
+def build_trainer(cfg: TrainConfig, d: Dist, splits: ImageSplits, step_mode: str,
+                  say: Callable[[str], None], mark: Callable[[str], None] = lambda phase: None
+                  ) -> Trainer:
+    """The recipe's net (seeded), its batches of `splits` on the device, its Training and the
+    step (`step_mode` as resolve_compile gave it): what the loop trains with, and what bench/
+    builds its runs from. `mark` is told each phase of the start-up as it ends."""
     recipe = recipes.load(cfg.dataset, cfg.net)
     torch.manual_seed(cfg.seed)
     tune_device(d.device)
     model = recipe.build_model().to(d.device, memory_format=torch.channels_last)
-    clock.mark("model_build")
+    mark("model_build")
     train_batches = recipe.train_batches(
         splits.train_images, splits.train_labels, d.device, cfg.batch_size, augment=cfg.augment,
         seed=cfg.seed, rank=d.rank, world_size=d.world_size)
     test_batches = DeviceBatches(
-        splits.test_images, splits.test_labels, p, d.device, cfg.eval_batch_size,
+        splits.test_images, splits.test_labels, recipe.dataset, d.device, cfg.eval_batch_size,
         shuffle=False, rank=d.rank, world_size=d.world_size,
     )
-    clock.mark("data_to_device")
+    mark("data_to_device")
     training = recipe.start(model, train_batches, cfg.lr)  # e.g. whitening filters, optimiser
-    clock.mark("recipe_start")
-    # An audit trail of which images each rank trained on, in order (tests read it).
-    train_batches.record_to = os.environ.get(RECORD_INDICES_ENV) or None
+    mark("recipe_start")
     autocast = autocast_for(cfg.precision, d.device)
-    return Setup(
-        recipe=recipe,
-        model=model,
-        training=training,
-        step=TrainStep(DistributedDataParallel(model) if d.enabled else model, training.optimizer,
-                       autocast, graphed=step_mode == "cuda-graph", say=say_main,
-                       batch_size=cfg.batch_size, criterion=training.criterion),
-        train_batches=train_batches,
-        test_batches=test_batches,
-        autocast=autocast,
-        checkpointer=Checkpointer(checkpoints, cfg, d, model, training, splits.sha256,
-                                  train_batches),
-        environment=provenance(d.world_size, d.device, uses_bf16(cfg.precision, d.device.type),
-                               splits.sha256, step_mode),
-        class_names=p.class_names,
-        say=say_main,
-    )
+    step = TrainStep(DistributedDataParallel(model) if d.enabled else model, training.optimizer,
+                     autocast, graphed=step_mode == "cuda-graph", say=say,
+                     batch_size=cfg.batch_size, criterion=training.criterion)
+    return Trainer(recipe, model, training, step, train_batches, test_batches, autocast)
 
 
 def start_tracker(cfg: TrainConfig, d: Dist, job: Setup, run_id: str | None, trial: Trial | None):

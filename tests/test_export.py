@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from job.data import DeviceBatches
+from job.batches import DeviceBatches
 from job.datasets import preset
 from job.export import SERVING_KEY
 from job.recipes import load
@@ -177,8 +177,9 @@ def test_an_export_onto_a_full_filesystem_is_one_line_and_keeps_what_was_there(
     fill(full)
     result = run_cli("export", str(mnist_run.folder), "--format", "onnx", "--output",
                      str(full / "net.onnx"))
-    assert_one_line_error(result, f"could not write --output {full / 'net.onnx'} (No space left "
-                          "on device); nothing was written")
+    assert_one_line_error(result, f"cannot write --output {full / 'net.onnx'} (No space left "
+                          "on device); nothing was written: free space there, or pass another "
+                          "--output")
     assert (full / "net.onnx").read_bytes() == b"previous export"
     assert sorted(p.name for p in full.iterdir()) == ["filler", "net.onnx"]
 

@@ -12,21 +12,23 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from job.checkpoint import FORMAT
 from job.config import TrainConfig
 from job.datasets import preset
 from job.errors import JobError
-from job.evaluation import MIRROR_AND_SHIFTS, tta_logits
+from job.evaluation import tta_logits
 from job.optim import SGD
 from job.recipes import load
+from job.recipes.augment import MIRROR_AND_SHIFTS, reflect
 from job.recipes.fast import (
+    AUGMENTATION,
     DEFAULTS,
     MOMENTUM,
-    FastBatches,
     FastNet,
+    FastTraining,
     Lookahead,
     dirac_init,
     fast_sgd,
-    reflect,
     whitening_filters,
 )
 from job.train import train
@@ -161,30 +163,30 @@ def test_each_net_brings_its_defaults_and_options_override_them():
 
 def test_alternating_flip_and_reflected_crops(cifar10):
     images, labels = cifar10.train_images[:500], cifar10.train_labels[:500]
-    batches = FastBatches(images, labels, preset("cifar10"), torch.device("cpu"), 100, shuffle=True,
-                          augment=True, seed=3)
-    flips = [batches.flips(epoch) for epoch in range(4)]
+    recipe = load("cifar10", "fast")
+    batches = recipe.train_batches(images, labels, torch.device("cpu"), 100, augment=True, seed=3)
+    flips = [AUGMENTATION.flips(batches, epoch) for epoch in range(4)]
     assert 200 < int(flips[0].sum()) < 300  # a random half in epoch 0
     assert torch.equal(flips[1], 1 - flips[0]) and torch.equal(flips[2], flips[0])
     assert torch.equal(flips[3], flips[1])
     # The flip travels with the image through the epoch's permutation.
     for epoch in (0, 1):
-        crops = batches._crops(epoch)
-        assert torch.equal(crops[2], flips[epoch][batches._permutation(epoch)])
+        crops = AUGMENTATION.draw(batches, epoch)
+        assert torch.equal(crops[2], flips[epoch][batches.permutation(epoch)])
         assert crops[:2].min() >= 0 and crops[:2].max() <= 4
     # Offsets (2, 2) without a flip are the image itself; (0, 0) reflects the top-left border.
     one = images[:1]
-    centre = batches._crop_and_flip(one, torch.tensor([2]), torch.tensor([2]), torch.tensor([0]))
+    centre = AUGMENTATION.apply(one, torch.tensor([[2], [2], [0]]))
     assert torch.equal(centre, one)
-    mirrored = batches._crop_and_flip(one, torch.tensor([2]), torch.tensor([2]), torch.tensor([1]))
+    mirrored = AUGMENTATION.apply(one, torch.tensor([[2], [2], [1]]))
     assert torch.equal(mirrored, one.flip(2))
-    corner = batches._crop_and_flip(one, torch.tensor([0]), torch.tensor([0]), torch.tensor([0]))
+    corner = AUGMENTATION.apply(one, torch.tensor([[0], [0], [0]]))
     padded = F.pad(one.permute(0, 3, 1, 2).float(), (2, 2, 2, 2), mode="reflect")
     assert torch.equal(corner, padded[..., :32, :32].permute(0, 2, 3, 1).to(torch.uint8))
     assert reflect(torch.tensor([-2, -1, 0, 31, 32, 33]), 32).tolist() == [2, 1, 0, 31, 30, 29]
     # The last partial batch is dropped: 500 images in batches of 100 × 2 processes serve 400.
-    two = FastBatches(images, labels, preset("cifar10"), torch.device("cpu"), 100, shuffle=True,
-                      augment=True, rank=1, world_size=2)
+    two = recipe.train_batches(images, labels, torch.device("cpu"), 100, augment=True, rank=1,
+                               world_size=2, seed=0)
     assert (two.remaining(0), two.steps(0), two.per_rank) == (400, 2, 200)
 
 
@@ -218,6 +220,18 @@ def test_tta_views_and_weights():
 
 # ----------------------------------------------------------------------------------------------
 # the optimizer
+
+
+def test_the_lookahead_in_a_checkpoint_is_the_recipes_to_declare_and_check():
+    net = FastNet()
+    training = FastTraining(fast_sgd(net, 0.1, 64), None, Lookahead(net))
+    state = training.state_dict()
+    assert "lookahead" in state and "lookahead" in training.STATE and "lookahead" not in FORMAT
+    training.check(state)  # fits
+    with pytest.raises(ValueError, match=r"malformed checkpoint \('lookahead' is a list\)"):
+        training.check({**state, "lookahead": [1.0]})
+    with pytest.raises(ValueError, match="its lookahead copy does not fit the net"):
+        training.check({key: value for key, value in state.items() if key != "lookahead"})
 
 
 def test_lookahead_update_against_a_hand_computation():

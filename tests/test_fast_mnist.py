@@ -12,8 +12,8 @@ import torch
 
 from job import recipes
 from job.config import TrainConfig
-from job.evaluation import SHIFTS
 from job.recipes import load
+from job.recipes.augment import SHIFTS
 from job.recipes.fast_mnist import BETAS, DEFAULTS, FastMnistNet
 from job.train import train
 from tests.test_resume import resume_in_one_process, stop_under_launch

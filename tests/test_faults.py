@@ -500,8 +500,8 @@ def test_a_full_filesystem_under_the_lease_is_one_line(tmp_path):
         lock = LocalLock(LocalStore(str(run)))
         with pytest.raises(JobError) as error:
             lock.acquire()
-        assert str(error.value) == (f"the filesystem of {run} is full (writing {run}/.holder); "
-                                    "free space or pass another --checkpoint-uri")
+        assert str(error.value) == (f"cannot write {run}/.holder (No space left on device): "
+                                    "free space there, or pass another --checkpoint-uri")
         assert list(run.iterdir()) == []  # no holder file, whole or partial
         assert lock.fd is None and LocalLock(LocalStore(str(run))).is_held() is False
 
@@ -512,5 +512,5 @@ def test_a_read_only_filesystem_under_the_lease_is_one_line(tmp_path):
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
         with pytest.raises(JobError) as error:
             LocalLock(LocalStore(str(mnt / "run"))).acquire()
-        assert str(error.value) == (f"cannot write {mnt}/run/.holder (Read-only file system); "
+        assert str(error.value) == (f"cannot write {mnt}/run/.holder (Read-only file system): "
                                     "pass a writable --checkpoint-uri")

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from job.data import DeviceBatches
+from job.batches import DeviceBatches
 from job.datasets import preset
 from job.optim import Adam
 from job.recipes import load

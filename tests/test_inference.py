@@ -255,7 +255,7 @@ def test_test_data_label_out_of_range_is_one_line(mnist_run, mnist, tmp_path):
 
 
 def test_evaluation_of_an_empty_split_is_a_job_error_not_a_division_by_zero():
-    from job.data import DeviceBatches
+    from job.batches import DeviceBatches
     from job.distributed import Dist
     from job.evaluation import evaluate
     from job.recipes import load

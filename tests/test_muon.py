@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from job import recipes
+from job.batches import DeviceBatches
 from job.config import TrainConfig
 from job.errors import JobError
-from job.evaluation import MIRROR_AND_SHIFTS, tta_logits
+from job.evaluation import tta_logits
 from job.recipes import load
-from job.recipes.fast import FastBatches, FastNet
+from job.recipes.fast import AUGMENTATION, TTA_VIEWS, FastNet
 from job.recipes.muon import (
     BIAS_LR,
     DEFAULTS,
@@ -67,11 +68,12 @@ def test_the_recipe_its_defaults_and_its_optimiser_groups():
 
     recipe = load("cifar10", "muon")
     net = recipe.build_model()
-    assert isinstance(net, FastNet) and recipe.tta is MIRROR_AND_SHIFTS
+    assert isinstance(net, FastNet) and recipe.tta is TTA_VIEWS
     batches = recipe.train_batches(torch.zeros(4000, 32, 32, 3, dtype=torch.uint8),
                                    torch.zeros(4000, dtype=torch.long), torch.device("cpu"), 1000,
                                    augment=True, seed=0, world_size=2)
-    assert isinstance(batches, FastBatches)
+    assert isinstance(batches, DeviceBatches) and batches.augmentation is AUGMENTATION
+    assert batches.whole_batches
     optimizer = recipe.start(net, batches, 0.24).optimizer
     assert isinstance(optimizer, MuonAndSGD)
     # Muon takes every trained conv filter (the whitening filters are frozen), SGD the rest.
@@ -213,7 +215,7 @@ def test_evaluate_predict_and_onnx_export_agree_with_training(tmp_path, small_ci
     net = exported_net(checkpoints, tmp_path / "net.onnx", "cifar10", "muon")
     images = normalised(cifar10.test_images[:64]).contiguous()
     with torch.no_grad():
-        expected = tta_logits(net, images, MIRROR_AND_SHIFTS)
+        expected = tta_logits(net, images, TTA_VIEWS)
     assert_same_logits(onnx_logits(tmp_path / "net.onnx", images), expected)
     assert predicted_classes(checkpoints, cifar10.test_images[:4], tmp_path / "pngs") == (
         expected[:4].argmax(1).tolist())

@@ -407,7 +407,7 @@ def test_a_summary_json_on_a_filesystem_full_by_the_end_is_one_line(tmp_path, da
                      "--summary-json", str(full / "summary.json"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.splitlines()[-1].startswith(
-        f"error: could not write --summary-json {full / 'summary.json'} (No space left on device); "
+        f"error: cannot write --summary-json {full / 'summary.json'} (No space left on device); "
         f"nothing was written there; the run's model is {tmp_path / 'ckpt'}/step-")
     assert sorted(p.name for p in full.iterdir()) == ["filler"]  # no half-written file
 
@@ -420,8 +420,8 @@ def test_a_checkpoint_folder_that_fills_up_is_one_line_and_keeps_the_last_checkp
                      "--epochs", "1", "--limit-train", "640", "--checkpoint-every-steps", "3")
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.splitlines()[-1] == (
-        f"error: could not write checkpoint {folder}/step-000000006.pt (No space left on device); "
-        "the previous checkpoint step-000000003.pt is intact: free space or pass another "
+        f"error: cannot write checkpoint {folder}/step-000000006.pt (No space left on device); "
+        "the previous checkpoint step-000000003.pt is intact: free space there, or pass another "
         "--checkpoint-uri")
     assert (folder / "latest").read_text().strip() == "step-000000003.pt"
     assert not list(folder.glob("*.partial")) and not list(folder.glob(".*.partial"))

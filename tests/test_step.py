@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from job.batches import DeviceBatches
 from job.config import TrainConfig
-from job.data import DeviceBatches
 from job.datasets import preset
 from job.errors import JobError
 from job.optim import Adam

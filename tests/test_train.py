@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from job.batches import DeviceBatches
 from job.checkpoint import CheckpointManager
 from job.config import TrainConfig
-from job.data import DeviceBatches
 from job.datasets import preset
 from job.errors import JobError
 from job.recipes import load

@@ -4,23 +4,30 @@ A whitened, BatchNormed CNN trained with Nesterov SGD and lookahead, evaluated w
 
 Written from the paper's description (Keller Jordan, "94% on CIFAR-10 in 3.29 Seconds on a
 Single GPU", arXiv 2404.00498), top to bottom: the hyperparameters, the net and its whitening
-filters, the batches and their augmentation, the optimiser, the lookahead, the loss, and the
-recipe that wires them for the loop. Its 9.9 epochs are rounded up to 10 (480 steps, not 476),
+filters, the augmentation and the test-time views, the optimiser, the lookahead, the loss, and
+the recipe that wires them for the loop. Its 9.9 epochs are rounded up to 10 (480 steps, not 476),
 so that every epoch ends in an evaluation and a checkpoint, as the job's guarantees need.
 """
 
 from __future__ import annotations
 
 import itertools
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from job.data import DeviceBatches, derived_seed
+from job.batches import DeviceBatches, derived_seed
 from job.errors import JobError
 from job.optim import SGD
 from job.recipes import base
+from job.recipes.augment import (
+    MIRROR_AND_SHIFTS,
+    crop_and_flip,
+    epoch_generator,
+    random_crops,
+)
 
 # ----------------------------------------------------------------------------------------------
 # hyperparameters
@@ -138,58 +145,37 @@ def init_whitening(model: FastNet, images: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# the batches: airbench94's augmentation
+# the augmentation, and the test-time views
 
 
-class FastBatches(DeviceBatches):
-    """The fast net's training batches (airbench94's augmentation): a random crop of the image
-    reflect-padded by 2 pixels, and the alternating flip: in epoch 0 a random half of the images
-    (drawn from the seed) is mirrored, and from then on each image's flip alternates from one
-    epoch to the next, so every image is seen both ways in any two consecutive epochs. Crops are
-    drawn per permutation position from (seed, epoch), flips per image from the seed: a resume
-    at any batch size or world size gets the same ones. The epoch's last partial global batch is
-    dropped: it serves a whole number of batch_size × world_size batches.
-    """
+class AlternatingFlipAndCrop:
+    """airbench94's augmentation: a random crop of the image reflect-padded by CROP_PAD pixels,
+    and the alternating flip: in epoch 0 a random half of the images (drawn from the seed) is
+    mirrored, and from then on each image's flip alternates from one epoch to the next, so every
+    image is seen both ways in any two consecutive epochs. Crops are drawn per permutation
+    position from (seed, epoch), flips per image from the seed: a resume at any batch size or
+    world size gets the same ones."""
 
-    PAD = CROP_PAD
-
-    def remaining(self, position: int) -> int:
-        global_batch = self.batch_size * self.world_size
-        served = len(self.images) // global_batch * global_batch
-        return max(served - position, 0) // self.world_size * self.world_size
-
-    def flips(self, epoch: int) -> torch.Tensor:
+    def flips(self, batches: DeviceBatches, epoch: int) -> torch.Tensor:
         """1 where image i (dataset index) is mirrored in `epoch`, 0 where it is not."""
-        generator = torch.Generator(device=self.device).manual_seed(derived_seed(self.seed, "flip"))
-        first = torch.randint(0, 2, (len(self.images),), device=self.device, generator=generator)
+        generator = torch.Generator(device=batches.device).manual_seed(
+            derived_seed(batches.seed, "flip"))
+        first = torch.randint(0, 2, (len(batches.images),), device=batches.device,
+                              generator=generator)
         return first ^ (epoch % 2)
 
-    def _crops(self, epoch: int) -> torch.Tensor:
+    def draw(self, batches: DeviceBatches, epoch: int) -> torch.Tensor:
         """3 × N: crop offsets per permutation position, and the flip of the image there."""
-        n, span = len(self.images), 2 * self.PAD + 1
-        generator = torch.Generator(device=self.device).manual_seed(
-            derived_seed(self.seed, "augment", epoch))
-        offsets = torch.randint(0, span, (2, n), device=self.device, generator=generator)
-        flips = self.flips(epoch)[self._permutation(epoch).to(self.device)]
-        return torch.cat([offsets, flips.view(1, n)])
+        crops = random_crops(batches, CROP_PAD, epoch_generator(batches, epoch))
+        flips = self.flips(batches, epoch)[batches.permutation(epoch).to(batches.device)]
+        return torch.cat([crops, flips.view(1, -1)])
 
-    def _crop_and_flip(self, images: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor,
-                       flip: torch.Tensor) -> torch.Tensor:
-        """Each image's crop at (dy, dx) of it reflect-padded by PAD, mirrored where flip is 1:
-        one gather, reflecting the indices instead of padding the pixels."""
-        n, height, width, _ = images.shape
-        rows = reflect(dy.view(n, 1) - self.PAD + torch.arange(height, device=self.device), height)
-        columns = torch.arange(width, device=self.device)
-        columns = torch.where(flip.view(n, 1).bool(), columns.flip(0), columns)
-        columns = reflect(dx.view(n, 1) - self.PAD + columns, width)
-        batch = torch.arange(n, device=self.device).view(n, 1, 1)
-        return images[batch, rows.view(n, height, 1), columns.view(n, 1, width)]
+    def apply(self, images: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+        return crop_and_flip(images, *drawn, pad=CROP_PAD, reflected=True)
 
 
-def reflect(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Indices outside 0..size-1 mirrored into it, as reflect padding does (-1 → 1, size → size-2)."""
-    index = index.abs()
-    return torch.where(index >= size, 2 * (size - 1) - index, index)
+AUGMENTATION = AlternatingFlipAndCrop()
+TTA_VIEWS = MIRROR_AND_SHIFTS  # identity and mirror at 1/4 each; 1 px shifts of both at 1/8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,6 +286,8 @@ class FastTraining(base.Training):
     def end_run(self) -> None:
         self.lookahead.finish()  # the run's final weights are the EMA's, BN statistics too
 
+    STATE: ClassVar[dict[str, type]] = {"lookahead": dict}  # the EMA copy of the float state
+
     def state_dict(self) -> dict:
         return {**super().state_dict(), "lookahead": self.lookahead.state_dict()}
 
@@ -313,15 +301,14 @@ class FastTraining(base.Training):
 
 
 class Recipe(base.Recipe):
+    augmentation = AUGMENTATION
+    tta = TTA_VIEWS
+    whole_batches = True  # as airbench94: an epoch's last partial global batch is left out
+
     def build_model(self) -> FastNet:
         return FastNet(num_classes=len(self.dataset.class_names))
 
-    def train_batches(self, images, labels, device, batch_size, *, augment, seed, rank=0,
-                      world_size=1) -> FastBatches:
-        return FastBatches(images, labels, self.dataset, device, batch_size, shuffle=True,
-                           augment=augment, seed=seed, rank=rank, world_size=world_size)
-
-    def start(self, model: FastNet, batches: FastBatches, lr: float) -> FastTraining:
+    def start(self, model: FastNet, batches: DeviceBatches, lr: float) -> FastTraining:
         """The whitening filters (from the first normalised training images, on the device),
         SGD, lookahead and loss, for the batches' batch size and world size."""
         batch_size, world_size = batches.batch_size, batches.world_size

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from job.data import DeviceBatches
+from job.batches import DeviceBatches
 from job.optim import Adam
 from job.recipes import base
+from job.recipes.augment import SHIFTS
 
 # ----------------------------------------------------------------------------------------------
 # defaults (a plain literal: --help reads it without importing this module)
@@ -54,6 +55,8 @@ class FastMnistNet(nn.Sequential):
 
 
 class Recipe(base.Recipe):
+    tta = SHIFTS  # --tta: digits are shifted, never mirrored (a mirrored 2 is no 2)
+
     def build_model(self) -> FastMnistNet:
         return FastMnistNet(num_classes=len(self.dataset.class_names))
 

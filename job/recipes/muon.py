@@ -16,6 +16,7 @@ from collections.abc import Iterable
 
 import torch
 
+from job.batches import DeviceBatches
 from job.errors import JobError
 from job.optim import FLAT_BUFFERS, SGD, FlatBuffers, _Optimizer
 from job.recipes import base, fast
@@ -239,9 +240,9 @@ class MuonTraining(base.Training):
 
 
 class Recipe(fast.Recipe):
-    """fast's net (FastNet), batches (FastBatches) and test-time views; Muon's training."""
+    """fast's net (FastNet), augmentation, whole batches and test-time views; Muon's training."""
 
-    def start(self, model: fast.FastNet, batches: fast.FastBatches, lr: float) -> MuonTraining:
+    def start(self, model: fast.FastNet, batches: DeviceBatches, lr: float) -> MuonTraining:
         """The whitening filters (from the first normalised training images, on the device),
         the optimiser pair and the loss, for the batches' batch size and world size."""
         batch_size, world_size = batches.batch_size, batches.world_size

@@ -12,11 +12,20 @@ from __future__ import annotations
 
 import itertools
 
+import torch
 from torch import nn
 
-from job.data import DeviceBatches
+from job.batches import DeviceBatches
+from job.evaluation import TTA
 from job.optim import Adam
 from job.recipes import base
+from job.recipes.augment import (
+    MIRROR_AND_SHIFTS,
+    SHIFTS,
+    crop_and_flip,
+    epoch_generator,
+    random_crops,
+)
 
 # ----------------------------------------------------------------------------------------------
 # defaults (a plain literal: --help reads it without importing this module)
@@ -26,6 +35,7 @@ DEFAULTS = {"epochs": 5, "batch_size": 64, "lr": 1e-3, "lr_schedule": "linear",
 
 CONV_WIDTHS = {"mnist": (32, 64), "cifar10": (32, 64, 128)}
 HIDDEN = 128
+CROP_PAD = 4  # pixels of zero padding for the random crop, as torchvision's RandomCrop(32, 4)
 
 # ----------------------------------------------------------------------------------------------
 # the net
@@ -72,10 +82,41 @@ class SeedCNN(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
+# the augmentation (--augment)
+
+
+class PaddedCropAndFlip:
+    """A random crop of the image zero-padded by CROP_PAD pixels and a random horizontal flip, as
+    torchvision's RandomCrop(32, 4) and RandomHorizontalFlip: each drawn per permutation
+    position from (seed, epoch)."""
+
+    def draw(self, batches: DeviceBatches, epoch: int) -> torch.Tensor:
+        """3 × N: vertical and horizontal crop offsets and a flip bit per permutation position."""
+        generator = epoch_generator(batches, epoch)
+        crops = random_crops(batches, CROP_PAD, generator)
+        flips = torch.randint(0, 2, (1, len(batches.images)), device=batches.device,
+                              generator=generator)
+        return torch.cat([crops, flips])
+
+    def apply(self, images: torch.Tensor, drawn: torch.Tensor) -> torch.Tensor:
+        return crop_and_flip(images, *drawn, pad=CROP_PAD, reflected=False)
+
+
+AUGMENTATION = PaddedCropAndFlip()
+
+# ----------------------------------------------------------------------------------------------
 # the recipe
 
 
 class Recipe(base.Recipe):
+    augmentation = AUGMENTATION
+
+    @property
+    def tta(self) -> TTA:
+        """Mirrored views only where a mirrored image is still of its class (not a digit: a
+        mirrored 2 is no 2)."""
+        return MIRROR_AND_SHIFTS if self.dataset.augmentable else SHIFTS
+
     def build_model(self) -> SeedCNN:
         p = self.dataset
         return SeedCNN(p.channels, CONV_WIDTHS[p.name], p.image_size,
