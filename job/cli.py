@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,7 +19,7 @@ from job.config import TrainConfig, default_cache_dir, default_checkpoint_uri
 from job.datasets import DATASETS, preset
 from job.errors import JobError, strip_userinfo
 from job.preemption import PREEMPTED_EXIT_CODE, Interrupted, handle_signals_from_here
-from job.progress import print_error, set_last_line
+from job.progress import follow_up, print_error, set_last_line
 
 app = typer.Typer(
     name="cnn-job",
@@ -128,22 +127,23 @@ def train(
         raise typer.Exit(PREEMPTED_EXIT_CODE)
     if summary:
         _print_where_the_model_is(summary, checkpoint_uri or default_checkpoint_uri(dataset),
-                                  s3_endpoint_url)
+                                  s3_endpoint_url, data_uri)
 
 
-def _print_where_the_model_is(summary: dict, checkpoint_uri: str, endpoint_url: str | None) -> None:
-    """A finished run's last lines: its final checkpoint, and the command that evaluates it."""
+def _print_where_the_model_is(summary: dict, checkpoint_uri: str, endpoint_url: str | None,
+                              data_uri: str | None) -> None:
+    """A finished run's last lines: its final checkpoint, and the command that evaluates it
+    (which reads the run's data too)."""
     # Rank 0 speaks for the run: torchrun's other ranks write no checkpoint and keep quiet.
     if os.environ.get("RANK", "0") != "0" or not summary.get("checkpoint"):
         return
     val_acc = summary["final_val_acc"]
     tta = " with TTA" if summary["history"] and summary["history"][-1].get("tta") else ""
-    command = ["cnn-job", "evaluate", checkpoint_uri]
-    if endpoint_url and checkpoint_uri.startswith("s3://"):
-        command += ["--s3-endpoint-url", endpoint_url]
+    command = follow_up(["cnn-job", "evaluate", checkpoint_uri], endpoint_url, checkpoint_uri,
+                        data_uri)
     print(strip_userinfo(f"model: {summary['checkpoint']} (val_acc "
                          f"{'-' if val_acc is None else format(val_acc, '.2%')}{tta})"))
-    print(strip_userinfo(f"next: {shlex.join(command)}"), flush=True)
+    print(f"next: {command}", flush=True)
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -166,15 +166,30 @@ def launch(ctx: typer.Context) -> None:
     raise typer.Exit(_run(run))
 
 
+def _train_context(args: list[str]):
+    """`cnn-job train ARGS` parsed as the command parses it, its CNN_JOB_* variables included; a
+    usage error propagates: _main prints it as it does for `cnn-job train`."""
+    command = typer.main.get_command(app).get_command(None, "train")
+    return command.make_context("cnn-job train", list(args))
+
+
 def _check_train_args(args: list[str]) -> None:
     """What `train ARGS` would refuse before any work (a missing dataset, a bad value) is one
     line from the launcher, as from `cnn-job train`, instead of the same line from every worker."""
-    command = typer.main.get_command(app).get_command(None, "train")
-    try:  # a usage error propagates: _main prints it as it does for `cnn-job train`
-        params = command.make_context("cnn-job train", list(args)).params
+    try:
+        params = _train_context(args).params
     except typer.Exit:  # --help, printed: no workers to start
         raise typer.Exit(0) from None
     TrainConfig(**{name: value for name, value in params.items() if value is not None})
+
+
+def _train_settings_from_environment() -> dict:
+    """The settings the CNN_JOB_* variables give `cnn-job train`, parsed as train parses them,
+    by option name (a sweep's trials take them by job/config.py's SETTING_KINDS)."""
+    # DATASET from the command line when CNN_JOB_DATASET is unset: a stand-in, never kept
+    context = _train_context([] if os.environ.get("CNN_JOB_DATASET") else ["-"])
+    return {name: value for name, value in context.params.items()
+            if context.get_parameter_source(name).name == "ENVIRONMENT"}
 
 
 def run_training(cfg: TrainConfig, trial=None) -> dict:
@@ -273,13 +288,15 @@ def sweep_plan(
 ) -> None:
     """The trials a sweep file expands to, in order: grid × random draws × seeds."""
     from job.progress import print_sweep_plan
-    from job.sweep import load_plan
+    from job.sweep import as_variables, load_plan
 
-    plan = _run(lambda: load_plan(sweep_file))
+    plan = _run(lambda: load_plan(sweep_file, _train_settings_from_environment()))
+    environment = as_variables(plan.environment)
     if as_json:
-        print(json.dumps({**plan.identity(), "checkpoint_uri": plan.root}, indent=2))
+        print(json.dumps({**plan.identity(), "checkpoint_uri": plan.root,
+                          "environment": environment}, indent=2))
     else:
-        print_sweep_plan(plan.identity(), plan.root)
+        print_sweep_plan(plan.identity(), plan.root, environment)
 
 
 @sweep_app.command("run")
@@ -296,11 +313,13 @@ def sweep_run(
     0 finished or pruned), or every trial with --parallel K (exit 0 all finished or pruned, 1 one
     failed, 69 storage out of reach, 75 stopped or running elsewhere).
 
-    A trial takes the file's settings only: CNN_JOB_* variables do not reach it.
+    A trial takes CNN_JOB_* variables of where and how it runs (data, cache, checkpoint cadence,
+    ...) where the file sets none; one that would change its result is refused unless the file
+    sets that value (docs/sweeps.md lists both kinds).
     """
     from job.sweep import load_plan, run_parallel, run_trial, trial_from_environment, trial_line
 
-    plan = _run(lambda: load_plan(sweep_file))
+    plan = _run(lambda: load_plan(sweep_file, _train_settings_from_environment()))
     if parallel is not None:
         raise typer.Exit(_run(lambda: run_parallel(plan, parallel, _say)))
     index = _run(lambda: trial if trial is not None else trial_from_environment())
@@ -309,7 +328,8 @@ def sweep_run(
         _last_line(trial_line(status))
         raise typer.Exit(PREEMPTED_EXIT_CODE)
     if status["status"] == "finished":
-        _print_where_the_model_is(status["summary"], plan.trial_uri(index), plan.endpoint_url)
+        _print_where_the_model_is(status["summary"], plan.trial_uri(index), plan.endpoint_url,
+                                  plan.config(index).data_uri)
     _last_line(trial_line(status))  # finished, or pruned (exit 0: done, as a Job counts it)
 
 
@@ -353,7 +373,7 @@ def sweep_report(
     if as_json:
         print(json.dumps(rows, indent=2))
     else:
-        print_sweep_report(plan, rows, uri)
+        print_sweep_report(plan, rows, uri, s3_endpoint_url)
     if plot:
         print(f"plot: {plot}", file=sys.stderr if as_json else sys.stdout)
 

@@ -212,3 +212,28 @@ class TrainConfig:
             key: strip_userinfo(str(value) if isinstance(value, Path) else value)
             for key, value in dataclasses.asdict(self).items()
         }
+
+
+# ----------------------------------------------------------------------------------------------
+# what each setting is to a run (a sweep's trials take CNN_JOB_* variables by it: job/sweep.py)
+
+# Every TrainConfig field, once. `result`: it can change the numbers a run ends with (device and
+# precision too: CPU and GPU kernels, fp32 and bf16 differ in their last bits and more).
+# `where`: where and how the run happens, never its numbers (a CUDA graph replays the eager
+# step's own kernels; the data's sha256 is checked whatever URI serves it; evaluation batches
+# sum the same losses). `run`: which run this is and what becomes of the one already there
+# (a sweep sets them for each trial: its folder, its W&B name, resumed from its own checkpoints).
+SETTING_KINDS = {
+    "result": ("net", "epochs", "batch_size", "lr", "lr_schedule", "augment", "tta", "seed",
+               "device", "precision", "limit_train"),
+    "where": ("data_uri", "cache_dir", "s3_endpoint_url", "compile", "checkpoint_every_steps",
+              "keep_checkpoints", "lease_seconds", "storage_retry_s", "collective_timeout_s",
+              "eval_batch_size", "log_every_steps", "wandb_project", "wandb_mode",
+              "summary_json"),
+    "run": ("dataset", "checkpoint_uri", "run_name", "resume", "overwrite"),
+}
+
+
+def setting_kind(name: str) -> str:
+    """`result`, `where` or `run`: what TrainConfig's setting `name` is to a run."""
+    return next(kind for kind, names in SETTING_KINDS.items() if name in names)

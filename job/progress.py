@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import time
 from datetime import datetime, timezone
@@ -277,8 +278,20 @@ def _setting(value) -> str:
     return "-" if value is None else f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def print_sweep_plan(plan: dict, root: str) -> None:
-    """`cnn-job sweep plan`: one row per trial, one column per swept option."""
+def follow_up(command: list[str], endpoint_url: str | None, *uris: str | None) -> str:
+    """A command the job prints for the user to run next, as one shell line that runs as
+    printed: with `--s3-endpoint-url` where the job was given an endpoint (an option, its
+    CNN_JOB_* variable, a sweep file) and one of `uris` is in S3. An endpoint from
+    AWS_ENDPOINT_URL(_S3) is left to the environment, which the next command reads as well;
+    credentials are never shown."""
+    if endpoint_url and any(uri and uri.startswith("s3://") for uri in uris):
+        command = [*command, "--s3-endpoint-url", endpoint_url]
+    return strip_userinfo(shlex.join(command))
+
+
+def print_sweep_plan(plan: dict, root: str, environment: dict) -> None:
+    """`cnn-job sweep plan`: one row per trial, one column per swept option; the fixed settings
+    and the CNN_JOB_* variables the trials take where the file sets none."""
     fixed = ", ".join(f"{name} {_setting(value)}" for name, value in plan["fixed"].items())
     table = Table(title=f"sweep {plan['name']}: {plan['dataset']}, {len(plan['trials'])} trials",
                   title_justify="left")
@@ -291,11 +304,15 @@ def print_sweep_plan(plan: dict, root: str) -> None:
                       *(_setting(trial["settings"].get(name)) for name in plan["swept"]))
     print_table(table)
     console.print(strip_userinfo(f"fixed: {fixed or 'nothing (the recipe defaults)'}"))
+    if environment:
+        taken = ", ".join(f"{name}={_setting(value)}" for name, value in environment.items())
+        console.print(f"from the environment, where the file sets none: {taken}")
     console.print(strip_userinfo(f"root: {root} (trial N in {root.rstrip('/')}/trial-NNN)"))
 
 
-def print_sweep_report(plan: dict, rows: list[dict], root: str) -> None:
-    """`cnn-job sweep report`: the trials best first."""
+def print_sweep_report(plan: dict, rows: list[dict], root: str, endpoint_url: str | None) -> None:
+    """`cnn-job sweep report`: the trials best first, and the command that evaluates the best
+    (`endpoint_url`: the report's own, else the sweep file's)."""
     table = Table(title=f"sweep {plan['name']}", title_justify="left")
     for column in ("trial", "status", *plan["swept"], "epochs", "val acc", "train s"):
         table.add_column(column, justify="left" if column == "status" else "right", no_wrap=True)
@@ -318,4 +335,10 @@ def print_sweep_report(plan: dict, rows: list[dict], root: str) -> None:
     if best:
         settings = ", ".join(f"{k} {_setting(v)}" for k, v in best["settings"].items())
         console.print(strip_userinfo(f"best: trial {best['trial']:03d} ({settings}) val_acc "
-                                     f"{best['val_acc']:.2%}: cnn-job evaluate {best['uri']}"))
+                                     f"{best['val_acc']:.2%}"))
+        sources = best.get("sources") or {}
+        data_uri = plan["fixed"].get("data_uri") or sources.get("environment", {}).get(
+            "CNN_JOB_DATA_URI")
+        console.print("next: " + follow_up(["cnn-job", "evaluate", best["uri"]],
+                                           endpoint_url or plan["fixed"].get("s3_endpoint_url"),
+                                           best["uri"], data_uri), markup=False)

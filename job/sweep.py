@@ -32,10 +32,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
-from job.config import TrainConfig
-from job.errors import JobError, StorageUnavailable, first_line
+from job.config import SETTING_KINDS, TrainConfig, setting_kind
+from job.errors import JobError, StorageUnavailable, first_line, strip_userinfo
 from job.lease import lease_for
 from job.preemption import PREEMPTED_EXIT_CODE, SIGNALS, Interrupted
+from job.progress import follow_up
 from job.storage import (
     DEFAULT_STORAGE_RETRY_S,
     LocalStore,
@@ -49,7 +50,7 @@ from job.storage import (
 SWEEP_FILE = "sweep.json"
 TRIAL_FILE = "trial.json"
 SECTIONS = ("name", "dataset", "checkpoint_uri", "fixed", "grid", "random", "seeds", "early_stop")
-SWEEPS_OWN = ("dataset", "checkpoint_uri", "run_name")  # set by the sweep for every trial
+SWEEPS_OWN = SETTING_KINDS["run"]  # set by the sweep for every trial
 MAX_TRIALS = 10_000  # a plan is built (and every trial checked) by each trial's process
 # What a trial.json can say (written by the trial, or by `--parallel` for a child that ended
 # without saying), and, last, what only the report says of a trial.
@@ -76,6 +77,8 @@ class Plan:
     trials: list[dict]  # each trial's swept settings
     source: str  # the file
     early_stop: EarlyStop | None = None
+    sections: dict = dataclasses.field(default_factory=dict)  # swept option → grid, random, seeds
+    environment: dict = dataclasses.field(default_factory=dict)  # `where` settings of CNN_JOB_*
 
     def identity(self) -> dict:
         """What `sweep.json` holds: a root belongs to one plan (its early stopping included:
@@ -86,29 +89,50 @@ class Plan:
                 "trials": [{"trial": index, "settings": settings}
                            for index, settings in enumerate(self.trials)]}
 
+    def shared(self, option: str, default=None):
+        """A setting every trial shares: the file's `fixed`, else the environment's."""
+        return self.fixed.get(option, self.environment.get(option, default))
+
     @property
     def endpoint_url(self) -> str | None:
-        return self.fixed.get("s3_endpoint_url")
+        return self.shared("s3_endpoint_url")
 
     def store(self, uri: str) -> LocalStore | S3Store:
-        """The root's or a trial's folder or prefix, retried as the file's storage_retry_s says
-        (the trials' own budget, for `--parallel`'s bookkeeping too)."""
+        """The root's or a trial's folder or prefix, retried as the trials' storage_retry_s says
+        (their own budget, for `--parallel`'s bookkeeping too)."""
         return open_store(uri, self.endpoint_url, option="checkpoint_uri",
-                          retry_s=self.fixed.get("storage_retry_s", DEFAULT_STORAGE_RETRY_S))
+                          retry_s=self.shared("storage_retry_s", DEFAULT_STORAGE_RETRY_S))
 
     def trial_uri(self, index: int) -> str:
         return trial_uri(self.root, index)
 
+    def own(self, index: int) -> dict:
+        """The `run` settings the sweep gives trial `index`: its dataset, its own folder and W&B
+        name, and its own checkpoints resumed."""
+        return {"dataset": self.dataset, "checkpoint_uri": self.trial_uri(index),
+                "run_name": f"{self.name}-trial-{index:03d}", "resume": "auto",
+                "overwrite": False}
+
+    def from_environment(self, index: int) -> dict:
+        """The `where` settings of CNN_JOB_* variables that trial `index` takes: those its file
+        does not set."""
+        return {option: value for option, value in self.environment.items()
+                if option not in self.fixed and option not in self.trials[index]}
+
     def config(self, index: int) -> TrainConfig:
-        """Trial `index` as `cnn-job train` would run it: the file's settings only, in its own
-        checkpoint folder, under its own run name. Of the CNN_JOB_* variables only the cache
-        folder reaches a trial, where the file does not set one: it is the machine's (a pod's
-        /cache volume), and changes no result."""
-        machine = {"cache_dir": Path(os.environ["CNN_JOB_CACHE_DIR"])} if (
-            os.environ.get("CNN_JOB_CACHE_DIR") and "cache_dir" not in self.fixed) else {}
-        return TrainConfig(dataset=self.dataset, **machine, **self.fixed, **self.trials[index],
-                           checkpoint_uri=self.trial_uri(index),
-                           run_name=f"{self.name}-trial-{index:03d}")
+        """Trial `index` as `cnn-job train` would run it: the file's settings, and where the
+        file sets none, the `where` settings of the environment's CNN_JOB_* variables; in its own
+        checkpoint folder, under its own run name."""
+        return TrainConfig(**self.from_environment(index), **self.fixed, **self.trials[index],
+                           **self.own(index))
+
+    def sources(self, index: int) -> dict:
+        """What made trial `index`: the file's settings by section, and the CNN_JOB_* variables
+        it took (trial.json's `sources`)."""
+        made = {"fixed": self.fixed, "grid": {}, "random": {}, "seeds": {}}
+        for option, value in self.trials[index].items():
+            made[self.sections[option]][option] = value
+        return {**made, "environment": as_variables(self.from_environment(index))}
 
     def check_index(self, index: int) -> None:
         if not 0 <= index < len(self.trials):
@@ -117,13 +141,24 @@ class Plan:
                            f"{self.source})")
 
 
+def as_variables(settings: dict) -> dict:
+    """Settings as the CNN_JOB_* variables that gave them, their values as JSON holds them (URIs
+    without credentials)."""
+    return {f"CNN_JOB_{option.upper()}": strip_userinfo(str(value) if isinstance(value, Path)
+                                                        else value)
+            for option, value in settings.items()}
+
+
 def trial_uri(root: str, index: int) -> str:
     return f"{root.rstrip('/')}/trial-{index:03d}"
 
 
-def load_plan(path: str) -> Plan:
+def load_plan(path: str, environment: dict | None = None) -> Plan:
     """The sweep file, checked against TrainConfig (every trial's settings built) and expanded;
-    one JobError line for anything wrong with it. Reads the file only: creates nothing."""
+    one JobError line for anything wrong with it. Reads the file only: creates nothing.
+    `environment`: the settings CNN_JOB_* variables give, as `cnn-job train` parses them; a
+    `where` one applies where the file sets none, any other is refused unless the sweep gives
+    every trial that value."""
     where = f"sweep file {path}"
     document = _parse_yaml(read_object(path, "sweep file"), where)
     if not isinstance(document, dict):
@@ -168,9 +203,12 @@ def load_plan(path: str) -> Plan:
               for combination in itertools.product(*grid.values())
               for draw in draws
               for seed in (seeds if seeds is not None else [None])]
+    sections_of = {**dict.fromkeys(grid, "grid"), **dict.fromkeys(ranges, "random"),
+                   **({"seed": "seeds"} if seeds is not None else {})}
     plan = Plan(name, dataset, root, fixed, swept,
                 [option for option, (_, _, scale) in ranges.items() if scale == "log"], trials, path,
-                early_stop)
+                early_stop, sections_of)
+    plan.environment = _environment(plan, environment or {})
     for index, settings in enumerate(trials):  # every trial as train would take it, or refused
         try:
             plan.config(index)
@@ -180,6 +218,46 @@ def load_plan(path: str) -> Plan:
         except TypeError as error:  # a value TrainConfig cannot even compare
             raise JobError(f"{where}: trial {index}: {first_line(error, 200)}") from None
     return plan
+
+
+def _environment(plan: Plan, environment: dict) -> dict:
+    """The `where` settings of `environment` (option → value); one JobError line for a setting
+    of another kind whose value is not the one the sweep gives every trial."""
+    for option, value in environment.items():
+        if setting_kind(option) == "where":
+            continue
+        variable, shown = f"CNN_JOB_{option.upper()}", _yaml_text(value)
+        if setting_kind(option) == "run":
+            given = {_yaml_text(plan.own(index)[option]) for index in range(len(plan.trials))}
+            if given != {shown}:
+                raise JobError(
+                    f"{variable}={shown}: a sweep gives each trial its own {option} "
+                    f"({_listed(given)}); unset {variable} to run sweep {plan.source}")
+            continue
+        given = {_yaml_text(trial[option]) if option in trial else None
+                 for trial in ({**plan.fixed, **settings} for settings in plan.trials)}
+        if None in given:
+            raise JobError(
+                f"{variable}={shown} would change the trials' results, which come from the sweep "
+                f"file alone: put {option}: {shown} in the fixed settings of {plan.source}, or "
+                f"unset {variable}")
+        if given != {shown}:
+            raise JobError(
+                f"{variable}={shown} differs from the {option} that {plan.source} gives its "
+                f"trials ({_listed(given)}): a trial's result comes from its sweep file; unset "
+                f"{variable}")
+    return {option: value for option, value in environment.items()
+            if setting_kind(option) == "where"}
+
+
+def _yaml_text(value) -> str:
+    """A setting's value as a sweep file would write it."""
+    return str(value).lower() if isinstance(value, bool) else format_value(value)
+
+
+def _listed(values: set[str]) -> str:
+    shown = sorted(values)
+    return ", ".join(shown[:3]) + (", ..." if len(shown) > 3 else "")
 
 
 def _root(document: dict, name: str, where: str) -> str:
@@ -245,7 +323,8 @@ def _options(section, section_name: str, where: str) -> dict:
         option = str(key).replace("-", "_")
         if option in SWEEPS_OWN:
             raise JobError(f"{where}: {section_name}: {key} is the sweep's own (dataset and "
-                           "checkpoint_uri at the top of the file; run names are trial names)")
+                           "checkpoint_uri at the top of the file; run names are trial names; a "
+                           "trial resumes its own checkpoints)")
         if option not in _FIELDS:
             close = difflib.get_close_matches(option, _FIELDS, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
@@ -563,8 +642,9 @@ def _status_problem(status) -> str | None:
     for key in ("val_acc", "train_seconds"):
         if status.get(key) is not None and not number(status[key]):
             return f"{key} {status[key]!r} is not a number"
-    if not isinstance(status.get("settings", {}), dict):
-        return "settings is not a mapping"
+    for key in ("settings", "sources"):
+        if not isinstance(status.get(key, {}), dict):
+            return f"{key} is not a mapping"
     if status.get("error") is not None and not isinstance(status["error"], str):
         return "error is not text"
     for key in ("history", "rungs"):
@@ -678,7 +758,7 @@ def run_trial(plan: Plan, index: int,
         "epochs": previous.get("epochs", 0), "steps": previous.get("steps", 0),
         "val_acc": previous.get("val_acc"), "train_seconds": earlier_s, "error": None,
         "history": previous.get("history", []), "rungs": previous.get("rungs", []),
-        "pruned": None})
+        "pruned": None, "sources": plan.sources(index)})
     trial.record()
     os.environ.setdefault("WANDB_RUN_GROUP", plan.name)  # wandb.init reads it: one group a sweep
     try:
@@ -897,8 +977,9 @@ def _sum_up(plan: Plan, outcome: dict[int, dict], say: Callable[[str], None]) ->
     not_run = len(plan.trials) - len(outcome)
     said = [f"{len(counts[name])} {name}" for name in names if counts[name]]
     said += [f"{not_run} not run"] if not_run else []
-    say(f"sweep {plan.name}: {', '.join(said)}, of {len(plan.trials)}; "
-        f"cnn-job sweep report {plan.root}")
+    report_command = follow_up(["cnn-job", "sweep", "report", plan.root], plan.endpoint_url,
+                               plan.root)
+    say(f"sweep {plan.name}: {', '.join(said)}, of {len(plan.trials)}; {report_command}")
     for index in counts["failed"]:
         say(f"failed: {trial_line(outcome[index])}")
     if counts["failed"]:
@@ -950,7 +1031,8 @@ def report(root: str, endpoint_url: str | None = None) -> tuple[dict, list[dict]
                "epochs": status.get("epochs", 0), "val_acc": status.get("val_acc"),
                "train_seconds": status.get("train_seconds"), "error": status.get("error"),
                "pruned": status.get("pruned"), "history": status.get("history", []),
-               "rungs": status.get("rungs", []), "updated": status.get("updated"),
+               "rungs": status.get("rungs", []), "sources": status.get("sources"),
+               "updated": status.get("updated"),
                "uri": trial_store.uri}
         if row["status"] == "running" and lease_for(trial_store, lease_s, print).is_held() is False:
             row["status"] = "stopped (killed)"  # its writer is gone without saying so

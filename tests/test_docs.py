@@ -22,13 +22,16 @@ REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script: the checkout's job/, not an installed one
     sys.path.insert(0, str(REPO))
 
-from job.config import TrainConfig  # noqa: E402
+from job.config import SETTING_KINDS, TrainConfig  # noqa: E402
 
 README = REPO / "README.md"
 DOCS = REPO / "docs"
 README_MAX_LINES = 300
 OPTIONS_START = "<!-- options: generated from TrainConfig by tests/test_docs.py -->"
 OPTIONS_END = "<!-- end of options -->"
+SWEEPS = DOCS / "sweeps.md"
+KINDS_START = "<!-- setting kinds: generated from job/config.py's SETTING_KINDS by tests/test_docs.py -->"
+KINDS_END = "<!-- end of setting kinds -->"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,24 +93,56 @@ def build_options_table() -> str:
     return "\n".join(rows) + "\n"
 
 
-def readme_options_block(text: str) -> str:
-    """What the README holds between the two markers."""
-    start, end = text.index(OPTIONS_START), text.index(OPTIONS_END)
-    return text[start + len(OPTIONS_START):end].strip("\n") + "\n"
+def marked_block(text: str, start_marker: str = OPTIONS_START,
+                         end_marker: str = OPTIONS_END) -> str:
+    """What the README (or another page) holds between the two markers."""
+    start, end = text.index(start_marker), text.index(end_marker)
+    return text[start + len(start_marker):end].strip("\n") + "\n"
 
 
-def write_options_table() -> None:
-    """Rewrite the README's block in place from TrainConfig."""
-    text = README.read_text()
-    start, end = text.index(OPTIONS_START), text.index(OPTIONS_END)
-    README.write_text(f"{text[:start]}{OPTIONS_START}\n{options_table()}{text[end:]}")
+def write_block(page: Path, start_marker: str, end_marker: str, block: str) -> None:
+    """Rewrite `page`'s block between the markers in place."""
+    text = page.read_text()
+    start, end = text.index(start_marker), text.index(end_marker)
+    page.write_text(f"{text[:start]}{start_marker}\n{block}{text[end:]}")
+
+
+# What a sweep's trial does with a CNN_JOB_* variable of each kind (docs/sweeps.md).
+KIND_RULES = {
+    "where": "**Where and how a trial runs**: taken from the environment by every trial whose file "
+             "does not set the option (the file's value wins)",
+    "result": "**What a trial ends with**: refused in one line unless the file gives every trial "
+              "the same value (put it in `fixed`, or unset it)",
+    "run": "**The sweep's own**: refused unless it is what the sweep gives every trial (the "
+           "file's `dataset`, `<root>/trial-NNN`, `<name>-trial-NNN`, `resume` auto, no "
+           "`overwrite`)",
+}
+
+
+def build_setting_kinds() -> str:
+    """docs/sweeps.md's lists: each kind of setting, what a trial does with its variables, and
+    the variables, in TrainConfig's order."""
+    order = [field.name for field in dataclasses.fields(TrainConfig)]
+    lines = []
+    for kind, rule in KIND_RULES.items():
+        names = sorted(SETTING_KINDS[kind], key=order.index)
+        variables = ", ".join(f"`CNN_JOB_{name.upper()}`" for name in names)
+        lines.append(f"- {rule}: {variables}.")
+    return "\n".join(lines) + "\n"
 
 
 def test_readme_options_table_is_trainconfigs():
     text = README.read_text()
     assert OPTIONS_START in text and OPTIONS_END in text, "the README lost its options markers"
-    assert readme_options_block(text) == options_table(), (
+    assert marked_block(text) == options_table(), (
         "the README's options table differs from TrainConfig: run `.venv/bin/python tests/test_docs.py`")
+
+
+def test_the_sweep_docs_lists_are_the_setting_kinds():
+    assert set(KIND_RULES) == set(SETTING_KINDS)
+    assert marked_block(SWEEPS.read_text(), KINDS_START, KINDS_END) == \
+        build_setting_kinds(), ("docs/sweeps.md's lists of setting kinds differ from "
+                                "job/config.py's: run `.venv/bin/python tests/test_docs.py`")
 
 
 def test_options_table_names_every_setting_as_the_cli_does():
@@ -192,5 +227,7 @@ if __name__ == "__main__":
     if sys.argv[1:] == ["--print"]:
         print(build_options_table(), end="")
         sys.exit(0)
-    write_options_table()
+    write_block(README, OPTIONS_START, OPTIONS_END, options_table())
     print(f"{README.relative_to(REPO)}: options table rewritten from TrainConfig")
+    write_block(SWEEPS, KINDS_START, KINDS_END, build_setting_kinds())
+    print(f"{SWEEPS.relative_to(REPO)}: setting kinds rewritten from job/config.py")

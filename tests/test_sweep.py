@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -301,12 +302,12 @@ seeds: [0, 1]
 early_stop: {{method: median, min_trials: 1}}
 """)
     assert run_cli("sweep", "plan", str(sweep_file)).returncode == 0
-    # The trial takes the file's settings only: CNN_JOB_EPOCHS does not reach it; the machine's
-    # cache folder does. Its closing line is also the pod's termination message.
+    # The machine's cache folder reaches the trial; CNN_JOB_EPOCHS is accepted as it agrees
+    # with the file. Its closing line is also the pod's termination message.
     message = tmp_path / "termination-log"
     message.write_text("")
     trial = run_cli("sweep", "run", str(sweep_file),
-                    env={"JOB_COMPLETION_INDEX": "1", "CNN_JOB_EPOCHS": "3",
+                    env={"JOB_COMPLETION_INDEX": "1", "CNN_JOB_EPOCHS": "2",
                          "CNN_JOB_CACHE_DIR": str(tmp_path / "machine-cache"),
                          "CNN_JOB_TERMINATION_LOG": str(message)})
     assert trial.returncode == 0, trial.stderr
@@ -619,3 +620,144 @@ def test_the_trial_of_a_killed_parallel_stops_as_preempted(tmp_path, data_dir):
     recorded = status(root, 0)
     assert recorded["status"] == "stopped" and recorded["error"] is None
     assert recorded["epochs"] < 20
+
+
+# ----------------------------------------------------------------------------------------------
+# the pod's settings: CNN_JOB_* variables of where and how a trial runs apply, those that would
+# change its result are refused; the commands the job prints run as printed
+
+NO_DATA_URI = """\
+name: pod
+dataset: mnist
+checkpoint_uri: {root}
+fixed: {{net: fast, epochs: 1, limit_train: 640, batch_size: 64, lr: 0.01, device: cpu}}
+"""
+
+
+def test_a_trial_takes_the_pods_data_and_checkpoint_cadence(tmp_path, data_dir):
+    """A file without data_uri, as k8s/sweep/'s, run where the settings ConfigMap sets
+    CNN_JOB_DATA_URI and CNN_JOB_CHECKPOINT_EVERY_STEPS: the trial reads that copy of the data
+    (the public mirrors are out of reach here) and checkpoints at that cadence; CNN_JOB_LR with
+    the file's own value is accepted."""
+    copy = tmp_path / "data-copy"
+    shutil.copytree(data_dir / "mnist", copy / "mnist")
+    root = tmp_path / "root"
+    sweep_file = write(tmp_path / "pod.yaml", NO_DATA_URI.format(root=root))
+    env = {"CNN_JOB_DATA_URI": str(copy), "CNN_JOB_CHECKPOINT_EVERY_STEPS": "3",
+           "CNN_JOB_KEEP_CHECKPOINTS": "10", "CNN_JOB_LR": "0.01",
+           "CNN_JOB_CACHE_DIR": str(tmp_path / "cache")}
+    shown = run_cli("sweep", "plan", str(sweep_file), "--json", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["environment"] == {
+        "CNN_JOB_DATA_URI": str(copy), "CNN_JOB_CACHE_DIR": str(tmp_path / "cache"),
+        "CNN_JOB_CHECKPOINT_EVERY_STEPS": 3, "CNN_JOB_KEEP_CHECKPOINTS": 10}
+
+    trial = run_cli("sweep", "run", str(sweep_file), "--trial", "0", env=env)
+    assert trial.returncode == 0, trial.stdout + trial.stderr
+    # 10 steps: a checkpoint every 3, and the epoch's end
+    assert sorted(path.name for path in (root / "trial-000").glob("step-*.pt")) == [
+        f"step-{step:09d}.pt" for step in (3, 6, 9, 10)]
+    from job.checkpoint import load_checkpoint
+
+    config = load_checkpoint(str(root / "trial-000"), None, print).state["config"]
+    assert config["data_uri"] == str(copy) and config["checkpoint_every_steps"] == 3
+    assert config["lr"] == 0.01
+    sources = status(root, 0)["sources"]
+    assert sources["fixed"]["limit_train"] == 640 and sources["grid"] == {}
+    assert sources["environment"] == {
+        "CNN_JOB_DATA_URI": str(copy), "CNN_JOB_CACHE_DIR": str(tmp_path / "cache"),
+        "CNN_JOB_CHECKPOINT_EVERY_STEPS": 3, "CNN_JOB_KEEP_CHECKPOINTS": 10}
+    assert any((tmp_path / "cache" / "parsed").iterdir())
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ({"CNN_JOB_LR": "0.5"}, "CNN_JOB_LR=0.5 differs from the lr that {file} gives its trials "
+     "(0.01): a trial's result comes from its sweep file; unset CNN_JOB_LR"),
+    ({"CNN_JOB_SEED": "3"}, "CNN_JOB_SEED=3 would change the trials' results, which come from the "
+     "sweep file alone: put seed: 3 in the fixed settings of {file}, or unset CNN_JOB_SEED"),
+    ({"CNN_JOB_DEVICE": "cuda"}, "CNN_JOB_DEVICE=cuda differs from the device that"),
+    ({"CNN_JOB_CHECKPOINT_URI": "runs/x"}, "CNN_JOB_CHECKPOINT_URI=runs/x: a sweep gives each "
+     "trial its own checkpoint_uri ({root}/trial-000); unset CNN_JOB_CHECKPOINT_URI"),
+    ({"CNN_JOB_DATASET": "cifar10"}, "CNN_JOB_DATASET=cifar10: a sweep gives each trial its own "
+     "dataset (mnist)"),
+    ({"CNN_JOB_RESUME": "never"}, "CNN_JOB_RESUME=never: a sweep gives each trial its own resume"),
+    ({"CNN_JOB_CHECKPOINT_EVERY_STEPS": "often"}, "CNN_JOB_CHECKPOINT_EVERY_STEPS"),
+], ids=["other-value", "not-in-the-file", "device", "checkpoint-uri", "dataset", "resume",
+        "not-a-number"])
+def test_a_result_changing_variable_is_refused_in_one_line(tmp_path, env, message):
+    root = tmp_path / "root"
+    sweep_file = write(tmp_path / "pod.yaml", NO_DATA_URI.format(root=root))
+    message = message.format(file=sweep_file, root=root)
+    for command in (("plan",), ("run", "--trial", "0"), ("run", "--parallel", "1")):
+        result = run_cli("sweep", command[0], str(sweep_file), *command[1:], env=env)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert not root.exists()
+
+
+def test_a_variable_with_the_sweeps_own_value_is_accepted(tmp_path):
+    sweep_file = write(tmp_path / "pod.yaml", NO_DATA_URI.format(root=tmp_path / "root"))
+    accepted = {"CNN_JOB_DATASET": "mnist", "CNN_JOB_RESUME": "auto", "CNN_JOB_OVERWRITE": "false",
+                "CNN_JOB_LR": "0.01", "CNN_JOB_DEVICE": "cpu", "CNN_JOB_NET": "fast"}
+    shown = run_cli("sweep", "plan", str(sweep_file), "--json", env=accepted)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["environment"] == {}
+
+
+def test_the_printed_commands_run_as_printed(s3, tmp_path, data_dir, monkeypatch):
+    """train's `next:`, a sweep's `cnn-job sweep report ...` and the report's `next: cnn-job
+    evaluate ...`, each run as printed where the only endpoint is the one the job printed (the
+    file's or the option's: AWS_ENDPOINT_URL unset)."""
+    monkeypatch.delenv("AWS_ENDPOINT_URL")
+    shell = {"PATH": f"{CNN_JOB.parent}{os.pathsep}{os.environ['PATH']}",
+             "CNN_JOB_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run_printed(output: str, prefix: str) -> str:
+        (line,) = [line for line in output.splitlines() if prefix in line]
+        command = shlex.split(line.split(prefix, 1)[1])
+        assert command[0] == "cnn-job" and "--s3-endpoint-url" in command, line
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, **shell})
+        assert result.returncode == 0, f"{line}\n{result.stderr}"
+        return result.stdout
+
+    # train: the data in the bucket, the checkpoints in a folder; evaluate reads the run's data
+    data = f"s3://{s3.bucket}/datasets"
+    assert run_cli("data", "push", "mnist", data, "--from", str(data_dir), "--s3-endpoint-url",
+                   s3.endpoint).returncode == 0
+    train = run_cli("train", "mnist", "--net", "fast", "--epochs", "1", "--limit-train", "256",
+                    "--device", "cpu", "--data-uri", data, "--checkpoint-uri",
+                    str(tmp_path / "run"), "--s3-endpoint-url", s3.endpoint, env=shell)
+    assert train.returncode == 0, train.stderr
+    assert train.stdout.splitlines()[-1] == (f"next: cnn-job evaluate {tmp_path / 'run'} "
+                                             f"--s3-endpoint-url {s3.endpoint}")
+    assert "accuracy" in run_printed(train.stdout, "next: ").lower()
+
+    # a sweep in the bucket, its endpoint in the file: the trial's next:, the report, evaluate
+    root = f"s3://{s3.bucket}/sweeps/printed"
+    sweep_file = write(tmp_path / "printed.yaml", f"""\
+dataset: mnist
+checkpoint_uri: {root}
+fixed: {{net: fast, epochs: 1, limit_train: 256, device: cpu, data_uri: {data_dir},
+        s3_endpoint_url: "{s3.endpoint}"}}
+""")
+    sweep = run_cli("sweep", "run", str(sweep_file), "--parallel", "1", env=shell)
+    assert sweep.returncode == 0, sweep.stdout + sweep.stderr
+    assert f"trial 000 | next: cnn-job evaluate {root}/trial-000 --s3-endpoint-url " in sweep.stdout
+    run_printed(sweep.stdout, "trial 000 | next: ")
+    assert sweep.stdout.splitlines()[-1] == (f"sweep printed: 1 finished, of 1; cnn-job sweep "
+                                             f"report {root} --s3-endpoint-url {s3.endpoint}")
+    report = run_printed(sweep.stdout, "of 1; ")
+    assert "best: trial 000" in report
+    assert "accuracy" in run_printed(report, "next: ").lower()
+
+
+def test_the_shipped_sweep_files_plan_and_the_readme_names_one():
+    repo = Path(__file__).resolve().parent.parent
+    examples = sorted((repo / "examples").glob("*.yaml"))
+    assert "examples/mnist-lr.yaml" in (repo / "README.md").read_text()
+    assert repo / "examples" / "mnist-lr.yaml" in examples
+    for example in examples:
+        shown = run_cli("sweep", "plan", str(example.relative_to(repo)), cwd=repo)
+        assert shown.returncode == 0, shown.stderr
+        assert f"root: runs/sweeps/{example.stem} " in shown.stdout
