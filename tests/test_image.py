@@ -188,8 +188,8 @@ class Image:
     def clean(self) -> None:
         for name in self.pods:
             subprocess.run([self.engine, "pod", "rm", "--force", name], capture_output=True)
-        for name in self.volumes:
-            subprocess.run([self.engine, "volume", "rm", "--force", name], capture_output=True)
+        for name in self.volumes:  # not --force, which would remove another pod using it
+            subprocess.run([self.engine, "volume", "rm", name], capture_output=True)
         self.pods.clear()
         self.volumes.clear()
         for name in reversed(self.names):
@@ -474,13 +474,19 @@ def cluster_s3(data_dir):
         client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
                               aws_secret_access_key=SECRET, region_name="us-east-1")
         client.create_bucket(Bucket=bucket)
-        pushed = run_cli("data", "push", "cifar10", data_uri, "--from", str(data_dir), env=env)
+        # 189 MB into moto: minutes when the tests' niced processes share a loaded host.
+        pushed = run_cli("data", "push", "cifar10", data_uri, "--from", str(data_dir), env=env,
+                         timeout=1800)
         assert pushed.returncode == 0, pushed.stderr
         yield types.SimpleNamespace(endpoint=endpoint, client=client, bucket=bucket, env=env,
                                     data_prefix=data_prefix)
     finally:
         process.terminate()
-        process.wait(timeout=10)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture
@@ -617,7 +623,9 @@ def running_or_failed(image: Image, played: PlayedPod) -> bool:
 
 
 def exit_code(image: Image, played: PlayedPod) -> int:
-    image.wait(played.container)
+    # A CIFAR-10 pod on 2 shared CPUs: minutes, at worst tens of them.
+    subprocess.run([image.engine, "wait", played.container], capture_output=True, check=True,
+                   timeout=3600)
     return int(image.engine_output("inspect", "--format", "{{.State.ExitCode}}", played.container))
 
 
@@ -638,6 +646,99 @@ def test_every_manifests_pods_run_under_kube_play(name, image, cluster, tmp_path
     assert re.fullmatch(rf"done: val_acc \d+\.\d\d% at step {state['step']}, model "
                         rf"{checkpoint_uri}/step-{state['step']:09d}\.pt", played[0].message())
     assert [pod.message() for pod in played[1:]] == [""] * (len(played) - 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7b. the sweep's pods: a trial per index, the settings ConfigMap's data URI and cadence
+
+
+def trial_record(s3, root: str, index: int) -> dict:
+    bucket, _, prefix = root.removeprefix("s3://").partition("/")
+    key = f"{prefix}/trial-{index:03d}/trial.json"
+    return json.loads(s3.client.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+# Trial 1 (batch 64): 40 steps, time to be stopped well before the end on a loaded machine.
+# Not the 200 of the settings ConfigMap's CNN_JOB_CHECKPOINT_EVERY_STEPS: 12,800 CIFAR-10
+# images on 2 shared CPUs take minutes; the cadence taken is read from the trial's checkpoint and
+# trial.json, and what a cadence does is tests/test_preemption.py's.
+SWEEP_STEPS = 40
+
+
+def test_a_sweep_pod_trains_from_the_configmaps_data_at_its_cadence_and_resumes_when_stopped(
+        image, cluster, tmp_path):
+    manifests = Manifests(image, "sweep", cluster, tmp_path, {},
+                          fixed={"epochs": 1, "limit_train": SWEEP_STEPS * 64})
+    settings, root = manifests.settings, manifests.sweep["checkpoint_uri"]
+    every_steps = int(settings["CNN_JOB_CHECKPOINT_EVERY_STEPS"])
+    assert settings["CNN_JOB_DATA_URI"].startswith("s3://") and every_steps > 0
+    assert not {"data_uri", "checkpoint_every_steps"} & set(manifests.sweep["fixed"])
+    grace_s = the_job(manifests.objects)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    (index_1,) = [pod for pod in manifests.pods if completion_index(pod) == 1]
+    # Stopped as Kubernetes stops a pod (SIGTERM, then SIGKILL after the grace period) once it
+    # trains: as its process, PID 1, it runs the command of the YAML as user 10001, with no
+    # capability and the runtime's seccomp filter.
+    stopped_pod = manifests.play(index_1)
+    wait_until("trial 1 training", lambda: "training cifar10" in image.logs(stopped_pod.container),
+               still=lambda: running_or_failed(image, stopped_pod))
+    process = image.engine_output("exec", stopped_pod.container, "cat", "/proc/1/cmdline")
+    assert process.split("\0")[:4] == ["/opt/venv/bin/cnn-job", "sweep", "run",
+                                        "/etc/cnn-job/sweep.yaml"], process
+    status = image.engine_output("exec", stopped_pod.container, "cat", "/proc/1/status")
+    assert re.search(r"^Uid:\s+10001\s", status, re.M) and re.search(r"^CapEff:\s+0+$", status, re.M)
+    assert re.search(r"^Seccomp:\s+2$", status, re.M), status  # RuntimeDefault: a filter
+    code, seconds = image.stop(stopped_pod.container, grace_s)
+    assert code == PREEMPTED_EXIT_CODE and seconds < grace_s, image.logs(stopped_pod.container)[-3000:]
+    manifests.assert_as_declared(stopped_pod)
+    stopped = trial_record(cluster, root, 1)
+    assert stopped["status"] == "stopped" and 0 < stopped["steps"] < SWEEP_STEPS, stopped
+    assert stopped_pod.message() == (
+        f"trial 001 stopped at epoch 0, step {stopped['steps']} (val_acc -): run it again to "
+        f"resume (exit status {PREEMPTED_EXIT_CODE})")
+
+    # The replacement pod for index 1 resumes the trial where it stopped and finishes it.
+    (replacement,) = [pod for pod in controller_pods(manifests.objects) if completion_index(pod) == 1]
+    again = manifests.play(replacement)
+    assert exit_code(image, again) == 0, image.logs(again.container)[-3000:]
+    assert (f"resumed from {root}/trial-001/step-{stopped['steps']:09d}.pt"
+            in image.logs(again.container).replace("\n", ""))
+    finished = trial_record(cluster, root, 1)
+    assert finished["status"] == "finished" and finished["steps"] == SWEEP_STEPS, finished
+    assert re.fullmatch(r"trial 001 finished: val_acc \d+\.\d\d%, epochs 1 \(.*\bseed 1\)",
+                        again.message()), again.message()
+    # The ConfigMap's settings, which the sweep file leaves to the pod: the data from its s3://
+    # URI, its checkpoint cadence (the checkpoints: at the stop, and at the end).
+    trial = f"{root}/trial-001"
+    state = read_checkpoint(cluster, trial)
+    assert state["config"]["data_uri"] == settings["CNN_JOB_DATA_URI"]
+    assert state["config"]["checkpoint_every_steps"] == every_steps
+    assert {name: str(finished["sources"]["environment"].get(name)) for name in (
+        "CNN_JOB_DATA_URI", "CNN_JOB_CHECKPOINT_EVERY_STEPS")} == {
+        name: settings[name] for name in ("CNN_JOB_DATA_URI", "CNN_JOB_CHECKPOINT_EVERY_STEPS")}
+    prefix = trial.removeprefix(f"s3://{cluster.bucket}/")
+    assert sorted(key.rpartition("/")[2] for key in s3_keys(cluster, prefix) if key.endswith(".pt")) == [
+        f"step-{step:09d}.pt" for step in (stopped["steps"], SWEEP_STEPS)]
+
+    report = image.run("sweep", "report", root, "--json", network="host", env=cluster.env)
+    assert report.returncode == 0, report.stderr
+    rows = {row["trial"]: row for row in json.loads(report.stdout)}
+    assert rows[1]["status"] == "finished" and rows[1]["epochs"] == 1, rows[1]
+    assert cluster.env["AWS_SECRET_ACCESS_KEY"] not in report.stdout + report.stderr
+
+
+def test_a_sweep_pod_refuses_a_result_changing_setting_of_its_configmap(image, cluster, tmp_path):
+    # CNN_JOB_LR beside a sweep file whose trials each draw their own lr: the run would not be
+    # the trial the file names.
+    manifests = Manifests(image, "sweep", cluster, tmp_path, {"CNN_JOB_LR": "0.01"},
+                          fixed={"epochs": 1, "limit_train": 640})
+    assert "lr" in manifests.sweep["random"]
+    played = manifests.play(manifests.pods[0])
+    assert exit_code(image, played) == 2
+    output = image.logs(played.container)
+    assert "Traceback" not in output
+    line = output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "CNN_JOB_LR" in line, output[-3000:]
+    assert played.message() == line
 
 
 # ----------------------------------------------------------------------------------------------
