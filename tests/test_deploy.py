@@ -592,9 +592,9 @@ def test_every_manifest_runs_the_same_image_on_its_own_settings_and_checkpoints(
     assert len(set(config_maps)) == len(config_maps) and len(checkpoints) == len(FOLDERS)
 
 
-def sweep_file(objects: dict) -> tuple[str, str]:
-    """The sweep file the pod's `cnn-job sweep run PATH` reads: PATH, and its text from the
-    ConfigMap mounted, read-only, on PATH's folder."""
+def sweep_source(objects: dict) -> tuple[str, str, str]:
+    """Where the pod's `cnn-job sweep run PATH` reads its sweep file: PATH, and the ConfigMap
+    and key mounted, read-only, on PATH's folder."""
     job = the_job(objects)
     container = the_container(job)
     path = pod_process(objects, {}, {}, 0)[0][-1]
@@ -604,7 +604,13 @@ def sweep_file(objects: dict) -> tuple[str, str]:
                  if volume["name"] == mount["name"]]
     assert mount["readOnly"] is True
     keys = {item["path"]: item["key"] for item in volume["configMap"].get("items", [])}
-    return path, objects["ConfigMap", volume["configMap"]["name"]]["data"][keys.get(file_name, file_name)]
+    return path, volume["configMap"]["name"], keys.get(file_name, file_name)
+
+
+def sweep_file(objects: dict) -> tuple[str, str]:
+    """The sweep file the pod reads: its PATH, and its text from the ConfigMap."""
+    path, config_map, key = sweep_source(objects)
+    return path, objects["ConfigMap", config_map]["data"][key]
 
 
 def test_sweep_runs_one_trial_per_index_of_the_sweep_file_it_mounts(tmp_path):

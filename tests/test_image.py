@@ -11,6 +11,9 @@ environment and securityContext. Where no engine answers it skips, with one line
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -19,11 +22,13 @@ import shutil
 import subprocess
 import tempfile
 import time
+import types
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+import boto3
 import pytest
 import yaml
 
@@ -34,15 +39,15 @@ except ModuleNotFoundError:  # Python 3.10
 
 from job.preemption import PREEMPTED_EXIT_CODE
 from requirements.sbom import locked
-from tests.conftest import CNN_JOB, REPO, _free_port
+from tests.conftest import CNN_JOB, REPO, SECRET, run_cli, start_s3_server
+from tests.kube_pods import completion_index, controller_pods, hosts_file, on_this_host
 from tests.test_deploy import (
     FOLDERS,
-    IMAGE,
     LOCK,
+    SECRET_NAME,
     load_folder,
-    pod_process,
     s3_keys,
-    sweep_file,
+    sweep_source,
     the_container,
     the_job,
 )
@@ -117,6 +122,8 @@ class Image:
     base: str = PYTHON_IMAGE  # what it was built FROM
     built_at: datetime | None = None  # when the build began (UTC)
     names: list[str] = field(default_factory=list)  # containers and volumes to remove
+    pods: list[str] = field(default_factory=list)  # kube play's pods, then their volumes
+    volumes: list[str] = field(default_factory=list)
 
     def name(self, what: str) -> str:
         self.names.append(f"cnn-job-test-{what}-{uuid.uuid4().hex[:8]}")
@@ -179,6 +186,12 @@ class Image:
                                        volume).strip())
 
     def clean(self) -> None:
+        for name in self.pods:
+            subprocess.run([self.engine, "pod", "rm", "--force", name], capture_output=True)
+        for name in self.volumes:  # not --force, which would remove another pod using it
+            subprocess.run([self.engine, "volume", "rm", name], capture_output=True)
+        self.pods.clear()
+        self.volumes.clear()
         for name in reversed(self.names):
             subprocess.run([self.engine, "rm", "--force", "--volumes", name], capture_output=True)
             subprocess.run([self.engine, "volume", "rm", "--force", name], capture_output=True)
@@ -422,230 +435,310 @@ def test_a_wandb_offline_run_survives_rm_in_the_readmes_command(image, data_dir)
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. the manifests' pods, as the YAML declares them, in the built image
+# 7. the manifests' pods, from their own YAML, under `podman kube play`
 
 
-def security_flags(engine: str, pod: dict, container: dict) -> list[str]:
-    """Pod and container securityContext (the container's wins) as the engine's flags. A field
-    this does not know fails the test, rather than running the pod with less than it asks."""
-    context = {**pod.get("securityContext", {}), **container.get("securityContext", {})}
-    flags, user = [], {}
-    for key, value in context.items():
-        if key in ("runAsUser", "runAsGroup"):
-            user[key] = value
-        elif key == "runAsNonRoot":
-            assert value is True
-        elif key == "readOnlyRootFilesystem":  # /tmp and the rest: the pod's own emptyDirs
-            flags += ["--read-only", *(["--read-only-tmpfs=false"] if engine == "podman" else [])
-                      ] if value else []
-        elif key == "allowPrivilegeEscalation":
-            flags += ["--security-opt=no-new-privileges"] if value is False else []
-        elif key == "capabilities":
-            flags += [f"--cap-drop={cap}" for cap in value.get("drop", [])]
-            flags += [f"--cap-add={cap}" for cap in value.get("add", [])]
-        elif key == "seccompProfile":
-            assert value["type"] in ("RuntimeDefault", "Unconfined"), value  # no Localhost file
-            flags += ["--security-opt=seccomp=unconfined"] if value["type"] == "Unconfined" else []
-        elif key in ("fsGroup", "supplementalGroups"):
-            flags += [f"--group-add={group}" for group in (value if isinstance(value, list) else [value])]
-        elif key == "fsGroupChangePolicy":
-            pass  # how kubelet chowns volumes; these volumes are fresh
-        elif key == "privileged":
-            flags += ["--privileged"] if value else []
-        else:
-            pytest.fail(f"securityContext.{key} has no translation here: add one")
-    uid = user.get("runAsUser", IMAGE["USER"])
-    if context.get("runAsNonRoot"):  # kubelet refuses to start a root container
-        assert str(uid).isdigit() and int(uid) != 0, uid
-    if user:
-        flags.append(f"--user={uid}" + (f":{user['runAsGroup']}" if "runAsGroup" in user else ""))
-    return flags
+# kube play has no --ulimit: podman's default (1048576 files and processes), which this host's
+# hard limits refuse (ulimits() above), is lowered in a containers.conf of the tests' own; and
+# the host's proxy variables stay out of the pods, as a kubelet keeps its own.
+KUBE_CONTAINERS_CONF = """\
+[containers]
+default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]
+http_proxy = false
+"""
+# The run's size, made as a user would make it: keys of the settings ConfigMap (a sweep's: its
+# file's `fixed`). 640 CIFAR-10 images: 10 steps of 64 on one pod, 5 a rank on two.
+SMALL_RUN = {"CNN_JOB_EPOCHS": "1", "CNN_JOB_LIMIT_TRAIN": "640"}
+# Podman keeps Secrets by name for the whole host: one test at a time creates the manifests'.
+SECRET_LOCK = Path(tempfile.gettempdir(), "cnn-job-test-kube-secret.lock")
 
 
-def volume_flags(image: Image, pod: dict, container: dict,
-                 folders: dict[str, Path] | None = None) -> list[str]:
-    """emptyDirs become tmpfs (a fresh pod starts with them empty), /dev/shm included; a volume
-    named in `folders` (a ConfigMap's files) that host folder; any other volume (a PVC, ...) a
-    fresh named volume."""
-    volumes = {volume["name"]: volume for volume in pod.get("volumes", [])}
-    flags = []
-    for mount in container.get("volumeMounts", []):
-        assert "subPath" not in mount, mount
-        volume, path = volumes[mount["name"]], mount["mountPath"]
-        read_only = ",ro" if mount.get("readOnly") else ""
-        if mount["name"] in (folders or {}):
-            flags.append(f"--volume={folders[mount['name']]}:{path}{read_only and ':ro'}")
-        elif "emptyDir" in volume:
-            size = volume["emptyDir"].get("sizeLimit")
-            size_option = f",size={size.replace('Gi', 'g').replace('Mi', 'm')}" if size else ""
-            if path == "/dev/shm":  # the engine's own /dev/shm, at the emptyDir's size
-                flags.append(f"--shm-size={size.replace('Gi', 'g').replace('Mi', 'm')}" if size
-                             else "--shm-size=1g")
-            else:  # an emptyDir is 0777; podman gives a tmpfs over a folder of the image that
-                # folder's mode and root as owner instead: its U hands it to the container's user
-                owner = ",U" if image.engine == "podman" else ""
-                flags.append(f"--tmpfs={path}:rw,exec,mode=0777{owner}{size_option}{read_only}")
-        else:
-            flags.append(f"--volume={image.volume()}:{path}{read_only and ':ro'}")
-    return flags
+def settings_name(objects: dict) -> str:
+    """The ConfigMap the training container takes its environment from."""
+    (name,) = [source["configMapRef"]["name"] for source in the_container(the_job(objects))["envFrom"]
+               if "configMapRef" in source]
+    return name
 
 
-def cluster_to_here(manifest_env: dict, s3, run: str) -> dict:
-    """Only what must point here changes: the endpoint at the S3 server on the host's loopback,
-    data and checkpoints into this test's bucket, a short MNIST run on CPU, W&B off (rank 0's
-    address goes on loopback too). Everything else is the manifest's and the image's."""
-    assert manifest_env["CNN_JOB_DATASET"] == "cifar10" and manifest_env["AWS_ENDPOINT_URL"]
-    for name in ("CNN_JOB_DATA_URI", "CNN_JOB_CHECKPOINT_URI"):
-        assert manifest_env[name].startswith("s3://"), name
-    return {"AWS_ENDPOINT_URL": s3.endpoint, "CNN_JOB_DATA_URI": f"s3://{s3.bucket}/datasets",
-            "CNN_JOB_CHECKPOINT_URI": f"s3://{s3.bucket}/runs/{run}",
-            "CNN_JOB_DATASET": "mnist", "CNN_JOB_EPOCHS": "1", "CNN_JOB_LIMIT_TRAIN": "640",
-            "CNN_JOB_DEVICE": "cpu", "CNN_JOB_WANDB_MODE": "disabled", "WANDB_MODE": "disabled"}
+@pytest.fixture(scope="module")
+def cluster_s3(data_dir):
+    """The manifests' S3, on loopback: a moto server holding their bucket, with CIFAR-10 pushed
+    where they read it, by the command k8s/README.md gives."""
+    objects = load_folder(FOLDERS["single"])
+    data_uri = objects["ConfigMap", settings_name(objects)]["data"]["CNN_JOB_DATA_URI"]
+    bucket, _, data_prefix = data_uri.removeprefix("s3://").partition("/")
+    process, endpoint = start_s3_server()
+    try:
+        env = {"AWS_ACCESS_KEY_ID": "cnn-job-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint}
+        client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=SECRET, region_name="us-east-1")
+        client.create_bucket(Bucket=bucket)
+        # 189 MB into moto: minutes when the tests' niced processes share a loaded host.
+        pushed = run_cli("data", "push", "cifar10", data_uri, "--from", str(data_dir), env=env,
+                         timeout=1800)
+        assert pushed.returncode == 0, pushed.stderr
+        yield types.SimpleNamespace(endpoint=endpoint, client=client, bucket=bucket, env=env,
+                                    data_prefix=data_prefix)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 @pytest.fixture
-def secret(s3):
-    return {"AWS_ACCESS_KEY_ID": s3.env["AWS_ACCESS_KEY_ID"],
-            "AWS_SECRET_ACCESS_KEY": s3.env["AWS_SECRET_ACCESS_KEY"],
-            "WANDB_API_KEY": "unused-wandb-is-disabled-in-tests"}
+def cluster(cluster_s3):
+    """The bucket as a fresh cluster's: the data, and no run of an earlier test."""
+    for key in s3_keys(cluster_s3, ""):
+        if not key.startswith(f"{cluster_s3.data_prefix}/"):
+            cluster_s3.client.delete_object(Bucket=cluster_s3.bucket, Key=key)
+    return cluster_s3
 
 
-def start_pod(image: Image, job: dict, argv: list[str], env: dict, what: str,
-              folders: dict[str, Path] | None = None, mounts: tuple[str, ...] = ()) -> str:
-    """One pod of `job` as a container: argv and env from pod_process, its securityContext and
-    volumes as engine flags, on the host's network (S3 and rank 0 are on its loopback)."""
-    pod, container = job["spec"]["template"]["spec"], the_container(job)
-    env = {key: value for key, value in env.items() if IMAGE["ENV"].get(key) != value}
-    return image.start(*argv[1:], what=what, network="host", entrypoint=argv[0], env=env,
-                       mounts=mounts, flags=(*security_flags(image.engine, pod, container),
-                                             *volume_flags(image, pod, container, folders)))
+@contextlib.contextmanager
+def podman_secret(engine: str, name: str, values: dict, folder: Path):
+    """The Secret `name` as podman 4.3's kube play reads one: a JSON object of base64 values,
+    kept only while the pods are created (their environment takes its values then)."""
+    data = folder / f"secret-{name}.json"
+    data.write_text(json.dumps({key: base64.b64encode(value.encode()).decode()
+                                for key, value in values.items()}))
+    with open(SECRET_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        subprocess.run([engine, "secret", "rm", name], capture_output=True)
+        subprocess.run([engine, "secret", "create", name, str(data)], check=True,
+                       capture_output=True)
+        try:
+            yield
+        finally:
+            subprocess.run([engine, "secret", "rm", name], capture_output=True)
+            data.unlink()
 
 
-# The sweep's pods each train a trial of its sweep file, not one run of the ConfigMap's settings:
-# test_sweep_pods_run_their_trials_and_a_stopped_trial_resumes runs them.
+@dataclass
+class PlayedPod:
+    pod: dict  # the controller's Pod (kube_pods.controller_pods)
+    container: str  # podman's name for its one container
+    termination_log: Path  # the file at its terminationMessagePath
+
+    def message(self) -> str:
+        return self.termination_log.read_text()
+
+
+class Manifests:
+    """One folder's pods under `podman kube play --network host`, from the YAML as shipped:
+    only the S3 endpoint (this module's moto server) and the run's size (`settings` added to the
+    settings ConfigMap, `fixed` to a sweep file's) differ. The ConfigMaps go to kube play as
+    they are given, the Secret with this server's keys."""
+
+    def __init__(self, image: Image, name: str, s3, folder: Path, settings: dict,
+                 fixed: dict | None = None):
+        if image.engine != "podman":
+            pytest.skip(f"kube play is podman's; the image tests run on {image.engine}")
+        self.image, self.folder = image, folder
+        self.objects = load_folder(FOLDERS[name])
+        data = self.objects["ConfigMap", settings_name(self.objects)]["data"]
+        assert data["AWS_ENDPOINT_URL"]  # the cluster's S3: here, the loopback server
+        data.update(AWS_ENDPOINT_URL=s3.endpoint, **settings)
+        self.settings = data
+        if fixed is not None:
+            _, config_map, key = sweep_source(self.objects)
+            sweep = yaml.safe_load(self.objects["ConfigMap", config_map]["data"][key])
+            sweep["fixed"] = {**sweep.get("fixed", {}), **fixed}
+            self.objects["ConfigMap", config_map]["data"][key] = yaml.safe_dump(sweep, sort_keys=False)
+            self.sweep = sweep
+        self.config_maps = []
+        for (kind, config_map), document in self.objects.items():
+            if kind == "ConfigMap":  # kube play 4.3 reads the first document of a file
+                self.config_maps.append(folder / f"configmap-{config_map}.yaml")
+                self.config_maps[-1].write_text(yaml.safe_dump(document, sort_keys=False))
+                image.volumes.append(config_map)  # kube play keeps a ConfigMap volume by its name
+        self.secret = {"AWS_ACCESS_KEY_ID": s3.env["AWS_ACCESS_KEY_ID"],
+                       "AWS_SECRET_ACCESS_KEY": s3.env["AWS_SECRET_ACCESS_KEY"],
+                       "WANDB_API_KEY": "test-key-of-no-wandb-account"}
+        self.pods = controller_pods(self.objects)
+        self.hosts = folder / "hosts"
+        self.hosts.write_text(hosts_file(self.pods))
+        self.hosts.chmod(0o644)
+
+    def play(self, pod: dict) -> PlayedPod:
+        name = pod["metadata"]["name"]
+        termination_log = self.folder / f"termination-log-{name}"
+        termination_log.touch()
+        termination_log.chmod(0o666)  # as the kubelet makes it, for a container of any UID
+        played = on_this_host(pod, self.objects, self.secret, self.image.tag, self.hosts,
+                              termination_log)
+        path = self.folder / f"pod-{name}.yaml"
+        path.write_text(yaml.safe_dump(played, sort_keys=False))
+        self.image.pods.append(name)
+        self.image.volumes += [volume["name"] for volume in played["spec"]["volumes"]
+                               if "emptyDir" in volume]
+        with podman_secret(self.image.engine, SECRET_NAME, self.secret, self.folder):
+            result = subprocess.run(
+                [self.image.engine, "kube", "play", "--network", "host",
+                 *[f"--configmap={config_map}" for config_map in self.config_maps], str(path)],
+                capture_output=True, text=True, timeout=300,
+                env={**os.environ, "CONTAINERS_CONF": str(kube_containers_conf(self.folder))})
+        assert result.returncode == 0, result.stdout + result.stderr
+        (container,) = played["spec"]["containers"]
+        return PlayedPod(pod, f"{name}-{container['name']}", termination_log)
+
+    def assert_as_declared(self, played: PlayedPod) -> None:
+        """What the pod declares took effect in kube play's container: its user, environment,
+        volumes, read-only root, capabilities, hostname."""
+        spec, (container,) = played.pod["spec"], played.pod["spec"]["containers"]
+        (inspected,) = json.loads(self.image.engine_output("inspect", played.container))
+        context = {**spec["securityContext"], **container["securityContext"]}
+        assert inspected["Config"]["User"] == f"{context['runAsUser']}:{context['runAsGroup']}"
+        assert inspected["HostConfig"]["ReadonlyRootfs"] is context["readOnlyRootFilesystem"] is True
+        assert context["capabilities"] == {"drop": ["ALL"]} and not inspected["EffectiveCaps"]
+        assert context["allowPrivilegeEscalation"] is False
+        assert "no-new-privileges" in inspected["HostConfig"]["SecurityOpt"]
+        env = dict(item.partition("=")[::2] for item in inspected["Config"]["Env"])
+        assert self.settings.items() <= env.items() and self.secret.items() <= env.items()
+        index = completion_index(played.pod)
+        assert env.get("JOB_COMPLETION_INDEX") == (None if index is None else str(index))
+        mounts = {mount["Destination"]: mount for mount in inspected["Mounts"]}
+        for mount in container["volumeMounts"]:
+            assert mounts[mount["mountPath"]]["RW"] is not mount.get("readOnly", False), mount
+        pod_inspected = json.loads(self.image.engine_output("pod", "inspect", played.pod["metadata"]["name"]))
+        assert pod_inspected["Hostname"] == spec.get("hostname", played.pod["metadata"]["name"])
+        assert pod_inspected["InfraConfig"]["HostNetwork"] is True
+
+
+def kube_containers_conf(folder: Path) -> Path:
+    path = folder / "containers.conf"
+    if not path.exists():
+        path.write_text(KUBE_CONTAINERS_CONF)
+    return path
+
+
+def running_or_failed(image: Image, played: PlayedPod) -> bool:
+    """True while the pod's container runs; else the test fails with its log's tail."""
+    if not image.is_running(played.container):
+        pytest.fail(f"{played.container} ended:\n{image.logs(played.container)[-3000:]}")
+    return True
+
+
+def exit_code(image: Image, played: PlayedPod) -> int:
+    # A CIFAR-10 pod on 2 shared CPUs: minutes, at worst tens of them.
+    subprocess.run([image.engine, "wait", played.container], capture_output=True, check=True,
+                   timeout=3600)
+    return int(image.engine_output("inspect", "--format", "{{.State.ExitCode}}", played.container))
+
+
 @pytest.mark.parametrize("name", [name for name in FOLDERS if name != "sweep"])
-def test_every_manifests_pods_run_in_the_image(name, image, s3, secret, data_dir):
-    push_mnist(s3, data_dir)
-    objects = load_folder(FOLDERS[name])
-    job = the_job(objects)
-    completions = job["spec"].get("completions", 1)  # a pod per node of a multi-node manifest
-    indexes = list(range(completions)) if completions > 1 else [None]
-    _, manifest_env = pod_process(objects, secret, {}, indexes[0])
-    overrides = cluster_to_here(manifest_env, s3, name)
-    port = str(_free_port())
-    for prefix in ("", "PET_"):
-        if f"{prefix}MASTER_ADDR" in manifest_env:
-            overrides.update({f"{prefix}MASTER_ADDR": "127.0.0.1", f"{prefix}MASTER_PORT": port})
-    started = [start_pod(image, job, *pod_process(objects, secret, overrides, index), f"pod{index}")
-               for index in indexes]
-    for container_name in started:
-        assert image.wait(container_name) == 0, image.logs(container_name)[-3000:]
-    state = read_checkpoint(s3, f"s3://{s3.bucket}/runs/{name}")
-    assert state["world_size"] == len(indexes) and state["epoch"] == 1
-    assert f"training mnist (--net seed) on {len(indexes)} × cpu" in image.logs(started[0])
+def test_every_manifests_pods_run_under_kube_play(name, image, cluster, tmp_path):
+    manifests = Manifests(image, name, cluster, tmp_path, SMALL_RUN)
+    played = [manifests.play(pod) for pod in manifests.pods]  # every index at once
+    for pod in played:
+        assert exit_code(image, pod) == 0, image.logs(pod.container)[-3000:]
+        manifests.assert_as_declared(pod)
+    checkpoint_uri = manifests.settings["CNN_JOB_CHECKPOINT_URI"]
+    state = read_checkpoint(cluster, checkpoint_uri)
+    assert state["world_size"] == len(played) and state["epoch"] == 1
+    assert state["config"]["data_uri"] == manifests.settings["CNN_JOB_DATA_URI"]
+    assert f"training cifar10 (--net seed) on {len(played)} × cpu" in image.logs(played[0].container)
+    # Rank 0's last line is the pod's termination message; another rank's is empty, so that
+    # Kubernetes shows its log's tail instead (FallbackToLogsOnError).
+    assert re.fullmatch(rf"done: val_acc \d+\.\d\d% at step {state['step']}, model "
+                        rf"{checkpoint_uri}/step-{state['step']:09d}\.pt", played[0].message())
+    assert [pod.message() for pod in played[1:]] == [""] * (len(played) - 1)
 
 
 # ----------------------------------------------------------------------------------------------
-# 7b. the sweep's pods: a trial per index, from the sweep file its ConfigMap mounts
+# 7b. the sweep's pods: a trial per index, the settings ConfigMap's data URI and cadence
 
 
-SWEEP = "mnist-sweep"
+def trial_record(s3, root: str, index: int) -> dict:
+    bucket, _, prefix = root.removeprefix("s3://").partition("/")
+    key = f"{prefix}/trial-{index:03d}/trial.json"
+    return json.loads(s3.client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-def sweep_to_here(text: str, s3, data_uri: str) -> str:
-    """The manifest's sweep file, its structure kept, with only what must point here changed:
-    MNIST from this test's bucket for one short epoch on CPU, a checkpoint every step into the
-    bucket, W&B off; every grid list and the random draws cut to one, and two seeds: 2 trials."""
-    sweep = yaml.safe_load(text)
-    assert sweep["dataset"] == "cifar10" and sweep["checkpoint_uri"].startswith("s3://")
-    assert len(sweep["seeds"]) >= 2
-    sweep.update(name=SWEEP, dataset="mnist", checkpoint_uri=f"s3://{s3.bucket}/sweeps/{SWEEP}",
-                 seeds=sweep["seeds"][:2])
-    # 1024 images: 16 steps of the file's batch size (64), a checkpoint after each, so that the
-    # stop lands mid-epoch, well before the end.
-    sweep["fixed"] = {**sweep.get("fixed", {}), "epochs": 1, "limit_train": 1024, "device": "cpu",
-                      "data_uri": data_uri, "s3_endpoint_url": s3.endpoint,
-                      "wandb_mode": "disabled", "checkpoint_every_steps": 1}
-    sweep["grid"] = {option: values[:1] for option, values in sweep.get("grid", {}).items()}
-    if "random" in sweep:
-        sweep["random"]["count"] = 1
-    return yaml.safe_dump(sweep, sort_keys=False)
+# Trial 1 (batch 64): 40 steps, time to be stopped well before the end on a loaded machine.
+# Not the 200 of the settings ConfigMap's CNN_JOB_CHECKPOINT_EVERY_STEPS: 12,800 CIFAR-10
+# images on 2 shared CPUs take minutes; the cadence taken is read from the trial's checkpoint and
+# trial.json, and what a cadence does is tests/test_preemption.py's.
+SWEEP_STEPS = 40
 
 
-def test_sweep_pods_run_their_trials_and_a_stopped_trial_resumes(image, s3, secret, data_dir,
-                                                                   tmp_path):
-    data_uri = push_mnist(s3, data_dir)
-    objects = load_folder(FOLDERS["sweep"])
-    job = the_job(objects)
-    pod, container = job["spec"]["template"]["spec"], the_container(job)
-    # The sweep file, changed for here, where the pod mounts its ConfigMap (read-only).
-    path, text = sweep_file(objects)
-    folder, _, file_name = path.rpartition("/")
-    (mount,) = [mount for mount in container["volumeMounts"] if mount["mountPath"] == folder]
-    config_map = tmp_path / "config-map"
-    config_map.mkdir(mode=0o755)
-    (config_map / file_name).write_text(sweep_to_here(text, s3, data_uri))
-    (config_map / file_name).chmod(0o644)
-    # A trial takes the file's settings only; of the environment, what the job reads by itself:
-    # the S3 endpoint (pointed here, as for the training manifests) and W&B's (off).
-    _, manifest_env = pod_process(objects, secret, {}, 0)
-    assert manifest_env["AWS_ENDPOINT_URL"]
-    overrides = {"AWS_ENDPOINT_URL": s3.endpoint, **NO_WANDB}
-    message_path = container.get("terminationMessagePath", "/dev/termination-log")
-    root = f"sweeps/{SWEEP}"
-
-    def start(index: int, what: str) -> tuple[str, Path]:
-        """Pod `index`, with the kubelet's empty termination-log file, writable by any UID."""
-        termination_log = tmp_path / f"termination-log-{what}"
-        termination_log.touch()
-        termination_log.chmod(0o666)  # as the kubelet makes it, for a container of any UID
-        argv, env = pod_process(objects, secret, overrides, index)
-        assert argv[1:] == ["sweep", "run", path] and env["JOB_COMPLETION_INDEX"] == str(index)
-        return start_pod(image, job, argv, env, what, folders={mount["name"]: config_map},
-                         mounts=(f"{termination_log}:{message_path}",)), termination_log
-
-    def trial(index: int) -> dict:
-        key = f"{root}/trial-{index:03d}/trial.json"
-        return json.loads(s3.client.get_object(Bucket=s3.bucket, Key=key)["Body"].read())
-
-    def checkpointed() -> bool:  # trial 1's first checkpoint in S3
-        return any(re.search(r"/(step-\d+\.pt|latest)$", key)
-                   for key in s3_keys(s3, f"{root}/trial-001/"))
-
-    # Both trials at once, as the Job starts them (parallelism 2 or more); trial 1 is stopped
-    # as Kubernetes stops a pod: SIGTERM, then SIGKILL after the grace period.
-    assert job["spec"]["parallelism"] >= 2
-    (first, first_message), (second, second_message) = start(0, "trial0"), start(1, "trial1")
-    wait_until("trial 1's first checkpoint", checkpointed, still=lambda: image.is_running(second))
-    grace_s = pod["terminationGracePeriodSeconds"]
-    status, seconds = image.stop(second, grace_s)
-    assert status == PREEMPTED_EXIT_CODE and seconds < grace_s, image.logs(second)[-3000:]
-    stopped = trial(1)
-    assert stopped["status"] == "stopped" and stopped["steps"] > 0, stopped
-    assert second_message.read_text() == (
+def test_a_sweep_pod_trains_from_the_configmaps_data_at_its_cadence_and_resumes_when_stopped(
+        image, cluster, tmp_path):
+    manifests = Manifests(image, "sweep", cluster, tmp_path, {},
+                          fixed={"epochs": 1, "limit_train": SWEEP_STEPS * 64})
+    settings, root = manifests.settings, manifests.sweep["checkpoint_uri"]
+    every_steps = int(settings["CNN_JOB_CHECKPOINT_EVERY_STEPS"])
+    assert settings["CNN_JOB_DATA_URI"].startswith("s3://") and every_steps > 0
+    assert not {"data_uri", "checkpoint_every_steps"} & set(manifests.sweep["fixed"])
+    grace_s = the_job(manifests.objects)["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    (index_1,) = [pod for pod in manifests.pods if completion_index(pod) == 1]
+    # Stopped as Kubernetes stops a pod (SIGTERM, then SIGKILL after the grace period) once it
+    # trains: as its process, PID 1, it runs the command of the YAML as user 10001, with no
+    # capability and the runtime's seccomp filter.
+    stopped_pod = manifests.play(index_1)
+    wait_until("trial 1 training", lambda: "training cifar10" in image.logs(stopped_pod.container),
+               still=lambda: running_or_failed(image, stopped_pod))
+    process = image.engine_output("exec", stopped_pod.container, "cat", "/proc/1/cmdline")
+    assert process.split("\0")[1:5] == ["/opt/venv/bin/cnn-job", "sweep", "run",  # after python
+                                         "/etc/cnn-job/sweep.yaml"], process
+    status = image.engine_output("exec", stopped_pod.container, "cat", "/proc/1/status")
+    assert re.search(r"^Uid:\s+10001\s", status, re.M) and re.search(r"^CapEff:\s+0+$", status, re.M)
+    assert re.search(r"^Seccomp:\s+2$", status, re.M), status  # RuntimeDefault: a filter
+    code, seconds = image.stop(stopped_pod.container, grace_s)
+    assert code == PREEMPTED_EXIT_CODE and seconds < grace_s, image.logs(stopped_pod.container)[-3000:]
+    manifests.assert_as_declared(stopped_pod)
+    stopped = trial_record(cluster, root, 1)
+    assert stopped["status"] == "stopped" and 0 < stopped["steps"] < SWEEP_STEPS, stopped
+    assert stopped_pod.message() == (
         f"trial 001 stopped at epoch 0, step {stopped['steps']} (val_acc -): run it again to "
         f"resume (exit status {PREEMPTED_EXIT_CODE})")
-    assert image.wait(first) == 0, image.logs(first)[-3000:]
-    assert trial(0)["status"] == "finished"
-    assert re.fullmatch(r"trial 000 finished: val_acc \d+\.\d\d%, epochs 1 \(.*\bseed 0\)",
-                        first_message.read_text()), first_message.read_text()
 
-    # The replacement pod: the same command for index 1 resumes the trial where it stopped.
-    again, again_message = start(1, "trial1-again")
-    assert image.wait(again) == 0, image.logs(again)[-3000:]
-    assert (f"resumed from s3://{s3.bucket}/{root}/trial-001/step-{stopped['steps']:09d}.pt"
-            in image.logs(again).replace("\n", ""))
-    finished = trial(1)
-    assert finished["status"] == "finished" and finished["steps"] == trial(0)["steps"], finished
-    assert again_message.read_text().startswith("trial 001 finished: val_acc ")
+    # The replacement pod for index 1 resumes the trial where it stopped and finishes it.
+    (replacement,) = [pod for pod in controller_pods(manifests.objects) if completion_index(pod) == 1]
+    again = manifests.play(replacement)
+    assert exit_code(image, again) == 0, image.logs(again.container)[-3000:]
+    assert (f"resumed from {root}/trial-001/step-{stopped['steps']:09d}.pt"
+            in image.logs(again.container).replace("\n", ""))
+    finished = trial_record(cluster, root, 1)
+    assert finished["status"] == "finished" and finished["steps"] == SWEEP_STEPS, finished
+    assert re.fullmatch(r"trial 001 finished: val_acc \d+\.\d\d%, epochs 1 \(.*\bseed 1\)",
+                        again.message()), again.message()
+    # The ConfigMap's settings, which the sweep file leaves to the pod: the data from its s3://
+    # URI, its checkpoint cadence (the checkpoints: at the stop, and at the end).
+    trial = f"{root}/trial-001"
+    state = read_checkpoint(cluster, trial)
+    assert state["config"]["data_uri"] == settings["CNN_JOB_DATA_URI"]
+    assert state["config"]["checkpoint_every_steps"] == every_steps
+    assert {name: str(finished["sources"]["environment"].get(name)) for name in (
+        "CNN_JOB_DATA_URI", "CNN_JOB_CHECKPOINT_EVERY_STEPS")} == {
+        name: settings[name] for name in ("CNN_JOB_DATA_URI", "CNN_JOB_CHECKPOINT_EVERY_STEPS")}
+    prefix = trial.removeprefix(f"s3://{cluster.bucket}/")
+    assert sorted(key.rpartition("/")[2] for key in s3_keys(cluster, prefix) if key.endswith(".pt")) == [
+        f"step-{step:09d}.pt" for step in (stopped["steps"], SWEEP_STEPS)]
 
-    report = image.run("sweep", "report", f"s3://{s3.bucket}/{root}", "--json", network="host",
-                       env=s3.env)
+    report = image.run("sweep", "report", root, "--json", network="host", env=cluster.env)
     assert report.returncode == 0, report.stderr
-    rows = json.loads(report.stdout)
-    assert sorted((row["trial"], row["status"], row["epochs"]) for row in rows) == [
-        (0, "finished", 1), (1, "finished", 1)]
-    assert s3.env["AWS_SECRET_ACCESS_KEY"] not in report.stdout + report.stderr
+    rows = {row["trial"]: row for row in json.loads(report.stdout)}
+    assert rows[1]["status"] == "finished" and rows[1]["epochs"] == 1, rows[1]
+    assert cluster.env["AWS_SECRET_ACCESS_KEY"] not in report.stdout + report.stderr
+
+
+def test_a_sweep_pod_refuses_a_result_changing_setting_of_its_configmap(image, cluster, tmp_path):
+    # CNN_JOB_LR beside a sweep file whose trials each draw their own lr: the run would not be
+    # the trial the file names.
+    manifests = Manifests(image, "sweep", cluster, tmp_path, {"CNN_JOB_LR": "0.01"},
+                          fixed={"epochs": 1, "limit_train": 640})
+    assert "lr" in manifests.sweep["random"]
+    played = manifests.play(manifests.pods[0])
+    assert exit_code(image, played) == 2
+    output = image.logs(played.container)
+    assert "Traceback" not in output
+    line = output.strip().splitlines()[-1]
+    assert line.startswith("error: ") and "CNN_JOB_LR" in line, output[-3000:]
+    assert played.message() == line
 
 
 # ----------------------------------------------------------------------------------------------
