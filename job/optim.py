@@ -153,6 +153,17 @@ class _Optimizer:
             for p in self.params:
                 p.grad = None
 
+    def _check_momentum_buffers(self, states: dict, what: str) -> None:
+        """ValueError (one line, "its `what` state does not fit the net ...") unless `states`
+        holds a momentum buffer of its parameter's shape for every parameter, or for none."""
+        for index, state in states.items():
+            if not (isinstance(index, int) and 0 <= index < len(self.params)
+                    and getattr(state.get("momentum_buffer") if isinstance(state, dict) else None,
+                                "shape", None) == self.params[index].shape):
+                raise ValueError(f"its {what} state does not fit the net (parameter {index})")
+        if states and len(states) != len(self.params):
+            raise ValueError(f"its {what} state does not fit the net (some parameters have none)")
+
     def _ready(self) -> None:
         """Before an update: the state made at the first step, and with flat buffers each
         gradient back in its buffer (see FlatBuffers.claim_grads)."""
@@ -395,13 +406,7 @@ class SGD(_Optimizer):
                 and all(isinstance(g, dict) and g.get("name") == o["name"]
                         and list(g.get("params", ())) == o["params"] for g, o in zip(groups, ours))):
             raise ValueError("its optimizer state does not fit the net")
-        for index, state in states.items():
-            if not (isinstance(index, int) and 0 <= index < len(self.params)
-                    and getattr(state.get("momentum_buffer") if isinstance(state, dict) else None,
-                                "shape", None) == self.params[index].shape):
-                raise ValueError(f"its optimizer state does not fit the net (parameter {index})")
-        if states and len(states) != len(self.params):
-            raise ValueError("its optimizer state does not fit the net (some parameters have none)")
+        self._check_momentum_buffers(states, "optimizer")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore momentum buffers and each group's lr_scale (a frozen group stays frozen); the

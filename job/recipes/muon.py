@@ -145,13 +145,7 @@ class Muon(_Optimizer):
                 and isinstance(states, dict)
                 and list(groups[0].get("params", ())) == list(range(len(self.params)))):
             raise ValueError("its Muon state does not fit the net")
-        for index, state in states.items():
-            if not (isinstance(index, int) and 0 <= index < len(self.params)
-                    and getattr(state.get("momentum_buffer") if isinstance(state, dict) else None,
-                                "shape", None) == self.params[index].shape):
-                raise ValueError(f"its Muon state does not fit the net (parameter {index})")
-        if states and len(states) != len(self.params):
-            raise ValueError("its Muon state does not fit the net (some parameters have none)")
+        self._check_momentum_buffers(states, "Muon")
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore the momentum buffers; the rate is set by the loop before every step."""
