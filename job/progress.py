@@ -173,17 +173,22 @@ class EpochProgress:
 
 
 def progress_interval_s() -> float:
-    """CNN_JOB_PROGRESS_INTERVAL_S; a value that is not a number of seconds gets the default and
-    one warning line (a bad log setting must not stop a run, nor one rank of it)."""
-    text = os.environ.get(PROGRESS_INTERVAL_ENV, "").strip()
+    return env_seconds(PROGRESS_INTERVAL_ENV, DEFAULT_PROGRESS_INTERVAL_S)
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A number of seconds (0 or more) from the environment variable `name`; one that is not
+    gets `default` and one warning line (a bad log setting must not stop a run, nor one rank of
+    it)."""
+    text = os.environ.get(name, "").strip()
     try:
-        value = float(text) if text else DEFAULT_PROGRESS_INTERVAL_S
+        value = float(text) if text else default
     except ValueError:
         value = -1.0
     if not value >= 0:  # also NaN
-        print(f"warning: {PROGRESS_INTERVAL_ENV}={text!r} is not a number of seconds (0 or more); "
-              f"using {DEFAULT_PROGRESS_INTERVAL_S:g}", flush=True)
-        return DEFAULT_PROGRESS_INTERVAL_S
+        print(f"warning: {name}={text!r} is not a number of seconds (0 or more); using {default:g}",
+              flush=True)
+        return default
     return value
 
 
