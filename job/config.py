@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from job import recipes
+from job import recipes, trainer_status
 from job.datasets import DATASETS, preset
 from job.errors import JobError, strip_userinfo
 from job.progress import progress_interval_s
@@ -188,6 +188,8 @@ class TrainConfig:
         # rank alike, not when first used (rank 0's progress lines, W&B's thread).
         progress_interval_s()
         init_timeout_s()
+        trainer_status.interval_s()
+        trainer_status.timeout_s()
         checks = [
             (self.epochs >= 1, "--epochs must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),

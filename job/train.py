@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from job import distributed, recipes, tracking
+from job import distributed, recipes, tracking, trainer_status
 from job.batches import DeviceBatches
 from job.checkpoint import Checkpointer, CheckpointManager, RunState
 from job.config import TrainConfig, uses_bf16
@@ -237,13 +237,15 @@ def build_trainer(cfg: TrainConfig, d: Dist, splits: ImageSplits, step_mode: str
 
 
 def start_tracker(cfg: TrainConfig, d: Dist, job: Setup, run_id: str | None, trial: Trial | None):
-    """W&B on rank 0, continuing the checkpointed run's W&B run when there is one."""
-    return tracking.start(
+    """W&B on rank 0, continuing the checkpointed run's W&B run when there is one; and the
+    progress reports to Kubeflow Trainer where the pod's environment names its status server."""
+    wandb = tracking.start(
         enabled=d.is_main, mode=cfg.wandb_mode, project=cfg.wandb_project, run_name=cfg.run_name,
         run_id=run_id,
         config={**cfg.to_dict(), **job.environment, **(trial.tracking if trial else {})},
         class_names=job.class_names, say=job.say,
     )
+    return trainer_status.alongside(wandb, enabled=d.is_main, epochs=cfg.epochs, say=job.say)
 
 
 def log_step(cfg: TrainConfig, d: Dist, run: RunState, tracker, loss: torch.Tensor, lr: float,

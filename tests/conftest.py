@@ -39,7 +39,14 @@ os.environ["WANDB_MODE"] = "disabled"
 os.environ.pop("WANDB_API_KEY", None)
 
 REPO = Path(__file__).resolve().parent.parent
-DATA_DIR = Path(os.environ.get("CNN_JOB_TEST_DATA", REPO.parent / "shared" / "datasets"))
+# ../shared/datasets beside the checkout as its path was given, where a checkout reached through a
+# symlink finds it (/tmp/x/wt -> /work/wt-i29d beside /tmp/x/shared), else beside the checkout
+# itself; CNN_JOB_TEST_DATA names another folder. Either may be a symlink: a test that compares a
+# path with one the kernel reports (/proc) resolves both.
+_BESIDE = [Path(os.path.abspath(__file__)).parents[2] / "shared" / "datasets",
+           REPO.parent / "shared" / "datasets"]
+DATA_DIR = Path(os.environ.get("CNN_JOB_TEST_DATA")
+                or next((folder for folder in _BESIDE if (folder / "mnist").is_dir()), _BESIDE[-1]))
 CNN_JOB = Path(sys.executable).parent / "cnn-job"
 
 

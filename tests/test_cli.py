@@ -303,6 +303,8 @@ def test_a_sweep_seed_past_64_bits_is_one_line(tmp_path):
 @pytest.mark.parametrize("command, variable, value", [
     (["train", "mnist"], "CNN_JOB_PROGRESS_INTERVAL_S", "soon"),
     (["train", "mnist"], "WANDB_INIT_TIMEOUT", "-1"),
+    (["train", "mnist"], "CNN_JOB_TRAINER_STATUS_INTERVAL_S", "often"),
+    (["train", "mnist"], "CNN_JOB_TRAINER_STATUS_TIMEOUT_S", "-5"),
     (["checkpoints", "list", "s3://bucket/runs"], "CNN_JOB_STORAGE_RETRY_S", "nan"),
     (["launch", "train", "mnist"], "CNN_JOB_RDZV_TIMEOUT_S", "inf"),
 ])

@@ -22,7 +22,7 @@ from job.checkpoint import from_bytes, to_bytes
 from job.config import TrainConfig
 from job.errors import JobError
 from job.train import train
-from tests.conftest import CNN_JOB, SECRET, fill, run_cli
+from tests.conftest import CNN_JOB, DATA_DIR, SECRET, fill, run_cli
 from tests.test_preemption import TORCHRUN, assert_same_weights, read_checkpoint
 
 
@@ -168,8 +168,7 @@ def mnist_args(folder, *extra):
             "--epochs", "1", "--limit-train", "3200", "--checkpoint-every-steps", "5", *extra]
 
 
-ROOT_DATA = Path(os.environ.get("CNN_JOB_TEST_DATA", Path(__file__).resolve().parents[2] / "shared"
-                                / "datasets"))
+ROOT_DATA = DATA_DIR
 
 
 def launcher(processes: int) -> list[str]:
