@@ -658,11 +658,10 @@ def trial_record(s3, root: str, index: int) -> dict:
     return json.loads(s3.client.get_object(Bucket=bucket, Key=key)["Body"].read())
 
 
-# Trial 1 (batch 64): 40 steps, time to be stopped well before the end on a loaded machine.
-# Not the 200 of the settings ConfigMap's CNN_JOB_CHECKPOINT_EVERY_STEPS: 12,800 CIFAR-10
-# images on 2 shared CPUs take minutes; the cadence taken is read from the trial's checkpoint and
-# trial.json, and what a cadence does is tests/test_preemption.py's.
-SWEEP_STEPS = 40
+# Trial 1 (batch 64): one epoch of 625 steps, stopped once the settings ConfigMap's cadence
+# (CNN_JOB_CHECKPOINT_EVERY_STEPS, 200) has put its first checkpoint in S3: the stop comes on a
+# state, with 400 steps to go, and the resumed run checkpoints at the cadence again.
+SWEEP_STEPS = 625
 
 
 def test_a_sweep_pod_trains_from_the_configmaps_data_at_its_cadence_and_resumes_when_stopped(
@@ -679,7 +678,15 @@ def test_a_sweep_pod_trains_from_the_configmaps_data_at_its_cadence_and_resumes_
     # trains: as its process, PID 1, it runs the command of the YAML as user 10001, with no
     # capability and the runtime's seccomp filter.
     stopped_pod = manifests.play(index_1)
-    wait_until("trial 1 training", lambda: "training cifar10" in image.logs(stopped_pod.container),
+    trial = f"{root}/trial-001"
+    prefix = trial.removeprefix(f"s3://{cluster.bucket}/")
+
+    def saved_steps() -> list[int]:
+        return sorted(int(key.rpartition("/step-")[2].removesuffix(".pt"))
+                      for key in s3_keys(cluster, prefix) if key.endswith(".pt"))
+
+    wait_until("trial 1's checkpoint at the ConfigMap's cadence",
+               lambda: every_steps in saved_steps(), timeout_s=600,
                still=lambda: running_or_failed(image, stopped_pod))
     process = image.engine_output("exec", stopped_pod.container, "cat", "/proc/1/cmdline")
     assert process.split("\0")[1:5] == ["/opt/venv/bin/cnn-job", "sweep", "run",  # after python
@@ -691,7 +698,7 @@ def test_a_sweep_pod_trains_from_the_configmaps_data_at_its_cadence_and_resumes_
     assert code == PREEMPTED_EXIT_CODE and seconds < grace_s, image.logs(stopped_pod.container)[-3000:]
     manifests.assert_as_declared(stopped_pod)
     stopped = trial_record(cluster, root, 1)
-    assert stopped["status"] == "stopped" and 0 < stopped["steps"] < SWEEP_STEPS, stopped
+    assert stopped["status"] == "stopped" and every_steps <= stopped["steps"] < SWEEP_STEPS, stopped
     assert stopped_pod.message() == (
         f"trial 001 stopped at epoch 0, step {stopped['steps']} (val_acc -): run it again to "
         f"resume (exit status {PREEMPTED_EXIT_CODE})")
@@ -707,17 +714,16 @@ def test_a_sweep_pod_trains_from_the_configmaps_data_at_its_cadence_and_resumes_
     assert re.fullmatch(r"trial 001 finished: val_acc \d+\.\d\d%, epochs 1 \(.*\bseed 1\)",
                         again.message()), again.message()
     # The ConfigMap's settings, which the sweep file leaves to the pod: the data from its s3://
-    # URI, its checkpoint cadence (the checkpoints: at the stop, and at the end).
-    trial = f"{root}/trial-001"
+    # URI, its checkpoint cadence (the checkpoints: every 200 steps, at the stop and at the end,
+    # the newest 3 kept).
     state = read_checkpoint(cluster, trial)
     assert state["config"]["data_uri"] == settings["CNN_JOB_DATA_URI"]
     assert state["config"]["checkpoint_every_steps"] == every_steps
     assert {name: str(finished["sources"]["environment"].get(name)) for name in (
         "CNN_JOB_DATA_URI", "CNN_JOB_CHECKPOINT_EVERY_STEPS")} == {
         name: settings[name] for name in ("CNN_JOB_DATA_URI", "CNN_JOB_CHECKPOINT_EVERY_STEPS")}
-    prefix = trial.removeprefix(f"s3://{cluster.bucket}/")
-    assert sorted(key.rpartition("/")[2] for key in s3_keys(cluster, prefix) if key.endswith(".pt")) == [
-        f"step-{step:09d}.pt" for step in (stopped["steps"], SWEEP_STEPS)]
+    written = {*range(every_steps, SWEEP_STEPS, every_steps), stopped["steps"], SWEEP_STEPS}
+    assert saved_steps() == sorted(written)[-3:], saved_steps()
 
     report = image.run("sweep", "report", root, "--json", network="host", env=cluster.env)
     assert report.returncode == 0, report.stderr
