@@ -580,7 +580,10 @@ def _main() -> int:
             return 0
         context = getattr(error, "ctx", None)
         hint = f" (see '{context.command_path} --help')" if context else ""
-        print_error(error.format_message() + hint)
+        # One line: click lists a missing choice's values one per line, and pydantic-style
+        # "Value error, " prefixes the message a Literal's check gives.
+        message = " ".join(error.format_message().split()).replace("Value error, ", "")
+        print_error(message + hint)
         return getattr(error, "exit_code", JobError.exit_code)
     except Interrupted as interrupted:  # a stop signal outside the training loop
         print_error(interrupted.line())
