@@ -8,13 +8,15 @@ How a command runs (the one rule, also in docs/architecture.md):
 - In a fresh folder W, by `bash -e -o pipefail -c`, with this checkout's venv first on PATH (an
   activated venv: `cnn-job`, `torchrun`, `python3`).
 - Data paths are not rewritten. W sits as a checkout does: `../shared/datasets` beside it is the
-  real datasets folder, and `examples/` is the checkout's. CNN_JOB_DATA_URI names the same
-  folder (the public mirrors are out of reach here), CNN_JOB_LIMIT_TRAIN=1280 keeps a training
-  run to seconds, and W&B is off (WANDB_MODE=disabled).
+  real datasets folder, as is the user's own `./datasets` in it, and `examples/` is the
+  checkout's. CNN_JOB_DATA_URI names the same folder (the public mirrors are out of reach here),
+  CNN_JOB_LIMIT_TRAIN=1280 keeps a training run to seconds (not for a sweep, whose file says its
+  trials' size and refuses a variable that would change it), and W&B is off (WANDB_MODE=disabled).
 - The user's own files a command names (`digit.png`, `scan.jpg`, `my-images-idx3-ubyte.gz`, ...)
   are in W, made from MNIST's test split. A command that reads runs/ and does not train finds in
-  W the runs that the docs' training commands leave (`runs/mnist/checkpoints`, `runs/cifar10/checkpoints`),
-  made once by one-epoch runs of those commands; a command that trains (`cnn-job train`,
+  W the runs that the docs' training commands leave (`runs/mnist/checkpoints`,
+  `runs/cifar10/checkpoints`, `runs/sweeps/mnist-lr`), made once by one-epoch runs of those
+  commands and the README's sweep; a command that trains (`cnn-job train`,
   `torchrun ... train`, `cnn-job sweep run`) starts without them.
 """
 
@@ -47,8 +49,8 @@ WANDB = "needs a W&B account and its network (tests/test_tracking.py runs W&B of
 CIFAR_EPOCHS = ("epochs of CIFAR-10 on CPU, each evaluated on its 10,000 test images: minutes "
                 "on 2 cores even on 1,280 training images; the one-epoch runs this test makes "
                 "run the same code, and `make bench` times the full run")
-SWEEP_FILE = ("mnist-lr.yaml is not in the repository yet (examples/mnist-lr.yaml, to come): "
-              "temporary")
+SWEEP_TRIALS = ("runs trials of examples/mnist-lr.yaml, which README.md's `cnn-job sweep run "
+                "examples/mnist-lr.yaml --parallel 2` runs whole here")
 
 SKIPPED = {
     # README.md
@@ -61,7 +63,7 @@ SKIPPED = {
     "report.json": AWS,
     "cnn-job export s3://my-bucket/runs/c10 --format torch-export --output "
     "s3://my-bucket/models/c10.pt2": AWS,
-    "cnn-job data push cifar10 s3://my-bucket/datasets --from ../shared/datasets": AWS,
+    "cnn-job data push cifar10 s3://my-bucket/datasets --from ./datasets": AWS,
     "cnn-job data pull cifar10 s3://my-bucket/datasets": AWS,
     "cnn-job train cifar10 --data-uri s3://my-bucket/datasets --checkpoint-uri "
     "s3://my-bucket/runs/c10": AWS,
@@ -73,9 +75,6 @@ SKIPPED = {
     "export WANDB_API_KEY=...": WANDB,
     "cnn-job train cifar10 --wandb-project my-project --run-name c10-baseline":
         f"{WANDB}; five {CIFAR_EPOCHS}",
-    "cnn-job sweep plan mnist-lr.yaml": SWEEP_FILE,
-    "cnn-job sweep run mnist-lr.yaml --parallel 2": SWEEP_FILE,
-    "cnn-job sweep report runs/sweeps/mnist-lr --plot lr.png": SWEEP_FILE,
     "make image": IMAGE,
     "make image PIP_CA=/etc/ssl/certs/ca-certificates.crt": IMAGE,
     "make docker-run": f"{IMAGE}; {GPU}",
@@ -123,16 +122,16 @@ SKIPPED = {
     "--checkpoint-uri runs/fast-s0 --summary-json fast-s0.json": CIFAR_EPOCHS,
     "cnn-job evaluate runs/fast-s0 --no-tta --json -": "evaluates the run the line above makes",
     # docs/sweeps.md
-    "cnn-job sweep run mnist-lr.yaml --trial 3": SWEEP_FILE,
-    "JOB_COMPLETION_INDEX=3 cnn-job sweep run mnist-lr.yaml": SWEEP_FILE,
+    "cnn-job sweep run examples/mnist-lr.yaml --trial 3": SWEEP_TRIALS,
+    "JOB_COMPLETION_INDEX=3 cnn-job sweep run examples/mnist-lr.yaml": SWEEP_TRIALS,
+    "cnn-job sweep run examples/mnist-lr.yaml --parallel 2": SWEEP_TRIALS,
     "cnn-job sweep run examples/mnist-asha.yaml --parallel 1":
         "nine MNIST trials, 21 epochs in all: minutes on CPU (tests/test_sweep.py runs its rules)",
     "cnn-job sweep run mnist-full.yaml --parallel 1": "nine MNIST trials, 36 epochs in all",
     "cnn-job sweep report runs/sweeps/mnist-asha --json | python3 -c 'import json, sys; rows = "
     "json.load(sys.stdin); print(sum(r[\"epochs\"] for r in rows))'":
         "reads the results of the mnist-asha sweep above, which is not run",
-    "cnn-job sweep report runs/sweeps/mnist-lr": SWEEP_FILE,
-    "cnn-job sweep report s3://my-bucket/sweeps/mnist-lr --json": f"{AWS}; {SWEEP_FILE}",
+    "cnn-job sweep report s3://my-bucket/sweeps/mnist-lr --json": AWS,
 }
 
 
@@ -224,19 +223,21 @@ def user_files(tmp_path_factory, data_dir) -> Path:
     return folder
 
 
-def command_env(data_dir: Path) -> dict:
+def command_env(data_dir: Path, command: str = "") -> dict:
+    small = {} if "cnn-job sweep" in command else {"CNN_JOB_LIMIT_TRAIN": "1280"}
     return {"PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "PYTHONUNBUFFERED": "1",
-            "CNN_JOB_DATA_URI": str(data_dir), "CNN_JOB_LIMIT_TRAIN": "1280",
-            "WANDB_MODE": "disabled"}
+            "CNN_JOB_DATA_URI": str(data_dir), **small, "WANDB_MODE": "disabled"}
 
 
 def checkout_like(root: Path, data_dir: Path) -> Path:
-    """root/work, with ../shared/datasets the real datasets and examples/ the checkout's."""
+    """root/work, with ../shared/datasets and ./datasets the real datasets and examples/ the
+    checkout's."""
     (root / "shared").mkdir(parents=True)
     (root / "shared" / "datasets").symlink_to(data_dir)
     work = root / "work"
     work.mkdir()
     (work / "examples").symlink_to(REPO / "examples")
+    (work / "datasets").symlink_to(data_dir)
     return work
 
 
@@ -249,6 +250,9 @@ def trained_runs(tmp_path_factory, data_dir) -> Path:
         result = run_cli("train", dataset, "--epochs", "1", env=command_env(data_dir), cwd=work,
                          timeout=600)
         assert result.returncode == 0, result.stderr
+    sweep = run_cli("sweep", "run", "examples/mnist-lr.yaml", "--parallel", "2",
+                    env=command_env(data_dir, "cnn-job sweep"), cwd=work, timeout=600)
+    assert sweep.returncode == 0, sweep.stderr
     return work / "runs"
 
 
@@ -262,7 +266,8 @@ def test_documented_command_runs(where, command, tmp_path, data_dir, user_files,
     if "runs/" in command and not TRAINS.match(command):
         shutil.copytree(request.getfixturevalue("trained_runs"), work / "runs", symlinks=True)
     result = subprocess.run(["bash", "-e", "-o", "pipefail", "-c", command], cwd=work,
-                            env={**os.environ, **command_env(data_dir)},
+                            env={**{k: v for k, v in os.environ.items() if k != "CNN_JOB_LIMIT_TRAIN"},
+                                 **command_env(data_dir, command)},
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, (
         f"{where}: `{command}` exited {result.returncode}:\n{result.stdout[-2000:]}\n"
