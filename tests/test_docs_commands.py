@@ -49,8 +49,9 @@ WANDB = "needs a W&B account and its network (tests/test_tracking.py runs W&B of
 CIFAR_EPOCHS = ("epochs of CIFAR-10 on CPU, each evaluated on its 10,000 test images: minutes "
                 "on 2 cores even on 1,280 training images; the one-epoch runs this test makes "
                 "run the same code, and `make bench` times the full run")
-SWEEP_TRIALS = ("runs trials of examples/mnist-lr.yaml, which README.md's `cnn-job sweep run "
-                "examples/mnist-lr.yaml --parallel 2` runs whole here")
+SWEEP_TRIALS = ("runs trials of examples/mnist-lr.yaml: this test runs that sweep whole once, as "
+                "`cnn-job sweep run examples/mnist-lr.yaml --parallel 2` (trained_runs), for the "
+                "report commands that read it")
 
 SKIPPED = {
     # README.md
